@@ -1,0 +1,204 @@
+"""Feature-cached gradient accumulation: the large-batch gradient at one micro-batch's memory.
+
+A contrastive loss couples every sample with every other one, so the gradient of K
+micro-batches is not the sum of their separate gradients. `cached_backward` computes
+the exact gradient of the loss over their concatenation in three stages:
+
+1. Pass 1, no grad. Each micro-batch x_j is embedded under `torch.no_grad()` after its
+   RNG states (CPU and CUDA) are saved; its features f_j (B_j, D) are cached. The last
+   micro-batch runs with grad instead and keeps its graph: it is not recomputed.
+2. Loss once. The cached features are concatenated into leaves (N, D) that require
+   grad, the loss is taken over the whole batch with the live logit_scale/logit_bias,
+   and one backward gives g_j = dL/df_j and dL/d(scalar outputs). The logits are
+   freed before pass 2, so peak memory is max(loss, activations), not their sum.
+3. Pass 2, recompute. Each cached micro-batch is run again with grad under its saved
+   RNG states (same dropout masks), and `backward(f_j, g_j)` accumulates its share
+   into `.grad`. Model-level scalars (logit_scale, logit_bias) receive their gradient
+   exactly once. BatchNorm running statistics are restored after each recompute, so
+   they move once per sample. Under DDP/FSDP2 only the last backward synchronises.
+
+Model outputs are a dict like open_clip's `output_dict=True`: tensors with a batch
+dimension (ndim >= 2, e.g. image_features (B, D)) are per-sample and concatenated;
+tensors with ndim <= 1 (logit_scale, logit_bias) are model-level and taken once;
+anything else is passed to the loss unchanged.
+
+K = 1 is the plain step: one forward, one backward, nothing cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+
+MicroBatch = Sequence[Any]  # positional model inputs, e.g. (images, texts)
+LossFn = Callable[..., torch.Tensor]
+
+
+def cached_backward(
+    model: nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    loss_fn: LossFn,
+    *,
+    autocast: Callable[[], ContextManager] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """Accumulate into `.grad` the gradient of `loss_fn` over all micro-batches together.
+
+    Args:
+        model: called as `model(*micro_batch)`, returns a dict of outputs.
+        micro_batches: K tuples of model inputs; sizes may differ (a smaller last one).
+        loss_fn: called with the model's output keys as keyword arguments, over the
+            concatenated batch; returns a scalar.
+        autocast: a factory of the mixed-precision context (e.g. a partial of
+            `torch.autocast`) wrapped around every forward and the loss.
+        grad_scaler: fp16 loss scaling; the loss is scaled before its backward and
+            every feature gradient carries the same scale.
+
+    Returns:
+        The loss, detached.
+    """
+    if not micro_batches:
+        raise ValueError("cached_backward needs at least one micro-batch")
+    autocast = autocast or contextlib.nullcontext
+    scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
+
+    if len(micro_batches) == 1:
+        with _gradient_sync(model, enabled=True):
+            with autocast():
+                loss = loss_fn(**model(*micro_batches[0]))
+            scale(loss).backward()
+        return loss.detach()
+
+    *cached_inputs, last_inputs = micro_batches
+    cuda_devices = _cuda_devices(micro_batches)
+
+    # Pass 1: embed without grad; the last micro-batch keeps its graph.
+    rng_states, cached = [], []
+    for inputs in cached_inputs:
+        rng_states.append(_RngState.capture(cuda_devices))
+        with torch.no_grad(), autocast():
+            cached.append(model(*inputs))
+    with _gradient_sync(model, enabled=False), autocast():
+        last_out = model(*last_inputs)
+    rng_after_pass1 = _RngState.capture(cuda_devices)
+
+    # Loss once over the global batch; backward stops at the cached features.
+    outputs = cached + [last_out]
+    per_sample_keys = [k for k, v in last_out.items() if _is_per_sample(v)]
+    sizes = [_batch_size(out, per_sample_keys) for out in outputs]
+    leaves = {k: _leaf(torch.cat([out[k].detach() for out in outputs])) for k in per_sample_keys}
+    shared = {k: _leaf(v.detach()) if _is_model_level(v) else v
+              for k, v in last_out.items() if k not in leaves}
+    with autocast():
+        loss = loss_fn(**leaves, **shared)
+    scale(loss).backward()
+    slices = {k: leaf.grad.split(sizes) for k, leaf in leaves.items() if leaf.grad is not None}
+    shared_grads = {k: v.grad for k, v in shared.items()
+                    if isinstance(v, torch.Tensor) and v.grad is not None}
+    del leaves, shared, outputs, cached  # frees the logits' and features' working set
+
+    # Pass 2: the kept graph first (with the scalars' gradient), then recompute the rest.
+    with _gradient_sync(model, enabled=False):
+        _backward_slice(last_out, slices, len(micro_batches) - 1, shared_grads)
+    del last_out
+    with _frozen_norm_statistics(model):
+        for j, inputs in enumerate(cached_inputs):
+            rng_states[j].restore()
+            with _gradient_sync(model, enabled=j == len(cached_inputs) - 1):
+                with autocast():
+                    out = model(*inputs)
+                _backward_slice(out, slices, j, {})
+    rng_after_pass1.restore()  # randomness continues as if nothing was replayed
+    return loss.detach()
+
+
+def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict) -> None:
+    """Back-propagate micro-batch j's slice of the feature gradient (and the scalars')."""
+    pairs = [(out[k], g[j]) for k, g in slices.items()]
+    pairs += [(out[k], g) for k, g in shared_grads.items()]
+    pairs = [(t, g) for t, g in pairs if t.requires_grad]  # a frozen tower has no graph
+    if pairs:
+        tensors, grads = zip(*pairs)
+        torch.autograd.backward(tensors, grads)
+
+
+def _is_per_sample(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 2
+
+
+def _is_model_level(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim <= 1 and value.is_floating_point()
+
+
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.requires_grad_(tensor.is_floating_point())
+
+
+def _batch_size(out: dict, per_sample_keys: list[str]) -> int:
+    sizes = {out[k].shape[0] for k in per_sample_keys}
+    if len(sizes) != 1:
+        raise ValueError(f"model outputs {per_sample_keys} disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _cuda_devices(micro_batches: Sequence[MicroBatch]) -> list[int]:
+    devices = {t.device.index for mb in micro_batches for t in mb
+               if isinstance(t, torch.Tensor) and t.is_cuda}
+    if devices and torch.cuda.is_available():
+        devices.add(torch.cuda.current_device())  # modules may draw on the current device
+    return sorted(devices)
+
+
+class _RngState:
+    """CPU and CUDA generator states; CPU matters on GPU too (open_clip's patch dropout)."""
+
+    def __init__(self, cpu: torch.Tensor, cuda: dict[int, torch.Tensor]):
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls, cuda_devices: list[int]) -> "_RngState":
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices})
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+@contextlib.contextmanager
+def _frozen_norm_statistics(model: nn.Module):
+    """Keep BatchNorm running statistics as pass 1 left them: recomputes must not move them."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    saved = [{name: buf.clone() for name, buf in m.named_buffers(recurse=False) if buf is not None}
+             for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in zip(norms, saved):
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
+
+
+def _gradient_sync(model: nn.Module, enabled: bool) -> ContextManager:
+    """DDP and FSDP2 all-reduce gradients on every backward unless told not to."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DistributedDataParallel
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 fully_shard
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

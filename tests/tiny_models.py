@@ -1,0 +1,46 @@
+"""Tiny models for fast CPU tests: real open_clip / timm towers at toy sizes."""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+from torch import nn
+
+TEXT_CFG = dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=2)
+
+
+def open_clip_vit(patch_dropout: float = 0.0, dropout: float = 0.0,
+                  siglip: bool = False) -> nn.Module:
+    """An open_clip ViT CLIP; `dropout` goes into every residual branch of both towers."""
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16,
+                        mlp_ratio=2, patch_dropout=patch_dropout),
+        text_cfg=TEXT_CFG,
+        init_logit_bias=-10.0 if siglip else None,
+        output_dict=True,
+    )
+    if dropout:
+        towers = [model.visual.transformer, model.transformer]
+        for block in (b for t in towers for b in t.resblocks):
+            block.ls_1, block.ls_2 = nn.Dropout(dropout), nn.Dropout(dropout)
+    return model
+
+
+def timm_tower(model_name: str, **vision_cfg) -> nn.Module:
+    """An open_clip CLIP whose image tower is a timm model (no pretrained weights)."""
+    return open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, timm_model_name=model_name, timm_proj="linear",
+                        **vision_cfg),
+        text_cfg=TEXT_CFG,
+        output_dict=True,
+    )
+
+
+def batches(sizes: list[int], seed: int = 0, image_size: int = 32,
+            context_length: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random (images, token ids) micro-batches of the given sizes."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, image_size, image_size, generator=g),
+             torch.randint(1, 1000, (n, context_length), generator=g)) for n in sizes]
