@@ -1,0 +1,280 @@
+"""Evaluation: retrieval recall@k, zero-shot classification, and one validation pass.
+
+Ranks are pessimistic about ties: the rank of the true match is the number of *other*
+candidates that score at least as high. A collapsed model (all scores equal) therefore
+gets no credit, instead of the perfect score that "number of strictly higher scores"
+would hand it. NaN scores count against the query for the same reason.
+
+Large sets are scored in row chunks, so nothing bigger than (chunk_size, N) is built:
+50k image-text pairs need 50k x 1024 floats at a time, never 50k x 50k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Template = str | Callable[[str], str]
+AutocastFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def _true_ranks(queries: Tensor, keys: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """0-based rank of each query's true key among all keys, ties counted against it.
+
+    queries (N, D), keys (M, D), targets (N,) indices into keys -> ranks (N,) long.
+    """
+    ranks = []
+    for start in range(0, len(queries), chunk_size):
+        scores = queries[start : start + chunk_size] @ keys.T  # (c, M)
+        # the true score comes from the same product, so exact ties stay bit-exact
+        true = scores[torch.arange(len(scores)), targets[start : start + chunk_size]]  # (c,)
+        # "not lower" = ">=" plus NaN; the -1 removes the true key itself
+        ranks.append((scores < true[:, None]).logical_not().sum(1) - 1)
+    return torch.cat(ranks)
+
+
+def recall_at_k(
+    image_features: Tensor,
+    text_features: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Image->text and text->image recall@k over N pairs where pair i matches i.
+
+    image_features, text_features: (N, D), L2-normalized. Returns
+    `image_to_text_R@k`, `text_to_image_R@k` for each k, `mean_recall` (their mean),
+    and open_clip_train's `*_mean_rank` / `*_median_rank` (1-based).
+    """
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"feature shapes differ: {tuple(image_features.shape)} vs {tuple(text_features.shape)}")
+    images, texts = image_features.float(), text_features.float()
+    targets = torch.arange(len(images), device=images.device)
+    recalls, ranks_summary = {}, {}
+    for name, queries, keys in (("image_to_text", images, texts), ("text_to_image", texts, images)):
+        ranks = _true_ranks(queries, keys, targets, chunk_size)
+        for k in ks:
+            recalls[f"{name}_R@{k}"] = (ranks < k).float().mean().item()
+        ranks_summary[f"{name}_mean_rank"] = ranks.float().mean().item() + 1
+        ranks_summary[f"{name}_median_rank"] = ranks.median().item() + 1
+    return {**recalls, "mean_recall": sum(recalls.values()) / len(recalls), **ranks_summary}
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; afterwards every submodule gets its own mode back
+    (a locked tower may deliberately sit in eval mode inside a training model)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _fill(template: Template, classname: str) -> str:
+    return template.format(classname) if isinstance(template, str) else template(classname)
+
+
+@torch.no_grad()
+def build_zeroshot_classifier(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: str | torch.device = "cpu",
+    autocast: AutocastFactory = contextlib.nullcontext,
+    classes_per_batch: int = 32,
+) -> Tensor:
+    """Zero-shot weights (D, C): per class, the renormalized mean of its normalized
+    template embeddings. Templates are "{}" format strings or callables."""
+    if not classnames or not templates:
+        raise ValueError("zero-shot needs at least one class name and one template")
+    columns = []
+    with _eval_mode(model):
+        # a few classes per forward: all of ImageNet's 1000 x 80 prompts at once would not fit
+        for start in range(0, len(classnames), classes_per_batch):
+            names = classnames[start : start + classes_per_batch]
+            tokens = tokenizer([_fill(t, c) for c in names for t in templates]).to(device)
+            with autocast():
+                embeddings = model.encode_text(tokens, normalize=True)  # (c * T, D)
+            embeddings = embeddings.float().reshape(len(names), len(templates), -1).mean(1)  # (c, D)
+            columns.append(F.normalize(embeddings, dim=-1))
+    return torch.cat(columns).T.contiguous()  # (D, C)
+
+
+def zeroshot_accuracy(
+    image_features: Tensor,
+    labels: Tensor,
+    classifier: Tensor,
+    ks: Sequence[int] = (1, 5),
+    chunk_size: int = 1024,
+) -> dict[str, float | list[float]]:
+    """Top-k accuracy of `image_features @ classifier` against `labels`.
+
+    image_features (N, D), labels (N,), classifier (D, C). Returns `zeroshot_top{k}` for
+    each k <= C, `zeroshot_per_class` (C top-1 accuracies; NaN for classes without
+    samples) and `zeroshot_mean_per_class` (their mean over classes present).
+    """
+    features = image_features.float()
+    classifier = classifier.to(features.device, torch.float32)
+    labels = torch.as_tensor(labels, device=features.device).long()
+    num_classes = classifier.shape[1]
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for {num_classes} class names, "
+            f"got [{labels.min().item()}, {labels.max().item()}]; check the classnames file"
+        )
+    ranks = _true_ranks(features, classifier.T, labels, chunk_size)
+    metrics: dict[str, float | list[float]] = {
+        f"zeroshot_top{k}": (ranks < k).float().mean().item() for k in ks if k <= num_classes
+    }
+    hits = torch.zeros(num_classes, device=features.device).index_add_(0, labels, (ranks == 0).float())
+    per_class = hits / torch.bincount(labels, minlength=num_classes)  # 0 / 0 = NaN: class absent
+    metrics["zeroshot_mean_per_class"] = per_class.nanmean().item()
+    metrics["zeroshot_per_class"] = per_class.tolist()
+    return metrics
+
+
+# --------------------------------------------------------------------------- validation pass
+
+
+def _forward(model: nn.Module, images: Tensor, texts: Tensor) -> dict[str, Tensor]:
+    out = model(images, texts)
+    if isinstance(out, dict):
+        return out
+    # open_clip models built without output_dict=True return a tuple in this order
+    return dict(zip(("image_features", "text_features", "logit_scale", "logit_bias"), out))
+
+
+def _batch_loss(loss_fn: Callable[..., Tensor], out: dict[str, Tensor]) -> float:
+    kwargs = {"logit_bias": out["logit_bias"]} if out.get("logit_bias") is not None else {}
+    loss = loss_fn(
+        image_features=out["image_features"],
+        text_features=out["text_features"],
+        logit_scale=out["logit_scale"],
+        **kwargs,
+    )
+    return loss.item()
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    loss_fn: Callable[..., Tensor] | None = None,
+    tokenizer: Callable[[list[str]], Tensor] | None = None,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[Template] | None = None,
+    device: str | torch.device = "cpu",
+    autocast: AutocastFactory = contextlib.nullcontext,
+) -> dict:
+    """One no-grad pass over `batches` in eval mode; the model's modes are restored after.
+
+    Each batch is (images (B,3,H,W), texts (B,L)[, labels (B,) or None[, skipped dict]]),
+    read by index so NamedTuples and plain tuples both work. Returns a flat dict:
+    `num_samples`; `val_loss` if `loss_fn` is given (the per-batch loss averaged over
+    samples, as open_clip_train reports it); retrieval recall over the whole set; zero-shot
+    metrics if every batch has labels and `classnames` is given; and `skipped`, the
+    batches' skip counters summed.
+    """
+    if classnames is not None and (tokenizer is None or not templates):
+        raise ValueError("zero-shot evaluation needs classnames, templates and a tokenizer: pass all three")
+    device = torch.device(device)
+    dtype = next(model.parameters()).dtype  # pure fp16/bf16 models want inputs in their dtype
+    image_chunks, text_chunks, label_chunks = [], [], []
+    loss_sum, skipped = 0.0, Counter()
+
+    with _eval_mode(model), torch.no_grad():
+        for batch in batches:
+            images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
+            texts = batch[1].to(device=device, non_blocking=True)
+            with autocast():
+                out = _forward(model, images, texts)
+                if loss_fn is not None:
+                    loss_sum += _batch_loss(loss_fn, out) * len(images)
+            # kept on the host in fp32: the device only ever holds one batch
+            image_chunks.append(out["image_features"].float().cpu())  # (B, D)
+            text_chunks.append(out["text_features"].float().cpu())  # (B, D)
+            label_chunks.append(batch[2] if len(batch) > 2 else None)
+            if len(batch) > 3 and batch[3]:
+                skipped.update(batch[3])
+
+        if not image_chunks:
+            raise ValueError("evaluate got no batches: is the validation data empty?")
+        # scoring runs on the device (fast), still chunked; the features are only (N, D)
+        image_features = torch.cat(image_chunks).to(device)  # (N, D)
+        text_features = torch.cat(text_chunks).to(device)  # (N, D)
+        num_samples = len(image_features)
+        metrics: dict = {"num_samples": num_samples}
+        if loss_fn is not None:
+            metrics["val_loss"] = loss_sum / num_samples
+        metrics.update(recall_at_k(image_features, text_features))
+
+        if classnames is not None:
+            if any(labels is None for labels in label_chunks):
+                log.warning("zero-shot skipped: the evaluation batches carry no labels")
+            else:
+                classifier = build_zeroshot_classifier(model, tokenizer, classnames, templates, device, autocast)
+                labels = torch.cat([torch.as_tensor(labels) for labels in label_chunks])
+                metrics.update(zeroshot_accuracy(image_features, labels, classifier))
+    metrics["skipped"] = dict(skipped)
+    return metrics
+
+
+# --------------------------------------------------------------------------- I/O helpers
+
+
+def load_lines(path: str | Path) -> list[str]:
+    """Class names or templates from a text file: one per line, stripped; blank lines
+    and lines starting with "#" are skipped."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"{path} has no entries: write one per line (blank lines and # comments are skipped)")
+    return lines
+
+
+def _numbered(metrics: dict, pattern: str) -> list[tuple[int, float]]:
+    """(k, value) for every key that fully matches `pattern` with one (\\d+) group, by k."""
+    found = [(int(m.group(1)), v) for key, v in metrics.items() if (m := re.fullmatch(pattern, key))]
+    return sorted(found)
+
+
+def format_metrics(metrics: dict) -> str:
+    """One-line summary, e.g.
+    `val_loss 1.2340 | zero-shot top1 81.2% top5 99.0% | i->t R@1/5/10 40.1/80.0/90.2 | ...`."""
+    parts = []
+    if "val_loss" in metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    top = _numbered(metrics, r"zeroshot_top(\d+)")
+    if top:
+        parts.append("zero-shot " + " ".join(f"top{k} {100 * v:.1f}%" for k, v in top))
+    for name, short in (("image_to_text", "i->t"), ("text_to_image", "t->i")):
+        recalls = _numbered(metrics, rf"{name}_R@(\d+)")
+        if recalls:
+            ks = "/".join(str(k) for k, _ in recalls)
+            parts.append(f"{short} R@{ks} " + "/".join(f"{100 * v:.1f}" for _, v in recalls))
+    if "mean_recall" in metrics:
+        parts.append(f"mean recall {100 * metrics['mean_recall']:.1f}")
+    if "num_samples" in metrics:
+        parts.append(f"n={metrics['num_samples']}")
+    if metrics.get("skipped"):
+        parts.append("skipped " + ", ".join(f"{k} {v}" for k, v in sorted(metrics["skipped"].items())))
+    return " | ".join(parts)
