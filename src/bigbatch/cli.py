@@ -1,0 +1,51 @@
+"""`bigbatch` command: train, demo-data.
+
+A mistake a user can make (bad flag, missing file, wrong checkpoint) ends with one
+line `bigbatch: error: ...` naming the fix and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: bigbatch COMMAND [options]
+
+commands:
+  train       train a CLIP-style model (bigbatch train --help)
+  demo-data   write the procedurally drawn shapes dataset (bigbatch demo-data DIR)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    commands = {"train": _train, "demo-data": _demo_data}
+    if command not in commands:
+        print(f"bigbatch: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from bigbatch.config import ConfigError
+    try:
+        return commands[command](rest) or 0
+    except ConfigError as error:
+        print(f"bigbatch: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bigbatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(argv: list[str]) -> int:
+    from bigbatch.config import parse_config
+    from bigbatch.train import train
+
+    train(parse_config(argv))
+    return 0
+
+
+def _demo_data(argv: list[str]) -> int:
+    from bigbatch.data.demo import main as demo_main
+
+    return demo_main(argv) or 0

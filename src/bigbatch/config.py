@@ -1,0 +1,199 @@
+"""All training options: one dataclass, exposed as flags (open_clip_train's names) and YAML.
+
+Precedence: dataclass defaults < `--config FILE.yaml` < flags on the command line.
+YAML keys are the field names (underscores or dashes). `validate` stops a bad
+combination before any work starts, with one message that names the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message names the fix."""
+
+
+def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    train_data: str | None = option(None, "training data: webdataset shards ('dir/{000000..000099}.tar') or a CSV; several sources joined with '::'", "data")
+    val_data: str | None = option(None, "validation data, same formats as --train-data", "data")
+    dataset_type: str = option("auto", "format of the data ('auto' picks by file extension)", "data", choices=["auto", "webdataset", "csv", "synthetic"])
+    train_num_samples: int | None = option(None, "samples per epoch (webdataset: read from sizes.json next to the shards if omitted)", "data")
+    val_num_samples: int | None = option(None, "samples in the validation set (optional)", "data")
+    dataset_resampled: bool = option(False, "sample shards with replacement (webdataset)", "data")
+    csv_img_key: str = option("filepath", "CSV column holding image paths (relative to the CSV's folder)", "data")
+    csv_caption_key: str = option("title", "CSV column holding captions", "data")
+    csv_label_key: str | None = option(None, "CSV column of integer class ids, for zero-shot evaluation", "data")
+    csv_separator: str = option("\t", "CSV separator", "data")
+    workers: int = option(1, "data loader processes per GPU/rank", "data")
+    batch_size: int = option(64, "micro-batch size per GPU/rank (one forward)", "data")
+    seed: int = option(0, "random seed (data order, initialisation, dropout)", "data")
+    # --- model
+    model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()) or a path to a model config JSON", "model")
+    pretrained: str | None = option(None, "weights to start from: a local checkpoint file (bigbatch's or open_clip's)", "model")
+    siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
+    force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory (open_clip towers)", "model")
+    # --- optimisation
+    epochs: int = option(32, "passes over the training data", "optimization")
+    lr: float = option(5e-4, "peak learning rate (tied to the global batch, see README)", "optimization")
+    wd: float = option(0.2, "AdamW weight decay (not applied to gains, biases, logit scale/bias)", "optimization")
+    beta1: float = option(0.9, "AdamW beta1", "optimization")
+    beta2: float = option(0.98, "AdamW beta2", "optimization")
+    eps: float = option(1e-6, "AdamW epsilon", "optimization")
+    warmup: int = option(10000, "linear warmup, in optimizer steps", "optimization")
+    lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", "optimization", choices=["cosine", "const"])
+    accum_freq: int = option(1, "micro-batches per optimizer step; exact feature-cached accumulation", "optimization")
+    grad_clip_norm: float | None = option(None, "clip the accumulated gradient to this global norm", "optimization")
+    # --- precision and device
+    precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", "precision")
+    # --- logging
+    logs: str = option("./logs", "where runs are written (one folder per --name)", "logging")
+    name: str | None = option(None, "run name (default: date, model, lr and batch)", "logging")
+    log_every_n_steps: int = option(100, "print and log progress every N optimizer steps", "logging")
+    report_to: str = option("", "'tensorboard' to also write tensorboard events", "logging", choices=["", "tensorboard"])
+    # --- checkpoints
+    save_frequency: int = option(1, "save a checkpoint every N epochs (0: never)", "checkpoints")
+    resume: str | None = option(None, "'latest' (needs --name) or a checkpoint path to continue from", "checkpoints")
+    # --- evaluation
+    val_frequency: int = option(1, "evaluate on --val-data every N epochs (0: never)", "evaluation")
+    zeroshot_frequency: int = option(2, "zero-shot classification every N epochs (0: never)", "evaluation")
+    zeroshot_classnames: str | None = option(None, "text file of class names, one per line, in label order", "evaluation")
+    zeroshot_templates: str | None = option(None, "text file of prompt templates with '{}' for the class name", "evaluation")
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        """Samples per optimizer step: batch-size x accum-freq x world-size."""
+        return self.batch_size * self.accum_freq * world_size
+
+    def resolved_precision(self, device_type: str) -> str:
+        if self.precision == "auto":
+            return "amp" if device_type == "cuda" else "fp32"
+        return self.precision
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError naming the fix for the first bad value or combination."""
+    for f in fields(cfg):  # argparse checks choices of flags, not of YAML values
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"--{_flag(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
+    positive = ["batch_size", "accum_freq", "epochs", "log_every_n_steps"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    non_negative = ["workers", "warmup", "save_frequency", "val_frequency", "zeroshot_frequency", "wd"]
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise ConfigError("--beta1 and --beta2 must be in [0, 1)")
+    if cfg.grad_clip_norm is not None and cfg.grad_clip_norm <= 0:
+        raise ConfigError("--grad-clip-norm must be positive (omit it to disable clipping)")
+    if cfg.force_patch_dropout is not None and not 0 <= cfg.force_patch_dropout < 1:
+        raise ConfigError("--force-patch-dropout must be in [0, 1)")
+    if cfg.train_data is None and cfg.dataset_type != "synthetic":
+        raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type synthetic")
+    if cfg.dataset_type == "synthetic" and cfg.train_data is not None:
+        raise ConfigError("--dataset-type synthetic draws its own data: drop --train-data or pick another --dataset-type")
+    wants_zeroshot = cfg.zeroshot_frequency > 0 and cfg.val_data is not None
+    if wants_zeroshot and (cfg.zeroshot_classnames is None) != (cfg.zeroshot_templates is None):
+        raise ConfigError("zero-shot evaluation needs both --zeroshot-classnames and --zeroshot-templates")
+    for name in ("zeroshot_classnames", "zeroshot_templates", "pretrained"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--{_flag(name)} {path}: no such file")
+    if cfg.resume == "latest" and cfg.name is None:
+        raise ConfigError("--resume latest continues a named run: also pass --name of that run")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint (use 'latest' or a path to a .pt file)")
+    if cfg.precision == "amp" and cfg.device == "cpu":
+        raise ConfigError("--precision amp (float16) is for CUDA: on CPU use --precision fp32 or amp_bf16")
+    return cfg
+
+
+# --- parsing
+
+def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, argument_default=argparse.SUPPRESS,
+        description="Train a CLIP-style model. Effective batch = batch-size x accum-freq x world-size.")
+    parser.add_argument("--config", help="YAML file of options (field names as keys); flags override it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = dict(f.metadata)
+        group_name = meta.pop("group")
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        meta["help"] += f" (default: {f.default!r})"
+        if f.type in ("bool", bool):
+            group.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **meta)
+        else:
+            group.add_argument(f"--{_flag(f.name)}", type=_parse_type(f), **meta)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags and --config YAML into a validated TrainConfig; a ConfigError names the fix."""
+    given = vars(build_parser().parse_args(argv))
+    config_path = given.pop("config", None)
+    values = load_yaml(config_path) if config_path else {}
+    values.update(given)
+    return validate(TrainConfig(**values))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of option names to values")
+    known = {f.name: f for f in fields(TrainConfig)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown option '{key}'{hint}")
+        values[name] = _coerce(known[name], value, path)
+    return values
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_type(f: dataclasses.Field):
+    base = str(f.type).replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def _coerce(f: dataclasses.Field, value: Any, path: Path) -> Any:
+    """YAML values to the field's type (YAML reads 1e-3 as a string, for instance)."""
+    if value is None or f.type in ("bool", bool):
+        return value
+    try:
+        return _parse_type(f)(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: option '{f.name}' expects {str(f.type)}, got {value!r}") from None

@@ -1,0 +1,116 @@
+"""What a run tells the person watching it: progress lines, a JSONL log, tensorboard.
+
+Only the main process (rank 0) writes; other ranks get a RunLog whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("bigbatch")
+
+
+def setup_console_logging(log_file: Path | None = None, enabled: bool = True) -> None:
+    """Progress to stdout (and a file in the run folder), one line per message."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if enabled else logging.WARNING)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+
+
+class RunLog:
+    """Step and validation records: printed, appended to metrics.jsonl, sent to tensorboard."""
+
+    def __init__(self, run_dir: Path | None, *, total_steps: int, tensorboard: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        self.jsonl = run_dir / "metrics.jsonl" if run_dir else None
+        self.total_steps = total_steps
+        self.device = device
+        self.skipped: Counter[str] = Counter()
+        self.writer = None
+        if tensorboard and run_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self._window_start = time.perf_counter()
+        self._window = Counter()  # samples, data seconds since the last progress line
+        self._first_step: int | None = None
+        self._run_start = time.perf_counter()
+
+    def count_skipped(self, skipped: dict[str, int]) -> None:
+        self.skipped.update(skipped)
+
+    def train_step(self, *, step: int, epoch: int, loss: float, lr: float, samples: int,
+                   data_seconds: float, effective_batch: int, print_now: bool,
+                   extra: dict[str, float] | None = None) -> None:
+        if self._first_step is None:
+            self._first_step = step - 1
+        self._window.update(samples=samples, data_seconds=data_seconds, steps=1)
+        if not print_now:
+            return
+        elapsed = time.perf_counter() - self._window_start
+        rate = self._window["samples"] / elapsed
+        steps_per_second = self._window["steps"] / elapsed
+        record = dict(kind="train", step=step, epoch=epoch, loss=loss, lr=lr,
+                      samples_per_second=rate, effective_batch=effective_batch,
+                      data_fraction=self._window["data_seconds"] / elapsed,
+                      peak_memory_gib=peak_memory_gib(self.device), **(extra or {}))
+        eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
+        skipped = sum(self.skipped.values())
+        log.info(
+            f"epoch {epoch} step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | "
+            f"loss {loss:.4f} | lr {lr:.2e} | {rate:.0f} samples/s | batch {effective_batch} | "
+            f"data {100 * record['data_fraction']:.0f}% | mem {record['peak_memory_gib']:.2f} GiB | "
+            f"ETA {format_duration(eta)}" + (f" | skipped {skipped}" if skipped else ""))
+        self._write(record, step)
+        self._window.clear()
+        self._window_start = time.perf_counter()
+
+    def validation(self, *, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        self._write(dict(kind="val", step=step, epoch=epoch, **metrics), step)
+
+    def report_skipped(self) -> None:
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
+            log.warning(f"skipped {sum(self.skipped.values())} bad training samples so far ({reasons})")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+    def _write(self, record: dict[str, Any], step: int) -> None:
+        if self.jsonl:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer:
+            prefix = record["kind"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the allocator's peak; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
