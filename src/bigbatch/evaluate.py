@@ -68,7 +68,7 @@ def recall_at_k(
         for k in ks:
             recalls[f"{name}_R@{k}"] = (ranks < k).float().mean().item()
         ranks_summary[f"{name}_mean_rank"] = ranks.float().mean().item() + 1
-        ranks_summary[f"{name}_median_rank"] = ranks.median().item() + 1
+        ranks_summary[f"{name}_median_rank"] = float(ranks.median().item() + 1)
     return {**recalls, "mean_recall": sum(recalls.values()) / len(recalls), **ranks_summary}
 
 
