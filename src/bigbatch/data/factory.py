@@ -1,0 +1,49 @@
+"""``make_data``: check a ``DataSpec`` and build its loader."""
+
+from __future__ import annotations
+
+from .batch import Tokenizer
+from .csv_source import make_csv_data
+from .samples import Preprocess
+from .spec import DATASET_TYPES, DataInfo, DataSpec, expand_paths
+from .synthetic import make_synthetic_data
+from .wds_source import make_webdataset_data
+
+BUILDERS = {"webdataset": make_webdataset_data, "csv": make_csv_data, "synthetic": make_synthetic_data}
+EXTENSIONS = {".tar": "webdataset", ".tgz": "webdataset", ".tar.gz": "webdataset",
+              ".csv": "csv", ".tsv": "csv"}
+
+
+def make_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> DataInfo:
+    """Build the loader for ``spec``: ``preprocess`` maps a PIL image to a (3, H, W) tensor and
+    ``tokenizer`` a list of captions to (n, L) token ids (open_clip's transform and tokenizer)."""
+    kind = resolve_type(spec)
+    _check(spec, kind)
+    return BUILDERS[kind](spec, preprocess, tokenizer)
+
+
+def resolve_type(spec: DataSpec) -> str:
+    """The dataset type, inferred from the file extensions for "auto"."""
+    if spec.dataset_type not in DATASET_TYPES:
+        raise ValueError(f"unknown --dataset-type {spec.dataset_type!r}: use one of {', '.join(DATASET_TYPES)}")
+    if spec.dataset_type != "auto":
+        return spec.dataset_type
+    kinds = {next((k for ext, k in EXTENSIONS.items() if p.lower().endswith(ext)), None)
+             for p in expand_paths(spec.paths)}
+    if len(kinds) != 1 or None in kinds:
+        raise ValueError(f"cannot tell the data type of {spec.flag} {spec.paths!r} from its extensions "
+                         "(.tar: webdataset, .csv/.tsv: csv): pass --dataset-type webdataset, csv or synthetic")
+    return kinds.pop()
+
+
+def _check(spec: DataSpec, kind: str) -> None:
+    if spec.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {spec.batch_size}")
+    if spec.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {spec.workers}")
+    if spec.num_samples is not None and spec.num_samples < 1:
+        raise ValueError(f"{spec.num_samples_flag} must be at least 1, got {spec.num_samples}")
+    if not 0 <= spec.rank < spec.world_size:
+        raise ValueError(f"rank {spec.rank} is outside a world of {spec.world_size} processes")
+    if spec.resampled and spec.is_train and kind != "webdataset":
+        raise ValueError(f"--dataset-resampled applies to webdataset shards, not {kind} data: drop it")

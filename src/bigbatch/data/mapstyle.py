@@ -1,0 +1,117 @@
+"""Indexable sources (CSV, synthetic) -> ``Batch``es, with a per-epoch permutation split across ranks.
+
+A bad row is replaced by a readable one picked at random (and counted), rather than
+dropped: every rank must yield batches of the same size, or the feature all-gather of
+the loss would fail. Each bad row is counted once per epoch, when its own turn comes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .batch import Batch, Tokenizer, collate
+from .loader import Loader
+from .samples import BadSample, DataError, Sample
+from .seeding import make_np_rng, make_rng
+from .spec import DataInfo, DataSpec
+
+MAX_REPLACEMENT_TRIES = 1000  # rows tried in place of a bad one before giving up on the data
+
+
+class Source(Protocol):
+    """Rows that can be loaded one by one; ``load`` raises ``BadSample`` for a bad row."""
+
+    name: str  # how the user named the data, for messages
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Sample: ...
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's row indices for one epoch of ``length`` samples over ``size`` rows.
+
+    Training: a fresh permutation per (seed, epoch), repeated if ``length > size``, padded by
+    wrapping around so every rank gets the same count (as DistributedSampler), then strided
+    by rank. Validation: rows in order, strided by rank, no padding (no sample counted twice).
+    """
+
+    def __init__(self, size: int, length: int, shuffle: bool, seed: int, rank: int, world_size: int):
+        self.size, self.length, self.shuffle = size, length, shuffle
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return math.ceil(self.length / self.world_size)
+        return len(range(self.rank, self.length, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(i % self.size for i in range(self.rank, self.length, self.world_size))
+        rng = make_np_rng(self.seed, self.epoch)
+        passes = math.ceil(self.length / self.size)
+        order = np.concatenate([rng.permutation(self.size) for _ in range(passes)])[:self.length]
+        order = np.resize(order, len(self) * self.world_size)  # np.resize pads by wrapping around
+        return iter(order[self.rank::self.world_size].tolist())
+
+
+class ReplacingDataset(Dataset):
+    """Items ``(sample, why the scheduled row was skipped or None)``; bad rows are replaced."""
+
+    def __init__(self, source: Source, seed: int):
+        self.source, self.seed = source, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Sample, BadSample | None]:
+        try:
+            return self.source.load(index), None
+        except BadSample as bad:
+            return self._replacement(index), bad
+
+    def _replacement(self, index: int) -> Sample:
+        n = len(self.source)
+        # random rows, not the next ones: a run of bad rows (a missing folder) stays cheap
+        tries = make_rng(self.seed, "replace", index).sample(range(n), min(n, MAX_REPLACEMENT_TRIES))
+        last = None
+        for other in tries:
+            try:
+                return self.source.load(other)
+            except BadSample as bad:
+                last = bad
+        raise DataError(f"no usable row in {self.source.name}: {len(tries)} rows tried, all bad "
+                        f"(last: {last}): fix the data or the image paths")
+
+
+class MapCollate:
+    """Collate ``ReplacingDataset`` items; count the skipped rows of this batch."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[tuple[Sample, BadSample | None]]) -> Batch:
+        skipped = Counter(bad.reason for _, bad in items if bad is not None)
+        return collate([sample for sample, _ in items], self.tokenizer, skipped)
+
+
+def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataInfo:
+    """Batches from an indexable source; an epoch is ``num_samples`` rows (default: all)."""
+    length = spec.num_samples or len(source)
+    sampler = EpochSampler(len(source), length, spec.is_train, spec.seed, spec.rank, spec.world_size)
+    loader = DataLoader(ReplacingDataset(source, spec.seed), batch_size=spec.batch_size, sampler=sampler,
+                        num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
+                        persistent_workers=spec.workers > 0, pin_memory=torch.cuda.is_available())
+    num_batches = math.ceil(len(sampler) / spec.batch_size)
+    num_samples = len(sampler) * spec.world_size if spec.is_train else length
+    return DataInfo(Loader(loader, num_batches, source.name), num_samples, num_batches, sampler.set_epoch)

@@ -1,0 +1,83 @@
+"""One image-text sample: reading its parts, and the ways it can be bad.
+
+Bad data is never fatal: a reader raises ``BadSample(reason)``, the source skips the
+sample and counts the reason, and the count reaches the train loop in ``Batch.skipped``.
+``DataError`` is for the one fatal case, when nothing usable is left.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Callable, NamedTuple
+
+import torch
+from PIL import Image
+
+# the reasons a sample is skipped, as they appear in Batch.skipped
+CORRUPT_SHARD = "corrupt shard"
+UNREADABLE_IMAGE = "unreadable image"
+MISSING_IMAGE = "missing image"
+MISSING_CAPTION = "missing caption"
+BAD_LABEL = "bad label"
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+class Sample(NamedTuple):
+    image: torch.Tensor  # (3, H, W), preprocessed
+    caption: str
+    label: int | None
+
+
+class BadSample(Exception):
+    """A sample to skip; ``reason`` is one of the constants above."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class DataError(ValueError):
+    """Nothing usable left to load; the message says what to fix."""
+
+    def __init__(self, message: str):
+        # a DataLoader worker re-raises as DataError("Caught DataError in DataLoader worker
+        # process 0. Original Traceback ..."): keep only our own last line
+        if message.startswith("Caught DataError"):
+            message = message.rstrip().rsplit("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+def load_image(source: bytes | str, preprocess: Preprocess) -> torch.Tensor:
+    """Decode an image (encoded bytes or a file path) to RGB and preprocess it."""
+    if isinstance(source, str) and not os.path.isfile(source):
+        raise BadSample(MISSING_IMAGE, f"no file {source!r}")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            rgb = image.convert("RGB")  # forces the decode, so truncated files fail here
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise BadSample(UNREADABLE_IMAGE, f"{type(error).__name__}: {error}") from None
+    return preprocess(rgb)  # outside the try: a broken transform is a bug, not bad data
+
+
+def read_caption(value: bytes | str | None) -> str:
+    """A stripped caption; empty or absent captions are bad samples."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    caption = (value or "").strip()
+    if not caption:
+        raise BadSample(MISSING_CAPTION)
+    return caption
+
+
+def read_label(value: bytes | str | None) -> int | None:
+    """An integer class id, or None when the sample has none."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise BadSample(BAD_LABEL, f"{value[:20]!r} is not an integer") from None

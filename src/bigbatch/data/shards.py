@@ -1,0 +1,123 @@
+"""Webdataset tar shards: finding them, counting their samples, reading them strictly.
+
+A shard holds samples as consecutive files sharing a key: ``0001.jpg``, ``0001.txt``,
+``0001.cls``. Python's ``tarfile`` stops *silently* at a damaged header anywhere past the
+first member, so a truncated shard would look like a short one; ``read_shard`` makes
+any damage raise ``CorruptShard`` instead, after yielding the samples before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+import zlib
+from typing import Iterator
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from .samples import BadSample, MISSING_IMAGE, read_caption, read_label
+from .spec import DataSpec, is_local
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptShard(Exception):
+    """A shard that cannot be read to its end."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Turn tarfile's silent stop at a bad or missing header into an error.
+
+    A well-formed archive ends with a zero block (``EOFHeaderError``, still a clean end);
+    no block, a short block or garbage where a header should be means it was cut or damaged.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as error:
+            raise tarfile.ReadError(f"truncated or damaged archive ({error})") from None
+
+
+def read_shard(url: str) -> Iterator[dict[str, bytes | str]]:
+    """Yield the samples of one shard in file order, as ``{"__key__": key, ext: bytes}``.
+
+    ``url`` is a path or anything ``webdataset.gopen`` opens (``pipe:``, ``http://``, ...).
+    Raises ``CorruptShard`` where the file is damaged; the sample being assembled there is dropped.
+    """
+    try:
+        with gopen(url, "rb") as stream, \
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+            sample: dict = {}
+            for member in tar:
+                key, ext = base_plus_ext(member.name)
+                if not member.isreg() or key is None:
+                    continue  # directories, and webdataset's __meta__ files
+                ext = ext.lower()
+                if sample and (key != sample["__key__"] or ext in sample):
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = tar.extractfile(member).read()
+            if sample:
+                yield sample
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise CorruptShard(f"{type(error).__name__}: {error}") from None
+
+
+def parse_sample(raw: dict) -> tuple[bytes, str, int | None]:
+    """(encoded image, caption, label or None) of a raw sample; raises ``BadSample``."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        raise BadSample(MISSING_IMAGE, f"no {'/'.join(IMAGE_EXTENSIONS)} file for key {raw['__key__']!r}")
+    return raw[ext], read_caption(raw.get("txt")), read_label(raw.get("cls"))
+
+
+def check_shards(shards: list[str], spec: DataSpec) -> None:
+    """Fail early, naming the flag, when local shards do not exist."""
+    if not shards:
+        raise ValueError(f"{spec.flag} is empty: give shard paths such as 'data/train/shard-{{000000..000009}}.tar'")
+    missing = [s for s in shards if is_local(s) and not os.path.isfile(s)]
+    if len(missing) == len(shards):
+        raise FileNotFoundError(f"no shards match {spec.flag} {spec.paths!r}: check the path")
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {spec.flag} {spec.paths!r} "
+                                f"do not exist (first: {missing[0]!r}): check the brace range")
+
+
+def shard_sizes(shards: list[str]) -> dict[str, int]:
+    """Samples per shard, for the local shards that a ``sizes.json`` or ``_info.json`` lists."""
+    by_dir = {d: _read_size_files(d) for d in {os.path.dirname(s) for s in shards if is_local(s)}}
+    sizes = {}
+    for shard in shards:
+        count = by_dir.get(os.path.dirname(shard), {}).get(os.path.basename(shard))
+        if count is not None:
+            sizes[shard] = count
+    return sizes
+
+
+def _read_size_files(directory: str) -> dict[str, int]:
+    """Shard name -> samples, from open_clip's ``sizes.json`` or an ``_info.json`` (timm or wids)."""
+    for name in ("sizes.json", "_info.json"):
+        path = os.path.join(directory or ".", name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return _sizes_from_json(json.load(f))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                # only a convenience: without it the user passes the number of samples
+                logging.warning("ignoring %s, not a shard-size file (%s: %s)", path, type(error).__name__, error)
+    return {}
+
+
+def _sizes_from_json(info: dict) -> dict[str, int]:
+    if "splits" in info:  # timm: {"splits": {name: {"filenames": [...], "shard_lengths": [...]}}}
+        return {os.path.basename(f): int(n) for split in info["splits"].values()
+                for f, n in zip(split["filenames"], split["shard_lengths"])}
+    if "shardlist" in info:  # wids: {"shardlist": [{"url": ..., "nsamples": ...}]}
+        return {os.path.basename(s["url"]): int(s["nsamples"]) for s in info["shardlist"]}
+    return {os.path.basename(k): int(v) for k, v in info.items()}  # open_clip: {name: count}

@@ -1,0 +1,84 @@
+"""What the user asked for (``DataSpec``) and what they get back (``DataInfo``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import braceexpand
+
+from .batch import Batch
+
+DATASET_TYPES = ("webdataset", "csv", "synthetic", "auto")
+
+
+@dataclass
+class DataSpec:
+    """One data source, as the CLI flags describe it."""
+
+    paths: str
+    """--train-data / --val-data: brace patterns allowed, several sources joined by '::'."""
+    dataset_type: str
+    """"webdataset", "csv", "synthetic", or "auto" (.tar -> webdataset, .csv/.tsv -> csv)."""
+    batch_size: int
+    """Micro-batch size per rank."""
+    num_samples: int | None = None
+    """Samples per epoch over all ranks; by default the size of the data (sizes.json for shards)."""
+    resampled: bool = False
+    """--dataset-resampled: draw shards with replacement (webdataset only)."""
+    workers: int = 1
+    """DataLoader worker processes per rank (0: load in the main process)."""
+    seed: int = 0
+    """Shuffles are a function of (seed, epoch) only, identical across runs and restarts."""
+    is_train: bool = True
+    """Train: shuffle, repeat to fill the epoch. Val: read everything once, in order."""
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = "\t"
+    csv_label_key: str | None = None
+    """Optional integer class-id column (zero-shot evaluation on a CSV)."""
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag that named these paths, for error messages."""
+        return "--train-data" if self.is_train else "--val-data"
+
+    @property
+    def num_samples_flag(self) -> str:
+        return "--train-num-samples" if self.is_train else "--val-num-samples"
+
+
+@dataclass
+class DataInfo:
+    """A loader and the epoch arithmetic the train loop needs."""
+
+    loader: Iterable[Batch]
+    """Yields ``Batch``es; ``len(loader)`` is ``num_batches`` when known."""
+    num_samples: int | None
+    """Samples per epoch over all ranks (None only for val sets of unknown size)."""
+    num_batches: int | None
+    """Micro-batches per epoch on this rank (the same on every rank when training)."""
+    epoch_hook: Callable[[int], None] | None = field(default=None, repr=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of the next pass over ``loader``; call before iterating."""
+        if self.epoch_hook is not None:
+            self.epoch_hook(epoch)
+
+
+def expand_paths(paths: str) -> list[str]:
+    """Expand brace patterns in each '::'-joined source and concatenate, in order."""
+    expanded = []
+    for source in paths.split("::"):
+        source = source.strip()
+        if source:
+            expanded.extend(os.path.expanduser(p) for p in braceexpand.braceexpand(source))
+    return expanded
+
+
+def is_local(path: str) -> bool:
+    """Whether a shard path is a plain file (not a URL or a ``pipe:`` command)."""
+    return "://" not in path and not path.startswith("pipe:")
