@@ -4,33 +4,121 @@ Both take the model's output dict as keyword arguments, so that
 `loss_fn(**model(images, texts))` works and extra keys are ignored. Logits are
 computed in float32 whatever the feature dtype: bf16 logits lose the small
 differences between negatives that the loss lives on.
+
+Across ranks (world_size > 1) the features of all ranks are gathered once per call (in
+`cached_backward`: once per optimizer step) and the loss is over the global batch of N
+samples. DDP and FSDP2 then AVERAGE parameter gradients over ranks; each mode is
+normalised so that this average is exactly the one-process gradient of the global-batch
+loss, and every rank returns the global-batch loss value.
+
+- default: gathered without autograd; every rank takes the whole (N, N) loss, so the
+  gradient of its own rows is already complete: it is scaled by world_size to undo the
+  averaging. No gradient traffic; an (N, N) working set on every rank.
+- gather_with_grad: the same, gathered with autograd; each rank's rows get the sum over
+  ranks of one and the same gradient (world_size times the true one, which the
+  averaging divides back). Exact; one more reduce-scatter of (N, D).
+- local_loss + gather_with_grad (`--local-loss --gather-with-grad`, the scalable mode):
+  each rank takes the rows of its own n samples against all N columns, (n, N). Its
+  term is world_size times its share of the global loss, so the terms average to the
+  global loss; the gather's backward brings home every rank's gradient with respect to
+  this rank's columns.
+- local_loss alone would lose exactly that gradient: refused with a ValueError.
+
+logit_scale and logit_bias are not gathered: each rank's gradient is that of its own
+term, and their average is exact in every mode.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes
 
-class ClipLoss(nn.Module):
-    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy; pair i matches i."""
+
+class _GlobalBatchLoss(nn.Module):
+    """Which rows this rank computes, and the gathers and weights that keep that exact."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if local_loss and not gather_with_grad:
+            raise ValueError("--local-loss needs --gather-with-grad: without it each rank loses the "
+                             "other ranks' gradient with respect to its features")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def local(self) -> bool:
+        """Rows of this rank's samples only (one process: all rows, the same loss)."""
+        return self.local_loss and self.world_size > 1
+
+    def gather(self, *features: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+        """Every rank's features, rank-major, (N, D_k) each; and every rank's row count."""
+        if self.world_size == 1:
+            return list(features), [features[0].shape[0]]
+        self._check_process_group()
+        mine = torch.cat(features, dim=1)  # one collective for all of them: (n, sum D_k)
+        sizes = gather_sizes(mine)
+        if self.gather_with_grad:
+            every = all_gather_with_grad(mine, sizes)
+        else:
+            start, stop = sum(sizes[:self.rank]), sum(sizes[:self.rank + 1])
+            every = all_gather_no_grad(mine, sizes)
+            own = _ScaleGrad.apply(mine, float(self.world_size))
+            every = torch.cat([every[:start], own, every[stop:]])
+        return list(every.split([f.shape[1] for f in features], dim=1)), sizes
+
+    def own_columns(self, sizes: list[int], device: torch.device) -> torch.Tensor:
+        """Global indices of this rank's samples, (n,)."""
+        start = sum(sizes[:self.rank])
+        return torch.arange(start, start + sizes[self.rank], device=device)
+
+    def global_value(self, term: torch.Tensor) -> torch.Tensor:
+        """This rank's term, its value replaced by the ranks' mean (the global loss) for logs."""
+        mean = term.detach().clone()
+        dist.all_reduce(mean)
+        return term + (mean / self.world_size - term.detach())
+
+    def _check_process_group(self) -> None:
+        if not dist.is_initialized() or dist.get_world_size() != self.world_size:
+            raise RuntimeError(f"{type(self).__name__}(world_size={self.world_size}) needs a process "
+                               "group of that size: call bigbatch.distributed.init_distributed() first")
+
+
+class ClipLoss(_GlobalBatchLoss):
+    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy; pair i matches i.
+
+    Distributed modes (local_loss, gather_with_grad): see the module docstring.
+    """
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
                 **_: object) -> torch.Tensor:
-        logits = logit_scale.float() * image_features.float() @ text_features.float().T  # (N, N)
-        if logit_bias is not None:
-            logits = logits + logit_bias.float()
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        (images, texts), sizes = self.gather(image_features, text_features)  # (N, D) each
+        n_total = sum(sizes)
+        if not self.local:
+            logits = _logits(images, texts, logit_scale, logit_bias)  # (N, N)
+            labels = torch.arange(n_total, device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        labels = self.own_columns(sizes, image_features.device)
+        image_to_text = _logits(image_features, texts, logit_scale, logit_bias)  # (n, N)
+        text_to_image = _logits(text_features, images, logit_scale, logit_bias)  # (n, N)
+        rows = (F.cross_entropy(image_to_text, labels, reduction="sum")
+                + F.cross_entropy(text_to_image, labels, reduction="sum"))
+        return self.global_value(rows * self.world_size / (2 * n_total))
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_GlobalBatchLoss):
     """Pairwise sigmoid loss (Zhai et al. 2023): every (image, text) pair is a binary task.
 
     Normalised, as in the paper, by the number of images: the sum over the N x N pairs
-    divided by N.
+    divided by N. Across ranks the local mode takes this rank's images against all
+    texts, (n, N), and gathers only the texts; see the module docstring for the modes.
     """
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
@@ -39,15 +127,47 @@ class SigLipLoss(nn.Module):
         if logit_bias is None:
             raise ValueError("SigLIP needs a learnable logit_bias: use a model with "
                              "init_logit_bias set (e.g. a ViT-*-SigLIP config)")
-        logits = logit_scale.float() * image_features.float() @ text_features.float().T
-        logits = logits + logit_bias.float()  # (N, N)
-        signs = 2 * torch.eye(logits.shape[0], device=logits.device) - 1  # +1 on the diagonal
-        return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+        if not self.local:
+            (images, texts), sizes = self.gather(image_features, text_features)
+            return _sigmoid_pairs_sum(images, texts, 0, logit_scale, logit_bias) / sum(sizes)
+        (texts,), sizes = self.gather(text_features)
+        start = sum(sizes[:self.rank])
+        pairs = _sigmoid_pairs_sum(image_features, texts, start, logit_scale, logit_bias)
+        return self.global_value(pairs * self.world_size / sum(sizes))
 
 
-def create_loss(name: str) -> nn.Module:
-    """`clip` or `siglip`."""
+def _logits(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor,
+            logit_bias: torch.Tensor | None) -> torch.Tensor:
+    """(n, D) x (N, D) -> (n, N) float32 scaled similarities."""
+    logits = logit_scale.float() * rows.float() @ columns.float().T
+    return logits if logit_bias is None else logits + logit_bias.float()
+
+
+def _sigmoid_pairs_sum(images: torch.Tensor, texts: torch.Tensor, start: int,
+                       logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+    """Sum of -log sigmoid(+-logit) over the (n, N) pairs; image i matches text start + i."""
+    logits = _logits(images, texts, logit_scale, logit_bias)
+    signs = -torch.ones_like(logits)
+    signs.diagonal(start).fill_(1.0)
+    return -F.logsigmoid(signs * logits).sum()
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `factor` backward."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def create_loss(name: str, **options) -> nn.Module:
+    """`clip` or `siglip`; options: local_loss, gather_with_grad, rank, world_size."""
     losses = {"clip": ClipLoss, "siglip": SigLipLoss}
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}: choose one of {sorted(losses)}")
-    return losses[name]()
+    return losses[name](**options)

@@ -1,0 +1,187 @@
+"""Process groups from torchrun or SLURM, and all-gathers that carry gradients.
+
+Launch one process per GPU with `torchrun --nproc-per-node G -m bigbatch train ...` or
+with `srun` (one task per GPU); `init_distributed()` reads the launcher's variables and
+joins the process group. Without them it is one process and no process group.
+
+Gathers concatenate along dim 0 in rank order. Every rank must call them at the same
+point with tensors of the same trailing shape and dtype; the first dimension may differ
+(the smaller last step of an epoch): row counts are gathered first (one tiny collective
+and a host sync) and rows are padded to the largest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# newer torch renames the single-tensor collectives (the old names warn); 2.4 has only those
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class World:
+    """This process's place among the ranks, and the device it trains on."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, evaluates and saves checkpoints."""
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher's environment says; master_* is where rank 0 listens."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str | None = None
+    master_port: str | None = None
+
+
+def world_from_env(env: Mapping[str, str]) -> Launch:
+    """Parse torchrun's or SLURM's variables (torchrun's win: it may run inside srun).
+
+    torchrun: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+    SLURM (`srun`, one task per GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS. Unless
+    MASTER_ADDR is exported, rank 0's host is the first one of SLURM_NODELIST (srun's
+    default block distribution puts task 0 there; only the `prefix[a-b,c]` form is
+    parsed), else SLURM_LAUNCH_NODE_IPADDR. MASTER_PORT defaults to 29500 plus
+    SLURM_JOB_ID mod 1000, so that jobs sharing a node do not collide.
+    Neither: one process.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                      env.get("MASTER_ADDR"), env.get("MASTER_PORT"))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = (env.get("MASTER_ADDR") or _first_host(env.get("SLURM_NODELIST", ""))
+                or env.get("SLURM_LAUNCH_NODE_IPADDR"))
+        port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000)
+        return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                      int(env["SLURM_NTASKS"]), addr, port)
+    return Launch()
+
+
+def _first_host(nodelist: str) -> str | None:
+    """'gpu[03-05,09],cpu1' -> 'gpu03'; 'a1,a2' -> 'a1'."""
+    match = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist)
+    return match and match[1] + (match[2] or "")
+
+
+def init_distributed(device: str = "auto", backend: str | None = None) -> World:
+    """Join the process group the launcher set up (none for one process).
+
+    device: "auto" (CUDA if visible, else CPU), "cpu", "cuda" (this rank's
+    `cuda:{local_rank}`) or an explicit "cuda:N". backend: nccl on CUDA, gloo otherwise.
+    """
+    launch = world_from_env(os.environ)
+    world = World(launch.rank, launch.local_rank, launch.world_size,
+                  _pick_device(device, launch.local_rank))
+    if world.world_size == 1:
+        return world
+    if not (launch.master_addr and launch.master_port):
+        raise ValueError("a multi-process launch needs MASTER_ADDR and MASTER_PORT: start with "
+                         "torchrun (it sets them) or export both")
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    # env:// so that torchrun's agent store is reused rather than bound twice
+    os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+    os.environ.setdefault("MASTER_PORT", launch.master_port)
+    dist.init_process_group(
+        backend or ("nccl" if world.device.type == "cuda" else "gloo"),
+        rank=world.rank, world_size=world.world_size,
+        device_id=world.device if world.device.type == "cuda" else None)
+    return world
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def cleanup() -> None:
+    """Leave the process group, if any (call at exit on every rank)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather_sizes(t: torch.Tensor) -> list[int]:
+    """Every rank's `t.shape[0]`, in rank order."""
+    if _world_size() == 1:
+        return [t.shape[0]]
+    sizes = torch.empty(_world_size(), dtype=torch.long, device=t.device)
+    _all_gather_single(sizes, torch.tensor([t.shape[0]], device=t.device))
+    return sizes.tolist()  # a host sync, once per gather
+
+
+def all_gather_no_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """(n_rank, ...) on each rank -> (sum of n_rank, ...), rank-major; no autograd.
+
+    sizes: every rank's row count if already known (saves a collective).
+    """
+    if _world_size() == 1:
+        return t
+    sizes = sizes or gather_sizes(t)
+    rows = max(sizes)
+    out = t.new_empty((len(sizes) * rows, *t.shape[1:]))
+    _all_gather_single(out, _pad_rows(t.detach(), rows).contiguous())
+    if min(sizes) == rows:
+        return out
+    return torch.cat([chunk[:n] for chunk, n in zip(out.split(rows), sizes)])
+
+
+def all_gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """As `all_gather_no_grad`, differentiable.
+
+    Every rank back-propagates its own loss into ALL gathered rows; the gradient of this
+    rank's rows is the sum of those over ranks (a reduce-scatter), as it must be when
+    each rank's loss depends on every rank's features.
+    """
+    if _world_size() == 1:
+        return t
+    return _AllGather.apply(t, sizes or gather_sizes(t))
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes = sizes
+        return all_gather_no_grad(t, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, rows = ctx.sizes, max(ctx.sizes)
+        padded = torch.cat([_pad_rows(g, rows) for g in grad.split(sizes)])  # (W * rows, ...)
+        mine = grad.new_empty((rows, *grad.shape[1:]))
+        _reduce_scatter_single(mine, padded.contiguous())  # sum over ranks, own rows kept
+        return mine[:sizes[dist.get_rank()]], None
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended up to `rows`; F.pad's spec lists the last dimension first."""
+    if t.shape[0] == rows:
+        return t
+    return F.pad(t, (0, 0) * (t.ndim - 1) + (0, rows - t.shape[0]))
