@@ -46,8 +46,8 @@ def train(cfg: TrainConfig) -> dict:
                           grad_checkpointing=cfg.grad_checkpointing, device=device)
     model = bundle.model
     loss_fn = create_loss("siglip" if cfg.siglip else "clip")
-    train_data = make_data(data_spec(cfg, train=True), bundle.preprocess_train, bundle.tokenizer)
-    val_data = (make_data(data_spec(cfg, train=False), bundle.preprocess_val, bundle.tokenizer)
+    train_data = open_data(data_spec(cfg, train=True), bundle.preprocess_train, bundle.tokenizer)
+    val_data = (open_data(data_spec(cfg, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
@@ -143,6 +143,14 @@ def data_spec(cfg: TrainConfig, *, train: bool) -> DataSpec:
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key)
+
+
+def open_data(spec: DataSpec, preprocess, tokenizer):
+    """The data layer reports a user's mistake (no such shard, missing column) as ValueError."""
+    try:
+        return make_data(spec, preprocess, tokenizer)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def autocast_factory(precision: str, device: torch.device):

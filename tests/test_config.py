@@ -1,0 +1,88 @@
+"""Flags, YAML and validation: bad input stops early with one message naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.config import ConfigError, TrainConfig, parse_config
+
+SYNTH = ["--dataset-type", "synthetic"]
+
+
+def test_flags_keep_open_clip_train_names_and_meanings():
+    cfg = parse_config(["--train-data", "shards/{000..009}.tar::more/{0..3}.tar",
+                        "--batch-size", "32", "--accum-freq", "8", "--lr", "1e-3",
+                        "--warmup", "5", "--lr-scheduler", "const", "--precision", "amp_bf16",
+                        "--grad-clip-norm", "1.0", "--dataset-resampled", "--siglip"])
+    assert cfg.train_data.endswith("more/{0..3}.tar")
+    assert (cfg.batch_size, cfg.accum_freq, cfg.lr, cfg.warmup) == (32, 8, 1e-3, 5)
+    assert cfg.dataset_resampled and cfg.siglip and cfg.grad_clip_norm == 1.0
+    assert cfg.effective_batch(world_size=4) == 32 * 8 * 4
+
+
+def test_yaml_sets_options_and_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset_type: synthetic\nbatch-size: 16\nlr: 1e-3\naccum_freq: 2\n")
+    cfg = parse_config(["--config", str(path), "--accum-freq", "4"])
+    assert (cfg.batch_size, cfg.lr, cfg.accum_freq) == (16, 1e-3, 4)
+    assert isinstance(cfg.lr, float)
+
+
+def test_yaml_unknown_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset_type: synthetic\naccum_frequency: 4\n")
+    with pytest.raises(ConfigError, match="unknown option 'accum_frequency'.*accum_freq"):
+        parse_config(["--config", str(path)])
+
+
+def test_yaml_choice_is_checked(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset_type: synthetic\nprecision: fp8\n")
+    with pytest.raises(ConfigError, match="--precision 'fp8': choose one of"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--accum-freq", "0"], "--accum-freq must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--beta2", "1.0"], "--beta2 must be in"),
+    (["--grad-clip-norm", "0"], "--grad-clip-norm must be positive"),
+    (["--resume", "latest"], "also pass --name"),
+    (["--resume", "/nope.pt"], "no such checkpoint"),
+    (["--precision", "amp", "--device", "cpu"], "on CPU use --precision fp32 or amp_bf16"),
+    (["--val-data", "v.tar", "--zeroshot-classnames", __file__], "needs both"),
+    (["--pretrained", "/missing.pt"], "no such file"),
+])
+def test_bad_values_and_combinations(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(SYNTH + argv)
+
+
+def test_no_training_data_names_the_flag():
+    with pytest.raises(ConfigError, match="pass --train-data"):
+        parse_config([])
+
+
+def test_cli_reports_one_line_and_exit_2(capsys):
+    assert main(["train", "--dataset-type", "synthetic", "--accum-freq", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "bigbatch: error: --accum-freq must be at least 1, got 0"
+
+
+def test_cli_unknown_model_is_a_clear_error(capsys, tmp_path):
+    code = main(["train", *SYNTH, "--model", "ViT-Q-99", "--logs", str(tmp_path)])
+    assert code == 2
+    assert "unknown --model 'ViT-Q-99'" in capsys.readouterr().err
+
+
+def test_cli_unknown_command(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_every_field_has_help_and_group():
+    import dataclasses
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help") and f.metadata.get("group"), f.name

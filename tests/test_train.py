@@ -1,0 +1,137 @@
+"""The CLI end to end on tiny data: smoke runs, bad data, resume equals uninterrupted."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+import bigbatch.train
+from bigbatch.cli import main
+
+MODEL = str(Path(__file__).parent / "assets" / "test-clip.json")
+FAST = ["--model", MODEL, "--workers", "0", "--precision", "fp32", "--device", "cpu",
+        "--lr", "1e-3", "--warmup", "2", "--log-every-n-steps", "1"]
+
+
+def run(tmp_path: Path, *args: str, name: str = "run") -> Path:
+    code = main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--name", name, *args])
+    assert code == 0
+    return tmp_path / "logs" / name
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_synthetic_smoke_with_accumulation(tmp_path, capsys):
+    run_dir = run(tmp_path, "--dataset-type", "synthetic", "--train-num-samples", "40",
+                  "--batch-size", "4", "--accum-freq", "3", "--epochs", "1")
+    train = records(run_dir, "train")
+    # 10 micro-batches of 4 -> 3 full steps of 3 and one step of the leftover micro-batch
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["effective_batch"] == 12 for r in train)
+    assert (run_dir / "checkpoints" / "epoch_latest.pt").is_file()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "effective batch 12 = batch-size 4 x accum-freq 3 x world-size 1" in out
+    assert "samples/s" in out and "ETA" in out
+
+
+def make_csv(root: Path, n: int = 24) -> Path:
+    """Coloured squares with captions; one unreadable image and one empty caption."""
+    rows = []
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    for i in range(n):
+        name = list(colours)[i % 3]
+        path = root / "images" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), colours[name]).save(path)
+        rows.append({"img": f"images/{i}.png", "caption": f"a {name} square", "label": i % 3})
+    (root / "images" / "3.png").write_bytes(b"not a png at all")
+    rows[5]["caption"] = ""
+    table = root / "pairs.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["img", "caption", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (root / "templates.txt").write_text("a {} square\na photo of {}\n")
+    return table
+
+
+def test_csv_with_bad_rows_is_skipped_counted_and_evaluated(tmp_path, capsys):
+    table = make_csv(tmp_path)
+    run_dir = run(tmp_path, "--train-data", str(table), "--val-data", str(table),
+                  "--csv-separator", ",", "--csv-img-key", "img", "--csv-caption-key", "caption",
+                  "--csv-label-key", "label", "--batch-size", "4", "--accum-freq", "2",
+                  "--epochs", "2", "--zeroshot-frequency", "1",
+                  "--zeroshot-classnames", str(tmp_path / "classnames.txt"),
+                  "--zeroshot-templates", str(tmp_path / "templates.txt"))
+    val = records(run_dir, "val")
+    assert [r["epoch"] for r in val] == [1, 2]
+    assert {"val_loss", "zeroshot_top1", "image_to_text_R@1"} <= val[-1].keys()
+    out = capsys.readouterr().out
+    assert "skipped" in out and "unreadable image" in out and "missing caption" in out
+
+
+def test_missing_csv_column_is_one_clear_error(tmp_path, capsys):
+    table = make_csv(tmp_path)
+    code = main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--train-data", str(table),
+                 "--csv-separator", ",", "--csv-img-key", "image"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigbatch: error:") and "--csv-img-key" in err
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "24", "--batch-size", "4",
+            "--accum-freq", "2", "--epochs", "2", "--force-patch-dropout", "0.5"]
+    whole = run(tmp_path, *args, name="whole")
+
+    save = bigbatch.train.save
+
+    def save_then_crash(*a, **kw):  # the process dies right after the epoch-1 checkpoint
+        save(*a, **kw)
+        raise Crash
+
+    monkeypatch.setattr(bigbatch.train, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path, *args, name="broken")
+    monkeypatch.setattr(bigbatch.train, "save", save)
+    resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
+
+    a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    for key, value in a["state_dict"].items():
+        assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_existing_run_without_resume_is_refused(tmp_path, capsys):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "8", "--batch-size", "4",
+            "--epochs", "1"]
+    run(tmp_path, *args)
+    assert main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--name", "run", *args]) == 2
+    assert "--resume latest" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, capsys):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "8", "--batch-size", "4",
+            "--epochs", "1"]
+    first = run(tmp_path, *args)
+    code = main(["train", *args, "--model", "bigbatch-tiny", "--workers", "0",
+                 "--logs", str(tmp_path / "logs"), "--name", "other",
+                 "--resume", str(first / "checkpoints" / "epoch_latest.pt")])
+    assert code == 2
+    assert "resume with the same --model" in capsys.readouterr().err
