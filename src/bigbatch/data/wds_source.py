@@ -5,8 +5,8 @@ Training, per DataLoader worker:
 1. Each pass shuffles the shard list with (seed, epoch, pass), identically on every rank,
    and takes the slice ``[rank::world_size][worker::workers]``: ranks and workers never
    overlap. With ``resampled`` a worker instead draws shards with replacement.
-2. Samples stream through a shuffle buffer of raw bytes (seeded per rank and worker),
-   then are decoded and preprocessed; bad ones are skipped and counted.
+2. Each pass streams through a shuffle buffer of raw bytes (seeded per rank, worker and
+   pass), then samples are decoded and preprocessed; bad ones are skipped and counted.
 3. The worker stops at its quota: the rank's ``ceil(num_samples / world_size)`` samples,
    dealt out in whole batches to the workers in the DataLoader's round-robin order, so
    every rank yields the same number of batches and only the epoch's last batch is partial.
@@ -80,13 +80,29 @@ class ShardStream(IterableDataset):
             mine = self.shards[self.spec.rank::self.spec.world_size][worker::workers]
             samples = self._decode(self._read(mine))
         else:
-            raw = self._read(s for shards in self._passes(epoch, worker, workers) for s in shards)
-            rng = make_rng(self.spec.seed, epoch, self.spec.rank, worker, "samples")
-            raw = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(raw)
+            raw = self._shuffled(epoch, worker, workers)
             samples = islice(self._decode(raw), self._quota(worker, workers))
-        while chunk := list(islice(samples, self.spec.batch_size)):
-            yield collate(chunk, self.tokenizer, self.pending)
+        yield from self._batches(samples)
+        if self.pending:  # met after the last batch, with no batch left to carry them
+            logging.warning("rank %d worker %d skipped after its last batch: %s",
+                            self.spec.rank, worker, dict(self.pending))
             self.pending.clear()
+
+    def _batches(self, samples: Iterator[Sample]) -> Iterator[Batch]:
+        """Batches that carry the skips met while they were built. A full batch leaves only
+        once the next sample exists, so the last one also carries skips met at the very end."""
+        batch: list[Sample] = []
+        for sample in samples:
+            if len(batch) == self.spec.batch_size:
+                yield self._collate(batch)
+                batch = []
+            batch.append(sample)
+        if batch:
+            yield self._collate(batch)
+
+    def _collate(self, batch: list[Sample]) -> Batch:
+        skipped, self.pending = self.pending, Counter()
+        return collate(batch, self.tokenizer, skipped)
 
     def _quota(self, worker: int, workers: int) -> int:
         """This worker's samples per epoch: whole batches, dealt round-robin; the worker that
@@ -96,6 +112,13 @@ class ShardStream(IterableDataset):
         mine = batches // workers + (worker < batches % workers)
         short = batches * size - per_rank if worker == (batches - 1) % workers else 0
         return mine * size - short
+
+    def _shuffled(self, epoch: int, worker: int, workers: int) -> Iterator[Parsed]:
+        """Endless passes over this worker's shards, each shuffled through its own buffer:
+        the buffer drains at the end of a pass, so an epoch of one pass sees every sample once."""
+        for n, shards in enumerate(self._passes(epoch, worker, workers)):
+            rng = make_rng(self.spec.seed, epoch, self.spec.rank, worker, n)
+            yield from wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(self._read(shards))
 
     def _passes(self, epoch: int, worker: int, workers: int) -> Iterator[list[str]]:
         """The shards this worker reads, one list per pass over its share of the data."""

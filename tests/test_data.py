@@ -1,0 +1,409 @@
+"""bigbatch.data: the three sources, epoch arithmetic, sharding, shuffling and bad data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import random
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from bigbatch.data import Batch, DataError, DataSpec, make_data
+from bigbatch.data.demo import main as demo_main
+from bigbatch.data.demo import write_demo_dataset
+from bigbatch.data.shapes import CLASSNAMES, COLORS, TEMPLATES, draw_sample
+
+PRE = T.Compose([T.Resize((32, 32)), T.ToTensor()])
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+
+
+# --- helpers
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """48 train samples in 8 shards of 6, 20 val samples in 4 shards."""
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), num_train=48, num_val=20,
+                              image_size=32, shard_size=6, seed=0)
+
+
+def load(paths: str, batch_size: int = 8, **kw) -> tuple[object, list[Batch]]:
+    """make_data with the test transform and tokenizer, plus one epoch of batches."""
+    info = make_data(DataSpec(paths, kw.pop("dataset_type", "auto"), batch_size, **kw), PRE, TOKENIZER)
+    return info, list(info.loader)
+
+
+def ids(batches: list[Batch]) -> list[str]:
+    """One fingerprint per sample, in order (the demo images are all distinct)."""
+    return [hashlib.md5(image.numpy().tobytes()).hexdigest() for b in batches for image in b.images]
+
+
+def skipped(batches: list[Batch]) -> Counter:
+    return sum((Counter(b.skipped) for b in batches), Counter())
+
+
+def png(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    draw_sample(random.Random(seed), 32)[0].save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, samples: list[dict[str, bytes]]) -> list[int]:
+    """Write samples ({"__key__": ..., ext: bytes}) as a tar; return the offset after each sample."""
+    ends = []
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext != "__key__":
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            ends.append(tar.offset)
+    return ends
+
+
+def good(key: str, seed: int) -> dict[str, bytes]:
+    return {"__key__": key, "png": png(seed), "txt": f"sample {key}".encode(), "cls": b"1"}
+
+
+# --- demo data
+
+
+def test_demo_writes_shards_sizes_and_class_files(demo):
+    train, val = Path(demo["out_dir"]) / "train", Path(demo["out_dir"]) / "val"
+    assert demo["train"]["pattern"] == str(train / "shard-{000000..000007}.tar")
+    assert (demo["train"]["num_samples"], demo["train"]["num_shards"]) == (48, 8)
+    assert (demo["val"]["num_samples"], demo["val"]["num_shards"]) == (20, 4)
+    assert json.loads((train / "sizes.json").read_text()) == {f"shard-{i:06d}.tar": 6 for i in range(8)}
+    assert json.loads((val / "sizes.json").read_text())["shard-000003.tar"] == 2
+    assert Path(demo["classnames"]).read_text().split("\n")[:-1] == CLASSNAMES
+    assert Path(demo["templates"]).read_text().split("\n")[:-1] == TEMPLATES
+    with tarfile.open(train / "shard-000001.tar") as tar:
+        names = tar.getnames()
+    assert names[:3] == ["00000006.png", "00000006.txt", "00000006.cls"] and len(names) == 18
+
+
+def test_demo_main_prints_patterns(tmp_path, capsys):
+    assert demo_main([str(tmp_path), "--num-train", "3", "--num-val", "2", "--image-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert f"train: 3 samples in 1 shards: {tmp_path / 'train' / 'shard-000000.tar'}" in out
+    assert (tmp_path / "val" / "shard-000000.tar").is_file()
+
+
+def test_demo_train_and_val_differ_and_seed_reproduces(tmp_path):
+    a = write_demo_dataset(tmp_path / "a", num_train=4, num_val=4, image_size=16, seed=0)
+    b = write_demo_dataset(tmp_path / "b", num_train=4, num_val=4, image_size=16, seed=0)
+    read = lambda summary, split: Path(summary[split]["pattern"]).read_bytes()  # noqa: E731
+    assert read(a, "train") == read(b, "train")
+    assert read(a, "train") != read(a, "val")
+
+
+def test_shapes_vocabulary_and_captions():
+    assert len(set(CLASSNAMES)) == len(CLASSNAMES) >= 6 and len(set(COLORS)) >= 6
+    for rng in (random.Random(1), np.random.default_rng(1)):
+        for _ in range(30):
+            image, caption, label = draw_sample(rng, image_size=40)
+            assert image.size == (40, 40) and image.mode == "RGB"
+            assert CLASSNAMES[label] in caption.split() and any(c in caption.split() for c in COLORS)
+    assert {draw_sample(random.Random(s))[2] for s in range(60)} == set(range(len(CLASSNAMES)))
+    assert draw_sample(random.Random(5))[1] == draw_sample(random.Random(5))[1]
+
+
+# --- webdataset
+
+
+def test_demo_round_trip(demo):
+    info, batches = load(demo["train"]["pattern"], workers=0)
+    assert (info.num_samples, info.num_batches, len(info.loader), len(batches)) == (48, 6, 6, 6)
+    batch = batches[0]
+    assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.float32
+    assert batch.texts.shape == (8, 16) and batch.texts.dtype == torch.long
+    assert batch.labels.dtype == torch.long and 0 <= batch.labels.min() <= batch.labels.max() < 6
+    assert batch.skipped == {}
+    _, val = load(demo["train"]["pattern"], is_train=False, workers=0)
+    assert sorted(ids(batches)) == sorted(ids(val)) and len(set(ids(val))) == 48
+
+
+def test_val_reads_once_in_order_with_known_length(demo):
+    info, first = load(demo["val"]["pattern"], batch_size=4, is_train=False, workers=2)
+    # 2 workers: shards 0, 2 (6 + 6 samples) and 1, 3 (6 + 2): 3 + 2 batches
+    assert (info.num_samples, info.num_batches, len(first)) == (20, 5, 5)
+    assert ids(first) == ids(list(info.loader))
+    assert len(set(ids(first))) == 20
+
+
+def test_train_epoch_length_and_partial_last_batch(demo):
+    info, batches = load(demo["train"]["pattern"], num_samples=45, workers=2)
+    assert (info.num_samples, info.num_batches) == (45, 6)
+    assert [len(b.images) for b in batches] == [8, 8, 8, 8, 8, 5]
+    for rank in (0, 1):
+        info, batches = load(demo["train"]["pattern"], num_samples=45, workers=2, rank=rank, world_size=2)
+        assert (info.num_samples, info.num_batches) == (46, 3)  # 23 per rank
+        assert [len(b.images) for b in batches] == [8, 8, 7]
+
+
+def test_brace_patterns_and_joined_sources(demo):
+    train = Path(demo["out_dir"]) / "train"
+    joined = f"{train}/shard-{{000000..000003}}.tar::{train}/shard-{{000004..000007}}.tar"
+    info, batches = load(joined, is_train=False, workers=0)
+    _, whole = load(demo["train"]["pattern"], is_train=False, workers=0)
+    assert info.num_samples == 48 and ids(batches) == ids(whole)
+    info, _ = load(f"{train}/shard-{{000000..000002}}.tar::{train}/shard-000005.tar", is_train=False)
+    assert info.num_samples == 24
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_ranks_and_workers_partition_the_data(demo, world_size):
+    per_setting = {}
+    for workers in (0, 2):
+        ranks = [ids(load(demo["train"]["pattern"], batch_size=3, workers=workers, seed=3,
+                          rank=r, world_size=world_size)[1]) for r in range(world_size)]
+        assert len({len(r) for r in ranks}) == 1  # every rank the same number of samples
+        everything = [i for r in ranks for i in r]
+        assert len(everything) == len(set(everything)) == 48  # no overlap, nothing missing
+        per_setting[workers] = sorted(everything)
+    assert per_setting[0] == per_setting[2]
+
+
+def test_shuffle_is_a_function_of_seed_and_epoch(demo):
+    def epoch_ids(seed: int, epoch: int, workers: int = 2) -> list[str]:
+        info = make_data(DataSpec(demo["train"]["pattern"], "webdataset", 8, workers=workers, seed=seed), PRE, TOKENIZER)
+        info.set_epoch(epoch)
+        return ids(list(info.loader))
+
+    a = epoch_ids(0, 1)
+    assert a == epoch_ids(0, 1)
+    assert a != epoch_ids(0, 2) and sorted(a) == sorted(epoch_ids(0, 2))
+    assert a != epoch_ids(1, 1)
+    # set_epoch reaches persistent workers between epochs of the same loader
+    info = make_data(DataSpec(demo["train"]["pattern"], "webdataset", 8, workers=2), PRE, TOKENIZER)
+    info.set_epoch(1)
+    assert ids(list(info.loader)) == a
+    info.set_epoch(2)
+    assert ids(list(info.loader)) == epoch_ids(0, 2)
+
+
+def test_too_few_shards_names_the_fixes(demo):
+    with pytest.raises(ValueError, match=r"8 shards, fewer than the 5 ranks x 2 workers.*"
+                                         r"add shards, lower --workers, or use --dataset-resampled"):
+        make_data(DataSpec(demo["train"]["pattern"], "auto", 8, workers=2, world_size=5), PRE, TOKENIZER)
+    info, batches = load(demo["train"]["pattern"], workers=2, world_size=5, resampled=True)
+    assert (info.num_samples, info.num_batches) == (50, 2) and [len(b.images) for b in batches] == [8, 2]
+
+
+def test_unknown_size_needs_num_samples(demo, tmp_path):
+    for shard in (Path(demo["out_dir"]) / "train").glob("*.tar"):
+        shutil.copy(shard, tmp_path)
+    pattern = str(tmp_path / "shard-{000000..000007}.tar")
+    with pytest.raises(ValueError, match="cannot tell how many samples.*pass --train-num-samples"):
+        make_data(DataSpec(pattern, "auto", 8), PRE, TOKENIZER)
+    assert load(pattern, num_samples=16, workers=0)[0].num_batches == 2
+    info, batches = load(pattern, is_train=False, workers=0)
+    assert (info.num_samples, info.num_batches, len(ids(batches))) == (None, None, 48)
+
+
+def test_size_from_info_json(demo, tmp_path):
+    for shard in (Path(demo["out_dir"]) / "train").glob("*.tar"):
+        shutil.copy(shard, tmp_path)
+    names = [f"shard-{i:06d}.tar" for i in range(8)]
+    info = {"splits": {"train": {"filenames": names, "shard_lengths": [5] * 8, "num_samples": 40}}}
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    assert make_data(DataSpec(str(tmp_path / "shard-{000000..000007}.tar"), "auto", 8), PRE, TOKENIZER).num_samples == 40
+
+
+def test_missing_shards_fail_early(demo, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no shards match --train-data '.*nope-\{0\.\.3\}\.tar': check the path"):
+        make_data(DataSpec(str(tmp_path / "nope-{0..3}.tar"), "auto", 8), PRE, TOKENIZER)
+    train = Path(demo["out_dir"]) / "train"
+    with pytest.raises(FileNotFoundError, match=r"2 of the 10 shards of --val-data .* do not exist"):
+        make_data(DataSpec(f"{train}/shard-{{000000..000009}}.tar", "auto", 8, is_train=False), PRE, TOKENIZER)
+
+
+@pytest.fixture
+def bad_shards(tmp_path) -> tuple[str, int]:
+    """Five shards with every kind of damage; returns (pattern, number of good samples)."""
+    write_shard(tmp_path / "s0.tar", [good(f"a{i}", i) for i in range(6)])
+    write_shard(tmp_path / "s1.tar", [
+        good("b0", 10),
+        {"__key__": "b1", "png": b"not an image at all", "txt": b"garbage png"},
+        {"__key__": "b2", "png": png(11)[:60], "txt": b"truncated png"},
+        {"__key__": "b3", "png": png(12)},  # no caption
+        {"__key__": "b4", "png": png(13), "txt": b"  \n"},  # empty caption
+        {"__key__": "b5", "txt": b"no image"},
+        good("b6", 14),
+    ])
+    ends = write_shard(tmp_path / "s2.tar", [good(f"c{i}", 20 + i) for i in range(6)])
+    with open(tmp_path / "s2.tar", "r+b") as f:
+        f.truncate(ends[2])  # cut after 3 samples: tarfile alone would not notice; the third,
+        # being assembled at the cut, is dropped (it might have had more files)
+    ends = write_shard(tmp_path / "s3.tar", [good(f"d{i}", 30 + i) for i in range(6)])
+    with open(tmp_path / "s3.tar", "r+b") as f:
+        f.truncate(ends[3] + 700)  # cut inside the png of the fifth sample: four are whole
+    (tmp_path / "s4.tar").write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(3000)))
+    return str(tmp_path / "s{0..4}.tar"), 6 + 2 + 2 + 4
+
+
+EXPECTED_SKIPS = {"unreadable image": 2, "missing caption": 2, "missing image": 1, "corrupt shard": 3}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_data_is_skipped_and_counted(bad_shards, workers, caplog):
+    pattern, num_good = bad_shards
+    with caplog.at_level(logging.WARNING):
+        info, batches = load(pattern, batch_size=4, is_train=False, workers=workers)
+    assert sum(len(b.images) for b in batches) == num_good
+    assert skipped(batches) == EXPECTED_SKIPS
+    if workers == 0:  # worker processes log in their own process
+        warned = " ".join(r.getMessage() for r in caplog.records)
+        assert all(f"s{i}.tar" in warned for i in (2, 3, 4)) and "s1.tar" not in warned
+
+
+def test_training_goes_on_over_bad_data(bad_shards):
+    pattern, _ = bad_shards
+    info, batches = load(pattern, batch_size=4, num_samples=40, workers=0)
+    assert [len(b.images) for b in batches] == [4] * 10
+    counts = skipped(batches)
+    # shards are re-read until the epoch is full; the garbage file (s4) only once, then it is dropped
+    assert set(counts) == set(EXPECTED_SKIPS) and counts["missing image"] >= 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_nothing_usable_is_one_clear_error(tmp_path, workers):
+    for i in range(2):
+        write_shard(tmp_path / f"{i}.tar", [{"__key__": f"{i}{j}", "png": b"junk", "txt": b"x"} for j in range(3)])
+    spec = DataSpec(str(tmp_path / "{0..1}.tar"), "auto", 4, num_samples=8, workers=workers)
+    with pytest.raises(DataError) as error:
+        list(make_data(spec, PRE, TOKENIZER).loader)
+    message = str(error.value)
+    assert message.startswith("no usable sample in any of the 2 shards of --train-data")
+    assert "unreadable image" in message and "Traceback" not in message and "\n" not in message
+
+
+def test_val_with_nothing_usable_raises(tmp_path):
+    (tmp_path / "0.tar").write_bytes(b"\0garbage" * 100)
+    with pytest.raises(DataError, match="--val-data .* gave no batch"):
+        load(str(tmp_path / "0.tar"), is_train=False, workers=0)
+
+
+# --- csv
+
+
+@pytest.fixture
+def csv_data(tmp_path) -> Path:
+    """ds/train.csv (comma separated, columns img/caption/label) naming images relative to ds/."""
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    rows = []
+    for i in range(10):
+        draw_sample(random.Random(i), 32)[0].save(tmp_path / "ds" / "images" / f"{i}.png")
+        rows.append({"img": f"images/{i}.png", "caption": f"picture {i}", "label": str(i)})
+    with open(tmp_path / "ds" / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["img", "caption", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return tmp_path / "ds" / "train.csv"
+
+
+def csv_spec(path: Path, **kw) -> DataSpec:
+    options = dict(csv_img_key="img", csv_caption_key="caption", csv_separator=",", csv_label_key="label")
+    return DataSpec(str(path), kw.pop("dataset_type", "auto"), kw.pop("batch_size", 4), **{**options, **kw})
+
+
+def test_csv_relative_paths_custom_keys_and_labels(csv_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the CSV's directory: paths must resolve against the CSV
+    info = make_data(csv_spec(csv_data, is_train=False, workers=0), PRE, TOKENIZER)
+    batches = list(info.loader)
+    assert (info.num_samples, info.num_batches, [len(b.images) for b in batches]) == (10, 3, [4, 4, 2])
+    assert torch.cat([b.labels for b in batches]).tolist() == list(range(10))
+    assert torch.equal(batches[0].texts, TOKENIZER([f"picture {i}" for i in range(4)]))
+    assert batches[0].images.shape == (4, 3, 32, 32) and skipped(batches) == {}
+
+
+def test_csv_tab_separated_defaults(tmp_path, csv_data):
+    (tmp_path / "ds" / "train.tsv").write_text("filepath\ttitle\nimages/0.png\ta circle\n")
+    batch = next(iter(make_data(DataSpec(str(tmp_path / "ds" / "train.tsv"), "auto", 4), PRE, TOKENIZER).loader))
+    assert len(batch.images) == 1 and batch.labels is None
+
+
+def test_csv_missing_column_names_columns_and_flag(csv_data):
+    with pytest.raises(ValueError, match=r"no column 'filepath'.*\['img', 'caption', 'label'\].*--csv-img-key"):
+        make_data(csv_spec(csv_data, csv_img_key="filepath"), PRE, TOKENIZER)
+    with pytest.raises(ValueError, match=r"no column 'title'.*--csv-caption-key"):
+        make_data(csv_spec(csv_data, csv_caption_key="title"), PRE, TOKENIZER)
+    with pytest.raises(ValueError, match=r"only one column: is --csv-separator right"):
+        make_data(csv_spec(csv_data, csv_separator="\t"), PRE, TOKENIZER)
+
+
+def test_csv_bad_rows_are_replaced_and_counted(csv_data):
+    images = csv_data.parent / "images"
+    (images / "3.png").write_bytes(b"garbage")
+    (images / "7.png").unlink()
+    for workers in (0, 2):
+        info = make_data(csv_spec(csv_data, workers=workers), PRE, TOKENIZER)
+        for epoch in (0, 1):
+            info.set_epoch(epoch)
+            batches = list(info.loader)
+            assert [len(b.images) for b in batches] == [4, 4, 2]  # replaced, so sizes stay even
+            assert skipped(batches) == {"unreadable image": 1, "missing image": 1}
+            assert not {3, 7} & set(torch.cat([b.labels for b in batches]).tolist())
+
+
+def test_csv_all_bad_is_one_clear_error(csv_data):
+    for png_file in (csv_data.parent / "images").glob("*.png"):
+        png_file.unlink()
+    with pytest.raises(DataError, match=r"no usable row in --train-data .*10 rows tried"):
+        list(make_data(csv_spec(csv_data, workers=0), PRE, TOKENIZER).loader)
+
+
+def test_csv_ranks_are_padded_to_equal_length(csv_data):
+    seen = []
+    for rank in range(3):
+        info = make_data(csv_spec(csv_data, workers=0, rank=rank, world_size=3, seed=1), PRE, TOKENIZER)
+        labels = torch.cat([b.labels for b in info.loader]).tolist()
+        assert (info.num_samples, info.num_batches, len(labels)) == (12, 1, 4)
+        seen += labels
+    assert sorted(set(seen)) == list(range(10)) and len(seen) == 12
+
+
+def test_csv_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no CSV file at .*train\.csv.*--train-data"):
+        make_data(DataSpec(str(tmp_path / "train.csv"), "csv", 4), PRE, TOKENIZER)
+
+
+# --- synthetic, and type inference
+
+
+def test_synthetic_is_deterministic_and_shuffles_per_epoch():
+    def epoch(seed: int, epoch: int, **kw) -> list[Batch]:
+        info = make_data(DataSpec("", "synthetic", 8, num_samples=24, seed=seed, workers=0, **kw), PRE, TOKENIZER)
+        info.set_epoch(epoch)
+        return list(info.loader)
+
+    first = epoch(0, 0)
+    assert [len(b.images) for b in first] == [8, 8, 8] and first[0].labels.shape == (8,)
+    assert ids(first) == ids(epoch(0, 0))
+    assert ids(first) != ids(epoch(0, 1)) and sorted(ids(first)) == sorted(ids(epoch(0, 1)))
+    assert not set(ids(first)) & set(ids(epoch(0, 0, is_train=False)))  # val draws other shapes
+    assert not set(ids(first)) & set(ids(epoch(1, 0)))
+    default = make_data(DataSpec("", "synthetic", 100), PRE, TOKENIZER)
+    assert (default.num_samples, default.num_batches) == (10_000, 100)
+
+
+def test_dataset_type_errors(tmp_path):
+    with pytest.raises(ValueError, match="cannot tell the data type of --train-data 'x.parquet'.*--dataset-type"):
+        make_data(DataSpec("x.parquet", "auto", 4), PRE, TOKENIZER)
+    with pytest.raises(ValueError, match="unknown --dataset-type 'tar'"):
+        make_data(DataSpec("x.tar", "tar", 4), PRE, TOKENIZER)
+    with pytest.raises(ValueError, match="--dataset-resampled applies to webdataset"):
+        make_data(DataSpec("", "synthetic", 4, resampled=True), PRE, TOKENIZER)
