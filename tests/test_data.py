@@ -18,7 +18,6 @@ import open_clip
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
 
 from bigbatch.data import Batch, DataError, DataSpec, make_data
 from bigbatch.data.demo import main as demo_main
@@ -179,7 +178,8 @@ def test_ranks_and_workers_partition_the_data(demo, world_size):
 
 def test_shuffle_is_a_function_of_seed_and_epoch(demo):
     def epoch_ids(seed: int, epoch: int, workers: int = 2) -> list[str]:
-        info = make_data(DataSpec(demo["train"]["pattern"], "webdataset", 8, workers=workers, seed=seed), PRE, TOKENIZER)
+        spec = DataSpec(demo["train"]["pattern"], "webdataset", 8, workers=workers, seed=seed)
+        info = make_data(spec, PRE, TOKENIZER)
         info.set_epoch(epoch)
         return ids(list(info.loader))
 
@@ -220,11 +220,12 @@ def test_size_from_info_json(demo, tmp_path):
     names = [f"shard-{i:06d}.tar" for i in range(8)]
     info = {"splits": {"train": {"filenames": names, "shard_lengths": [5] * 8, "num_samples": 40}}}
     (tmp_path / "_info.json").write_text(json.dumps(info))
-    assert make_data(DataSpec(str(tmp_path / "shard-{000000..000007}.tar"), "auto", 8), PRE, TOKENIZER).num_samples == 40
+    spec = DataSpec(str(tmp_path / "shard-{000000..000007}.tar"), "auto", 8)
+    assert make_data(spec, PRE, TOKENIZER).num_samples == 40
 
 
 def test_missing_shards_fail_early(demo, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no shards match --train-data '.*nope-\{0\.\.3\}\.tar': check the path"):
+    with pytest.raises(FileNotFoundError, match=r"no shards match --train-data '.*nope-\{0\.\.3\}\.tar': check"):
         make_data(DataSpec(str(tmp_path / "nope-{0..3}.tar"), "auto", 8), PRE, TOKENIZER)
     train = Path(demo["out_dir"]) / "train"
     with pytest.raises(FileNotFoundError, match=r"2 of the 10 shards of --val-data .* do not exist"):
@@ -279,11 +280,11 @@ def test_training_goes_on_over_bad_data(bad_shards):
     assert set(counts) == set(EXPECTED_SKIPS) and counts["missing image"] >= 1
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_nothing_usable_is_one_clear_error(tmp_path, workers):
+@pytest.mark.parametrize("workers, resampled", [(0, False), (2, False), (0, True)])
+def test_nothing_usable_is_one_clear_error(tmp_path, workers, resampled):
     for i in range(2):
         write_shard(tmp_path / f"{i}.tar", [{"__key__": f"{i}{j}", "png": b"junk", "txt": b"x"} for j in range(3)])
-    spec = DataSpec(str(tmp_path / "{0..1}.tar"), "auto", 4, num_samples=8, workers=workers)
+    spec = DataSpec(str(tmp_path / "{0..1}.tar"), "auto", 4, num_samples=8, workers=workers, resampled=resampled)
     with pytest.raises(DataError) as error:
         list(make_data(spec, PRE, TOKENIZER).loader)
     message = str(error.value)

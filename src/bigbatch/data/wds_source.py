@@ -24,7 +24,7 @@ import math
 import multiprocessing
 from collections import Counter
 from itertools import count, islice
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -145,7 +145,7 @@ class ShardStream(IterableDataset):
                 rng.shuffle(mine)
             yield mine
 
-    def _read(self, shards) -> Iterator[Parsed]:
+    def _read(self, shards: Iterable[str]) -> Iterator[Parsed]:
         for url in shards:
             yield from self._read_shard(url)
 
