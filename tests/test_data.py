@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
+import bigbatch.data.wds_source
 from bigbatch.data import Batch, DataError, DataSpec, make_data
 from bigbatch.data.demo import main as demo_main
 from bigbatch.data.demo import write_demo_dataset
@@ -193,6 +194,18 @@ def test_shuffle_is_a_function_of_seed_and_epoch(demo):
     assert ids(list(info.loader)) == a
     info.set_epoch(2)
     assert ids(list(info.loader)) == epoch_ids(0, 2)
+
+
+def test_shard_order_follows_the_epoch(demo, monkeypatch):
+    monkeypatch.setattr(bigbatch.data.wds_source, "SHUFFLE_BUFFER", 1)  # samples in shard order
+    orders = []
+    for epoch in (1, 1, 2):
+        info = make_data(DataSpec(demo["train"]["pattern"], "webdataset", 6, workers=0), PRE, TOKENIZER)
+        info.set_epoch(epoch)
+        orders.append(ids(list(info.loader)))
+    shards = [ids(load(f"{demo['out_dir']}/train/shard-{i:06d}.tar", 6, is_train=False)[1]) for i in range(8)]
+    assert sorted(orders[0][:6]) in [sorted(s) for s in shards]  # whole shards, not mixed
+    assert orders[0] == orders[1] and orders[0] != orders[2]
 
 
 def test_too_few_shards_names_the_fixes(demo):
