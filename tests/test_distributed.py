@@ -39,13 +39,6 @@ INIT_SEED, STEP_SEED, DATA_SEED = 1234, 7, 100
 FP32 = dict(rtol=1e-5, atol=1e-7)
 EVEN = ((4, 4, 4),) * 2  # micro-batch sizes per rank
 
-# Remove once cached_backward back-propagates logit_scale's gradient in the synced backward.
-ENGINE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "cached_backward back-propagates the model-level scalars' gradient (logit_scale) in a "
-    "no_sync backward: DDP's synced backward never sees it, so the bucket holding it, and "
-    "every bucket after it (DDP launches them in order), is not all-reduced"))
-
-
 @dataclass(frozen=True)
 class Case:
     loss: str = "clip"
@@ -264,13 +257,12 @@ def test_uneven_last_step(two_ranks):
     assert_matches_reference(two_ranks(step_grads, UNEVEN), UNEVEN)
 
 
-@ENGINE_BUG
 @pytest.mark.parametrize("case", DDP, ids=str)
 def test_ddp_cached_step_equals_one_process_on_the_global_batch(two_ranks, case):
     assert_matches_reference(two_ranks(step_grads, case), case)
 
 
-@pytest.mark.parametrize("case", [pytest.param(THREE[0], marks=ENGINE_BUG), THREE[1]], ids=str)
+@pytest.mark.parametrize("case", THREE, ids=str)
 def test_three_ranks(three_ranks, case):
     assert_matches_reference(three_ranks(step_grads, case), case)
 
@@ -280,7 +272,6 @@ def test_fsdp2_cached_step_equals_one_process_on_the_global_batch(two_ranks):
     assert_matches_reference(two_ranks(step_grads, FSDP2), FSDP2)
 
 
-@ENGINE_BUG
 def test_ddp_all_reduces_once_per_optimizer_step(two_ranks):
     for counts in two_ranks(count_syncs, SYNCS):
         assert counts["plain"] >= 2, "the test needs several buckets"

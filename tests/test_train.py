@@ -135,3 +135,31 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, capsys):
                  "--resume", str(first / "checkpoints" / "epoch_latest.pt")])
     assert code == 2
     assert "resume with the same --model" in capsys.readouterr().err
+
+
+def test_data_with_nothing_usable_is_one_clear_error(tmp_path, capsys):
+    table = make_csv(tmp_path, n=6)
+    for image in (tmp_path / "images").iterdir():
+        image.write_bytes(b"garbage")
+    code = main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--train-data", str(table),
+                 "--csv-separator", ",", "--csv-img-key", "img", "--csv-caption-key", "caption",
+                 "--batch-size", "2", "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigbatch: error:") and "Traceback" not in err
+
+
+def test_bf16_siglip_tensorboard_and_pretrained_from_our_checkpoint(tmp_path):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4",
+            "--accum-freq", "2", "--epochs", "1"]
+    first = run(tmp_path, *args, "--precision", "amp_bf16", "--siglip", "--report-to", "tensorboard")
+    assert list((first / "tensorboard").glob("events.out.tfevents.*"))
+    state = torch.load(first / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert "logit_bias" in state["state_dict"]
+
+    tuned = run(tmp_path, *args, "--siglip", "--lr", "1e-9", "--warmup", "1000",
+                "--pretrained", str(first / "checkpoints" / "epoch_latest.pt"), name="tuned")
+    after = torch.load(tuned / "checkpoints" / "epoch_latest.pt", weights_only=True)["state_dict"]
+    # a vanishing learning rate keeps the weights where the pretrained checkpoint left them
+    assert_close(after["visual.conv1.weight"], state["state_dict"]["visual.conv1.weight"],
+                 rtol=1e-4, atol=1e-6)

@@ -100,17 +100,20 @@ def cached_backward(
                     if isinstance(v, torch.Tensor) and v.grad is not None}
     del leaves, shared, outputs, cached  # frees the logits' and features' working set
 
-    # Pass 2: the kept graph first (with the scalars' gradient), then recompute the rest.
+    # Pass 2: the kept graph first, then recompute the rest. The scalars' gradient rides
+    # on the last (synchronising) backward: DDP all-reduces only buckets whose every
+    # parameter got a gradient in that backward.
     with _gradient_sync(model, enabled=False):
-        _backward_slice(last_out, slices, len(micro_batches) - 1, shared_grads)
+        _backward_slice(last_out, slices, len(micro_batches) - 1, {})
     del last_out
     with _frozen_norm_statistics(model):
         for j, inputs in enumerate(cached_inputs):
             rng_states[j].restore()
-            with _gradient_sync(model, enabled=j == len(cached_inputs) - 1):
+            is_last = j == len(cached_inputs) - 1
+            with _gradient_sync(model, enabled=is_last):
                 with autocast():
                     out = model(*inputs)
-                _backward_slice(out, slices, j, {})
+                _backward_slice(out, slices, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     return loss.detach()
 

@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigbatch: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     from bigbatch.config import ConfigError
+    from bigbatch.data import DataError
     try:
         return commands[command](rest) or 0
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"bigbatch: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
