@@ -17,7 +17,9 @@ commands:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # torchrun's parser mistakes our --logs for an abbreviation of its --logs-specs unless
+    # our arguments follow a bare '--', which then reaches us: drop it
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -62,6 +62,11 @@ class TrainConfig:
     # --- precision and device
     precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", "precision")
+    # --- distributed (launch with torchrun or srun; one process per GPU)
+    local_loss: bool = option(False, "each rank takes the loss rows of its own samples against all gathered columns: O(n x N) instead of O(N x N) (needs --gather-with-grad)", "distributed")
+    gather_with_grad: bool = option(False, "all-gather features with gradients flowing back to their rank", "distributed")
+    dist_backend: str = option("auto", "process-group backend: nccl on GPUs, gloo on CPU", "distributed", choices=["auto", "nccl", "gloo"])
+    fsdp: bool = option(False, "shard weights, gradients and optimizer state with FSDP2 (fully_shard) instead of DDP", "distributed")
     # --- logging
     logs: str = option("./logs", "where runs are written (one folder per --name)", "logging")
     name: str | None = option(None, "run name (default: date, model, lr and batch)", "logging")
@@ -123,6 +128,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--resume latest continues a named run: also pass --name of that run")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint (use 'latest' or a path to a .pt file)")
+    if cfg.local_loss and not cfg.gather_with_grad:
+        raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
+                          "gradient with respect to this rank's features is lost)")
     if cfg.precision == "amp" and cfg.device == "cpu":
         raise ConfigError("--precision amp (float16) is for CUDA: on CPU use --precision fp32 or amp_bf16")
     return cfg

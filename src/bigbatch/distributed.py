@@ -185,3 +185,78 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == rows:
         return t
     return F.pad(t, (0, 0) * (t.ndim - 1) + (0, rows - t.shape[0]))
+
+
+# --- wrapping and whole-model state, the same calls for one process, DDP and FSDP2
+
+def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False) -> torch.nn.Module:
+    """DDP (replicated weights) or FSDP2 (sharded weights, grads, optimizer state).
+
+    One process: the model itself. FSDP2 shards each transformer block, then the rest.
+    """
+    if world.world_size == 1 and not fsdp:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        _scalars_to_vectors(model)
+        for block in _transformer_blocks(model):
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """open_clip's residual blocks (both towers): the units FSDP2 gathers one at a time."""
+    return [m for m in model.modules() if type(m).__name__ in ("ResidualAttentionBlock", "Block")]
+
+
+def _scalars_to_vectors(model: torch.nn.Module) -> None:
+    """fully_shard refuses 0-dim parameters: logit_scale/logit_bias become shape (1,).
+    open_clip's loader reshapes them back when it reads a checkpoint."""
+    for name in ("logit_scale", "logit_bias"):
+        param = getattr(model, name, None)
+        if isinstance(param, torch.nn.Parameter) and param.ndim == 0:
+            setattr(model, name, torch.nn.Parameter(param.detach().reshape(1)))
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded, unwrapped model and optimizer state on CPU (a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    model_state: dict, optimizer_state: dict | None = None) -> None:
+    """The inverse of `full_state`: every rank loads the same full state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, _shape_like(model, model_state), options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def _shape_like(model: torch.nn.Module, state: dict) -> dict:
+    """Scalars saved as () load into (1,) parameters and back (see _scalars_to_vectors)."""
+    own = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+    return {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 and v.shape != own[k].shape
+            else v for k, v in state.items()}
+
+
+def broadcast_object(obj, src: int = 0):
+    """rank `src`'s Python object on every rank (identity for one process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def as_local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (FSDP2 parameters and norms) or a plain one."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

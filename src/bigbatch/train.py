@@ -24,6 +24,8 @@ from bigbatch import checkpoint as ckpt
 from bigbatch.accumulation import cached_backward
 from bigbatch.config import ConfigError, TrainConfig, to_dict
 from bigbatch.data import DataSpec, make_data
+from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state,
+                                  init_distributed, load_full_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.losses import create_loss
 from bigbatch.model import create_model, parameter_groups, unwrap
@@ -34,20 +36,31 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the last validation metrics (empty without --val-data)."""
-    device = resolve_device(cfg.device)
+    """Train as configured on this rank; returns the last validation metrics."""
+    world = start_distributed(cfg)
+    try:
+        return _train(cfg, world)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, world: World) -> dict:
+    device = world.device
     precision = cfg.resolved_precision(device.type)
-    run_dir = prepare_run_dir(cfg)
-    setup_console_logging(run_dir / "out.log")
-    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg, world)
+    setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
 
     bundle = create_model(cfg.model, pretrained=cfg.pretrained, siglip=cfg.siglip,
                           force_patch_dropout=cfg.force_patch_dropout,
                           grad_checkpointing=cfg.grad_checkpointing, device=device)
-    model = bundle.model
-    loss_fn = create_loss("siglip" if cfg.siglip else "clip")
-    train_data = open_data(data_spec(cfg, train=True), bundle.preprocess_train, bundle.tokenizer)
-    val_data = (open_data(data_spec(cfg, train=False), bundle.preprocess_val, bundle.tokenizer)
+    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp)
+    seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
+    loss_name = "siglip" if cfg.siglip else "clip"
+    loss_fn = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                          rank=world.rank, world_size=world.world_size)
+    train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
+    val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
@@ -56,17 +69,18 @@ def train(cfg: TrainConfig) -> dict:
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     autocast = autocast_factory(precision, device)
-    start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, device)
+    start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, world)
 
-    runlog = RunLog(run_dir, total_steps=total_steps, device=device,
+    runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
-    effective_batch = cfg.effective_batch(world_size=1)
-    n_params = sum(p.numel() for p in model.parameters())
+    effective_batch = cfg.effective_batch(world.world_size)
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    wrapper = "FSDP2" if cfg.fsdp else "DDP" if world.world_size > 1 else "one process"
     log.info(f"run {cfg.name} in {run_dir}")
-    log.info(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters on {device}, {precision}")
+    log.info(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters on {device}, {precision}, {wrapper}")
     log.info(f"effective batch {effective_batch} = batch-size {cfg.batch_size} x accum-freq "
-             f"{cfg.accum_freq} x world-size 1; {train_data.num_samples} samples/epoch, "
-             f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+             f"{cfg.accum_freq} x world-size {world.world_size}; {train_data.num_samples} "
+             f"samples/epoch, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -83,22 +97,24 @@ def train(cfg: TrainConfig) -> dict:
                 runlog.count_skipped(b.skipped)
             runlog.train_step(
                 step=step, epoch=epoch + 1, loss=loss.item(), lr=lr, data_seconds=data_seconds,
-                samples=sum(len(b.images) for b in micro_batches), effective_batch=effective_batch,
+                samples=sum(len(b.images) for b in micro_batches) * world.world_size,
+                effective_batch=effective_batch,
                 print_now=step % cfg.log_every_n_steps == 0 or step == total_steps,
-                extra={"logit_scale": unwrap(model).logit_scale.exp().item(),
+                extra={"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
                        **({"grad_norm": grad_norm} if grad_norm is not None else {})})
         runlog.report_skipped()
 
         completed = epoch + 1
         if val_data and due(completed, cfg.val_frequency, cfg.epochs):
-            metrics = run_validation(cfg, model, val_data, bundle.tokenizer, loss_fn, device,
-                                     autocast, zeroshot=due(completed, cfg.zeroshot_frequency, cfg.epochs))
+            metrics = run_validation(cfg, model, val_data, bundle.tokenizer, create_loss(loss_name),
+                                     device, autocast,
+                                     zeroshot=due(completed, cfg.zeroshot_frequency, cfg.epochs))
             runlog.validation(step=step, epoch=completed, metrics=metrics)
         if cfg.save_frequency and due(completed, cfg.save_frequency, cfg.epochs):
-            save(run_dir, cfg, bundle.name, model, optimizer, scaler, step, completed)
+            save(run_dir, cfg, bundle.name, model, optimizer, scaler, step, completed, world)
 
     runlog.close()
-    if (run_dir / "metrics.jsonl").is_file():
+    if world.is_main and (run_dir / "metrics.jsonl").is_file():
         plot = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         log.info(f"curves saved to {plot}")
     return metrics
@@ -106,26 +122,35 @@ def train(cfg: TrainConfig) -> dict:
 
 # --- setup
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    return device
+def start_distributed(cfg: TrainConfig) -> World:
+    """Join torchrun's/SLURM's process group (none for one process) on this rank's device."""
+    backend = None if cfg.dist_backend == "auto" else cfg.dist_backend
+    try:
+        return init_distributed(cfg.device, backend)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """logs/NAME/ holding out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/."""
-    if cfg.name is None:
-        stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-        model = Path(cfg.model).stem
-        cfg.name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{cfg.batch_size}x{cfg.accum_freq}"
+def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:
+    """logs/NAME/ holding out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/.
+
+    Rank 0 names the run and checks it; every rank gets the same name or the same error.
+    """
+    problem = None
+    if world.is_main:
+        if cfg.name is None:
+            stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+            model = Path(cfg.model).stem
+            cfg.name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{cfg.batch_size}x{cfg.accum_freq}"
+        if (Path(cfg.logs) / cfg.name).exists() and cfg.resume is None:
+            problem = (f"run '{cfg.name}' already exists in {cfg.logs}: pass --resume latest "
+                       f"to continue it, or choose another --name")
+    cfg.name, problem = broadcast_object((cfg.name, problem))
+    if problem:
+        raise ConfigError(problem)
     run_dir = Path(cfg.logs) / cfg.name
-    if run_dir.exists() and cfg.resume is None:
-        raise ConfigError(f"run '{cfg.name}' already exists in {cfg.logs}: pass --resume latest "
-                          f"to continue it, or choose another --name")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -135,14 +160,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def data_spec(cfg: TrainConfig, *, train: bool) -> DataSpec:
+def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
+    """Training data is split across ranks; every rank evaluates the whole validation set."""
     return DataSpec(
         paths=cfg.train_data if train else cfg.val_data,
         dataset_type=cfg.dataset_type, batch_size=cfg.batch_size,
         num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
-        csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key)
+        csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
+        rank=world.rank if train else 0, world_size=world.world_size if train else 1)
 
 
 def open_data(spec: DataSpec, preprocess, tokenizer):
@@ -203,7 +230,7 @@ def optimizer_step(model, optimizer, scaler, clip_norm: float | None) -> float |
     if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm).item()
+        grad_norm = as_local(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)).item()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -226,19 +253,40 @@ def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, z
     classnames = templates = None
     if zeroshot and cfg.zeroshot_classnames:
         classnames, templates = load_lines(cfg.zeroshot_classnames), load_lines(cfg.zeroshot_templates)
-    metrics = evaluate(unwrap(model), val_data.loader, loss_fn=loss_fn, tokenizer=tokenizer,
-                       classnames=classnames, templates=templates, device=device, autocast=autocast)
+    with unsharded(model):
+        metrics = evaluate(unwrap(model), val_data.loader, loss_fn=loss_fn, tokenizer=tokenizer,
+                           classnames=classnames, templates=templates, device=device,
+                           autocast=autocast)
     if classnames and "zeroshot_top1" not in metrics:
         log.warning("zero-shot skipped: --val-data has no labels (webdataset 'cls' or --csv-label-key)")
     log.info("validation: " + format_metrics(metrics))
     return metrics
 
 
-def save(run_dir, cfg, model_name, model, optimizer, scaler, step, epoch) -> None:
+@contextlib.contextmanager
+def unsharded(model):
+    """FSDP2 gathers the root's parameters only inside forward(); evaluation calls
+    encode_image/encode_text directly, so gather them for its duration."""
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def save(run_dir, cfg, model_name, model, optimizer, scaler, step, epoch, world: World) -> None:
+    """Every rank takes part (FSDP2 gathers shards); rank 0 writes."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    rng_states = all_rng_states(world)
+    if not world.is_main:
+        return
     state = {
-        "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "state_dict": model_state, "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
-        "model": model_name, "config": to_dict(cfg), "rng": torch.get_rng_state(),
+        "model": model_name, "config": to_dict(cfg), "rng": rng_states,
     }
     directory = run_dir / "checkpoints"
     ckpt.save_checkpoint(state, directory / ckpt.LATEST)
@@ -247,23 +295,32 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, step, epoch) -> Non
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
 
 
-def resume(cfg, run_dir, model, optimizer, scaler, device) -> tuple[int, int]:
+def all_rng_states(world: World) -> list[torch.Tensor]:
+    """Each rank's CPU generator, so a resumed run draws the same dropout masks."""
+    states = [torch.get_rng_state()] * world.world_size
+    if world.world_size > 1:
+        torch.distributed.all_gather_object(states, torch.get_rng_state())
+    return states
+
+
+def resume(cfg, run_dir, model, optimizer, scaler, world: World) -> tuple[int, int]:
     """Restore a checkpoint if asked; returns (first epoch to run, optimizer steps done)."""
     path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints")
     if path is None:
         if cfg.resume == "latest":
             log.info(f"--resume latest: no checkpoint in {run_dir} yet, starting fresh")
         return 0, 0
-    state = ckpt.load_checkpoint(path, map_location=device)
+    state = ckpt.load_checkpoint(path)
     try:
-        unwrap(model).load_state_dict(ckpt.strip_wrapper_prefix(state["state_dict"]))
-    except RuntimeError:
+        load_full_state(model, optimizer, ckpt.strip_wrapper_prefix(state["state_dict"]),
+                        state["optimizer"])
+    except (RuntimeError, KeyError, ValueError):
         raise ConfigError(f"checkpoint {path} was saved from model {state.get('model')!r}, "
                           f"not --model {cfg.model}: resume with the same --model") from None
-    optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if "rng" in state:
-        torch.set_rng_state(state["rng"].cpu())
+    rng = state.get("rng") or []
+    if len(rng) == world.world_size:  # the same layout of ranks: continue each one's stream
+        torch.set_rng_state(rng[world.rank].cpu())
     log.info(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}")
     return state["epoch"], state["step"]
