@@ -26,6 +26,11 @@ loss, and every rank returns the global-batch loss value.
 
 logit_scale and logit_bias are not gathered: each rank's gradient is that of its own
 term, and their average is exact in every mode.
+
+Tiling (`tile_size`, see bigbatch.tiled): a loss over n rows and N columns is taken in
+(tile, tile) blocks, never materialising the (n, N) logits, once n * N exceeds
+PLAIN_MAX_LOGITS (8192^2: N > 8192 for the whole batch) or whenever tile_size is set.
+The same rows, columns and normalisation in every mode; only the working set differs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch import tiled
 from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes
 
 
@@ -42,8 +48,13 @@ class _GlobalBatchLoss(nn.Module):
     """Which rows this rank computes, and the gathers and weights that keep that exact."""
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, tile_size: int | None = None):
+        """tile_size: None tiles only large losses (n * N > tiled.PLAIN_MAX_LOGITS, in
+        blocks of tiled.DEFAULT_TILE); an int always tiles, in blocks of that size."""
         super().__init__()
+        if tile_size is not None and tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1 (or None: tile large batches), got {tile_size}")
+        self.tile_size = tile_size
         if local_loss and not gather_with_grad:
             raise ValueError("--local-loss needs --gather-with-grad: without it each rank loses the "
                              "other ranks' gradient with respect to its features")
@@ -56,6 +67,12 @@ class _GlobalBatchLoss(nn.Module):
     def local(self) -> bool:
         """Rows of this rank's samples only (one process: all rows, the same loss)."""
         return self.local_loss and self.world_size > 1
+
+    def tile(self, n_rows: int, n_cols: int) -> int | None:
+        """The block size for an (n_rows, n_cols) loss; None: the plain matmul."""
+        if self.tile_size is not None:
+            return self.tile_size
+        return tiled.DEFAULT_TILE if n_rows * n_cols > tiled.PLAIN_MAX_LOGITS else None
 
     def gather(self, *features: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         """Every rank's features, rank-major, (N, D_k) each; and every rank's row count."""
@@ -72,11 +89,6 @@ class _GlobalBatchLoss(nn.Module):
             own = _ScaleGrad.apply(mine, float(self.world_size))
             every = torch.cat([every[:start], own, every[stop:]])
         return list(every.split([f.shape[1] for f in features], dim=1)), sizes
-
-    def own_columns(self, sizes: list[int], device: torch.device) -> torch.Tensor:
-        """Global indices of this rank's samples, (n,)."""
-        start = sum(sizes[:self.rank])
-        return torch.arange(start, start + sizes[self.rank], device=device)
 
     def global_value(self, term: torch.Tensor) -> torch.Tensor:
         """This rank's term, its value replaced by the ranks' mean (the global loss) for logs."""
@@ -102,14 +114,17 @@ class ClipLoss(_GlobalBatchLoss):
         (images, texts), sizes = self.gather(image_features, text_features)  # (N, D) each
         n_total = sum(sizes)
         if not self.local:
+            tile = self.tile(n_total, n_total)
+            if tile is not None:  # both directions from one pass over the blocks
+                image_to_text, text_to_image = tiled.softmax_cross_entropy(
+                    images, texts, logit_scale, logit_bias, tile=tile, symmetric=True)
+                return (image_to_text.sum() + text_to_image.sum()) / (2 * n_total)
             logits = _logits(images, texts, logit_scale, logit_bias)  # (N, N)
             labels = torch.arange(n_total, device=logits.device)
             return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        labels = self.own_columns(sizes, image_features.device)
-        image_to_text = _logits(image_features, texts, logit_scale, logit_bias)  # (n, N)
-        text_to_image = _logits(text_features, images, logit_scale, logit_bias)  # (n, N)
-        rows = (F.cross_entropy(image_to_text, labels, reduction="sum")
-                + F.cross_entropy(text_to_image, labels, reduction="sum"))
+        start, tile = sum(sizes[:self.rank]), self.tile(image_features.shape[0], n_total)
+        rows = (_cross_entropy_sum(image_features, texts, start, logit_scale, logit_bias, tile)  # (n, N)
+                + _cross_entropy_sum(text_features, images, start, logit_scale, logit_bias, tile))
         return self.global_value(rows * self.world_size / (2 * n_total))
 
 
@@ -129,23 +144,40 @@ class SigLipLoss(_GlobalBatchLoss):
                              "init_logit_bias set (e.g. a ViT-*-SigLIP config)")
         if not self.local:
             (images, texts), sizes = self.gather(image_features, text_features)
-            return _sigmoid_pairs_sum(images, texts, 0, logit_scale, logit_bias) / sum(sizes)
+            tile = self.tile(sum(sizes), sum(sizes))
+            return _sigmoid_pairs_sum(images, texts, 0, logit_scale, logit_bias, tile) / sum(sizes)
         (texts,), sizes = self.gather(text_features)
-        start = sum(sizes[:self.rank])
-        pairs = _sigmoid_pairs_sum(image_features, texts, start, logit_scale, logit_bias)
+        start, tile = sum(sizes[:self.rank]), self.tile(image_features.shape[0], sum(sizes))
+        pairs = _sigmoid_pairs_sum(image_features, texts, start, logit_scale, logit_bias, tile)
         return self.global_value(pairs * self.world_size / sum(sizes))
 
 
 def _logits(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor,
             logit_bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, D) x (N, D) -> (n, N) float32 scaled similarities."""
-    logits = logit_scale.float() * rows.float() @ columns.float().T
-    return logits if logit_bias is None else logits + logit_bias.float()
+    """(n, D) x (N, D) -> (n, N) float32 scaled similarities (float32 under autocast too)."""
+    with tiled._no_autocast(rows.device):
+        logits = logit_scale.float() * rows.float() @ columns.float().T
+        return logits if logit_bias is None else logits + logit_bias.float()
+
+
+def _cross_entropy_sum(rows: torch.Tensor, columns: torch.Tensor, start: int,
+                       logit_scale: torch.Tensor, logit_bias: torch.Tensor | None,
+                       tile: int | None) -> torch.Tensor:
+    """Sum over the n rows of softmax cross-entropy against N columns; row i matches start + i."""
+    if tile is not None:
+        return tiled.softmax_cross_entropy(rows, columns, logit_scale, logit_bias,
+                                           start=start, tile=tile).sum()
+    labels = torch.arange(start, start + rows.shape[0], device=rows.device)
+    return F.cross_entropy(_logits(rows, columns, logit_scale, logit_bias), labels, reduction="sum")
 
 
 def _sigmoid_pairs_sum(images: torch.Tensor, texts: torch.Tensor, start: int,
-                       logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+                       logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                       tile: int | None) -> torch.Tensor:
     """Sum of -log sigmoid(+-logit) over the (n, N) pairs; image i matches text start + i."""
+    if tile is not None:
+        return tiled.sigmoid_pair_loss(images, texts, logit_scale, logit_bias,
+                                       start=start, tile=tile).sum()
     logits = _logits(images, texts, logit_scale, logit_bias)
     signs = -torch.ones_like(logits)
     signs.diagonal(start).fill_(1.0)
@@ -166,7 +198,7 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def create_loss(name: str, **options) -> nn.Module:
-    """`clip` or `siglip`; options: local_loss, gather_with_grad, rank, world_size."""
+    """`clip` or `siglip`; options: local_loss, gather_with_grad, rank, world_size, tile_size."""
     losses = {"clip": ClipLoss, "siglip": SigLipLoss}
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}: choose one of {sorted(losses)}")
