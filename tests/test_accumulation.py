@@ -213,3 +213,28 @@ def test_grad_checkpointing_with_dropout_is_exact():
     cached(our_model, mbs, ClipLoss(), seed=5)
     for (name, p), q in zip(ref_model.named_parameters(), our_model.parameters()):
         assert_grad_close(q.grad, p.grad, name)
+
+
+def test_frozen_image_tower_runs_once_per_sample_and_stays_exact():
+    """Locked image tower (no grad, eval mode): pass 2 recomputes only the text tower."""
+    def make():
+        model = open_clip_vit(dropout=0.2)
+        model.visual.requires_grad_(False)
+        return model
+
+    torch.manual_seed(1234)
+    ref_model, our_model = make().train(), make().train()
+    our_model.load_state_dict(ref_model.state_dict())
+    for m in (ref_model, our_model):
+        m.visual.eval()
+    calls = []
+    our_model.visual.register_forward_hook(lambda *_: calls.append(1))
+    mbs = batches([4, 4, 4])
+    reference_backward(ref_model, mbs, ClipLoss(), seed=2)
+    cached(our_model, mbs, ClipLoss(), seed=2, frozen_inputs=(0,))
+    assert len(calls) == 3  # one forward per micro-batch: never recomputed
+    for (name, p), q in zip(ref_model.named_parameters(), our_model.parameters()):
+        if p.requires_grad:
+            assert_grad_close(q.grad, p.grad, name)
+        else:
+            assert q.grad is None

@@ -22,6 +22,11 @@ dimension (ndim >= 2, e.g. image_features (B, D)) are per-sample and concatenate
 tensors with ndim <= 1 (logit_scale, logit_bias) are model-level and taken once;
 anything else is passed to the loss unchanged.
 
+A frozen tower (all its parameters without grad, deterministic: eval mode) is run in
+pass 1 only: name its input's position in `frozen_inputs` and pass 2 calls the model
+with None there (open_clip models then skip that tower); its cached features need no
+gradient. It must draw no random numbers, or the other tower's replayed masks shift.
+
 K = 1 is the plain step: one forward, one backward, nothing cached.
 """
 
@@ -44,6 +49,7 @@ def cached_backward(
     *,
     autocast: Callable[[], ContextManager] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    frozen_inputs: Sequence[int] = (),
 ) -> torch.Tensor:
     """Accumulate into `.grad` the gradient of `loss_fn` over all micro-batches together.
 
@@ -56,6 +62,8 @@ def cached_backward(
             `torch.autocast`) wrapped around every forward and the loss.
         grad_scaler: fp16 loss scaling; the loss is scaled before its backward and
             every feature gradient carries the same scale.
+        frozen_inputs: positions in each micro-batch of inputs whose tower is frozen and
+            deterministic; pass 2 does not recompute it.
 
     Returns:
         The loss, detached.
@@ -112,7 +120,7 @@ def cached_backward(
             is_last = j == len(cached_inputs) - 1
             with _gradient_sync(model, enabled=is_last):
                 with autocast():
-                    out = model(*inputs)
+                    out = model(*_without(inputs, frozen_inputs))
                 _backward_slice(out, slices, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     return loss.detach()
@@ -122,10 +130,14 @@ def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict) -> None
     """Back-propagate micro-batch j's slice of the feature gradient (and the scalars')."""
     pairs = [(out[k], g[j]) for k, g in slices.items()]
     pairs += [(out[k], g) for k, g in shared_grads.items()]
-    pairs = [(t, g) for t, g in pairs if t.requires_grad]  # a frozen tower has no graph
+    pairs = [(t, g) for t, g in pairs if t is not None and t.requires_grad]  # frozen: no graph
     if pairs:
         tensors, grads = zip(*pairs)
         torch.autograd.backward(tensors, grads)
+
+
+def _without(inputs: MicroBatch, frozen: Sequence[int]) -> list:
+    return [None if i in frozen else x for i, x in enumerate(inputs)]
 
 
 def _is_per_sample(value: Any) -> bool:
