@@ -72,37 +72,45 @@ def sigmoid_pair_loss(rows: torch.Tensor, columns: torch.Tensor, logit_scale: to
 
 def loss_working_set_bytes(n_rows: int, n_cols: int, dim: int, tile: int | None = DEFAULT_TILE,
                            tiled: bool = True, loss: str = "clip") -> int:
-    """Estimated peak bytes the loss allocates beyond its input features (float32 math).
+    """Estimated peak bytes the loss allocates beyond its input features, float32 features.
 
-    n_rows: rows this rank computes (N for the whole-batch loss, its own n under
-    --local-loss); n_cols: the global batch N; dim: the feature width D. The estimate
-    counts everything alive at the loss's peak, the feature gradients included (they
-    are the loss's product, (n + N, D) float32 at most), for float32 features.
+    n_rows: rows this rank computes, n (N for the whole-batch loss, its own samples under
+    --local-loss); n_cols: the global batch N; dim: the feature width D. Everything alive
+    at the loss's peak counts, the feature gradients it produces included. With
+    a = n * N, G = (n + N) * D (one direction's gradients), local = n < N (CLIP then
+    takes two directions, image rows and text rows, one after the other), in float32
+    elements:
 
-    Plain (one (n, N) logits matrix for n == N, both directions; two, one per direction,
-    under --local-loss), a = n_rows * n_cols float32 elements:
-        clip:   4 a  (logits, two saved log-softmax outputs and their backward's grad
-                      once n == N; the same count for the two directions of --local-loss)
-        siglip: 3 a  (logits, the signed logits saved for backward, its gradient)
-    plus the gradients (n_rows + n_cols) * dim.
-
-    Tiled, t = min(tile, n_rows) by min(tile, n_cols) blocks:
-        clip:   3 t + (n_rows + n_cols) * dim  (logits block, its column-direction copy
-                     or the exp of log-sum-exp, a transposed product; float32 grads)
-        siglip: 3 t + (n_rows + n_cols) * dim
-    Under --local-loss the two directions run one after the other; the first one's
-    gradients, (n_rows + n_cols) * dim, are still alive during the second.
+    plain (the (n, N) logits matrix; peak in backward, before the feature gradients):
+        clip    4 a + n D (x2 local)   two saved log-softmax outputs, nll and log-softmax
+                                       grads; the scaled rows the matmul saved
+        siglip  5 a + n D              logits, signs, signed logits, log-sigmoid output
+                                       and buffer; the scaled rows
+    tiled, in blocks B = min(tile, n) * min(tile, N), h = min(tile, n) rows:
+        clip    2 B + G + h D          backward: the block, its column-softmax copy, the
+                                       float32 gradients, one row block's P @ C
+        clip, local   max(2 B, B + 2 G + h D)   one direction's gradients wait for the other
+        siglip  max(2 B, B + G + h D)  forward: the block and its softplus
+    The tiled estimate is flat in N but for G, O((n + N) D). bf16/fp16 features add
+    their float32 upcasts and the gradients' casts back, O((n + N) D) more.
     """
     if loss not in ("clip", "siglip"):
-        raise ValueError(f"unknown loss {loss!r}")
-    local = n_rows != n_cols and loss == "clip"
-    grads = (n_rows + n_cols) * dim * (2 if local else 1)
+        raise ValueError(f"unknown loss {loss!r}: clip or siglip")
+    n, N, D = n_rows, n_cols, dim
+    local = n < N
     if not tiled:
-        return FLOAT32 * ((4 if loss == "clip" else 3) * n_rows * n_cols + grads)
+        if loss == "clip":
+            return FLOAT32 * (4 * n * N + n * D * (2 if local else 1))
+        return FLOAT32 * (5 * n * N + n * D)
     if tile is None or tile < 1:
         raise ValueError("a tiled working set needs a tile size >= 1")
-    block = min(tile, n_rows) * min(tile, n_cols)
-    return FLOAT32 * (3 * block + grads)
+    h, w = min(tile, n), min(tile, N)
+    block, grads = h * w, (n + N) * D
+    if loss == "siglip":
+        return FLOAT32 * max(2 * block, block + grads + h * D)
+    if local:
+        return FLOAT32 * max(2 * block, block + 2 * grads + h * D)
+    return FLOAT32 * (2 * block + grads + h * D)
 
 
 # --- the autograd Functions

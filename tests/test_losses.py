@@ -1,0 +1,349 @@
+"""Tiled losses against the plain (n, N) logits: the same value and gradients, less memory.
+
+Every comparison takes the value and the gradient of every input (image and text
+features, logit_scale, logit_bias) from the plain loss (`tile_size=None` at these
+sizes) and from the tiled one with small tiles, so that there are many blocks, a ragged
+last one, and blocks the positives' diagonal crosses at any offset. The memory tests
+count bytes with a dispatch mode that sees every tensor the loss allocates (CPU has no
+allocator statistics) and with `saved_tensors_hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from bigbatch import tiled
+from bigbatch.losses import ClipLoss, SigLipLoss, create_loss
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+HALF = dict(rtol=1e-2)  # bf16/fp16 gradients: the same float32 math, rounded once to 8/11 bits
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine's few cores are shared; toy sizes run faster on one thread anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_inputs(n: int, dim: int = 32, *, bias: bool = True, dtype=torch.float32, seed: int = 0,
+                columns: int | None = None) -> dict:
+    """Unit features (so logits stay in the trained range), scale 10, bias -3."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda rows: F.normalize(torch.randn(rows, dim, generator=g, dtype=torch.float64), dim=1)
+    inputs = dict(image_features=unit(n).to(dtype), text_features=unit(columns or n).to(dtype),
+                  logit_scale=torch.tensor(10.0), logit_bias=torch.tensor(-3.0) if bias else None)
+    return inputs
+
+
+def value_and_grads(fn, inputs: dict, context=contextlib.nullcontext) -> tuple[torch.Tensor, dict]:
+    """The loss under `context` (autocast), backward outside it, as cached_backward does."""
+    leaves = {k: v.clone().requires_grad_() if v is not None else None for k, v in inputs.items()}
+    with context():
+        value = fn(**leaves)
+    value.backward()
+    return value.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def assert_grad_close(actual, expected, name, rtol=1e-5):
+    """Relative error <= rtol against the tensor's scale (max |expected|), as in
+    test_accumulation: entries near zero have no meaningful element-wise relative error."""
+    assert actual.dtype == expected.dtype, name
+    atol = rtol * expected.abs().max().item()
+    assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same(tiled_run, plain_run, rtol=1e-5, zero_grads=()):
+    """Value and every gradient; `zero_grads` are zero in exact arithmetic (CLIP's bias:
+    the softmax sums to the target), compared with an absolute tolerance."""
+    (value, grads), (ref_value, ref_grads) = tiled_run, plain_run
+    assert_close(value, ref_value, **FP32)
+    assert grads.keys() == ref_grads.keys()
+    for name, expected in ref_grads.items():
+        if name in zero_grads:
+            assert_close(grads[name], expected, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            assert_grad_close(grads[name], expected, name, rtol)
+
+
+LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
+SHAPES = [(100, 16), (96, 32), (37, 64), (1, 16), (2, 1), (45, 7)]  # (N, tile): ragged, even, one block, ...
+
+
+@pytest.mark.parametrize("n, tile", SHAPES, ids=lambda x: str(x))
+@pytest.mark.parametrize("loss, bias", [("clip", False), ("clip", True), ("siglip", True)])
+def test_tiled_equals_plain_fp32(loss, bias, n, tile):
+    inputs = make_inputs(n, bias=bias, seed=n)
+    plain = value_and_grads(LOSSES[loss](), inputs)
+    assert_same(value_and_grads(LOSSES[loss](tile_size=tile), inputs), plain,
+                zero_grads=("logit_bias",) if loss == "clip" else ())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_tiled_equals_plain_half_precision_features(loss, dtype):
+    inputs = make_inputs(100, dtype=dtype)
+    plain = value_and_grads(LOSSES[loss](), inputs)
+    ours = value_and_grads(LOSSES[loss](tile_size=16), inputs)
+    assert ours[1]["image_features"].dtype == dtype  # gradients in the inputs' dtype
+    assert_same(ours, plain, **HALF, zero_grads=("logit_bias",) if loss == "clip" else ())
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_float32_logits_under_autocast(loss):
+    """Both paths switch autocast off: bf16 logits would lose the negatives' differences."""
+    inputs = make_inputs(64)
+    expected = value_and_grads(LOSSES[loss](), inputs)
+    for tile_size in (None, 16):
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+        ours = value_and_grads(LOSSES[loss](tile_size=tile_size), inputs, autocast)
+        assert_same(ours, expected, zero_grads=("logit_bias",) if loss == "clip" else ())
+
+
+# --- the building blocks, rows n != columns N (a rank's rows under --local-loss)
+
+def plain_logits(rows, columns, scale, bias):
+    logits = scale * rows.float() @ columns.float().T
+    return logits if bias is None else logits + bias
+
+
+@pytest.mark.parametrize("n, N, start, tile", [(24, 60, 0, 7), (24, 60, 36, 7), (13, 40, 20, 16),
+                                               (5, 5, 0, 2), (1, 9, 8, 4), (30, 31, 1, 64)])
+def test_softmax_cross_entropy_of_a_slice_of_rows(n, N, start, tile):
+    inputs = make_inputs(n, columns=N, seed=start)
+    rows, columns = inputs["image_features"], inputs["text_features"]
+    scalars = (inputs["logit_scale"], inputs["logit_bias"])
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(1))  # a non-uniform incoming grad
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (rows, columns, *scalars)]
+        per_row = fn(*leaves)
+        (per_row * weights).sum().backward()
+        return per_row.detach(), {name: t.grad for name, t in zip(["rows", "columns", "scale", "bias"], leaves)}
+
+    labels = torch.arange(start, start + n)
+    plain = run(lambda r, c, s, b: F.cross_entropy(plain_logits(r, c, s, b), labels, reduction="none"))
+    ours = run(lambda r, c, s, b: tiled.softmax_cross_entropy(r, c, s, b, start=start, tile=tile))
+    assert_same(ours, plain, zero_grads=("bias",))
+
+
+@pytest.mark.parametrize("n, N, start, tile", [(24, 60, 36, 7), (13, 40, 20, 16), (1, 9, 8, 4)])
+def test_sigmoid_pair_loss_of_a_slice_of_rows(n, N, start, tile):
+    inputs = make_inputs(n, columns=N, seed=start)
+    rows, columns = inputs["image_features"], inputs["text_features"]
+    scalars = (inputs["logit_scale"], inputs["logit_bias"])
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (rows, columns, *scalars)]
+        per_row = fn(*leaves)
+        per_row.sum().backward()
+        return per_row.detach(), {name: t.grad for name, t in zip(["rows", "columns", "scale", "bias"], leaves)}
+
+    def plain(r, c, s, b):
+        signs = -torch.ones(n, N)
+        signs[torch.arange(n), start + torch.arange(n)] = 1.0
+        return -F.logsigmoid(signs * plain_logits(r, c, s, b)).sum(1)
+
+    assert_same(run(lambda r, c, s, b: tiled.sigmoid_pair_loss(r, c, s, b, start=start, tile=tile)),
+                run(plain))
+
+
+def test_symmetric_returns_both_directions():
+    inputs = make_inputs(50, bias=False)
+    rows, columns, scale = inputs["image_features"], inputs["text_features"], inputs["logit_scale"]
+    logits, labels = plain_logits(rows, columns, scale, None), torch.arange(50)
+    image_to_text, text_to_image = tiled.softmax_cross_entropy(rows, columns, scale, tile=8, symmetric=True)
+    assert_close(image_to_text, F.cross_entropy(logits, labels, reduction="none"), **FP32)
+    assert_close(text_to_image, F.cross_entropy(logits.T, labels, reduction="none"), **FP32)
+
+
+def test_scale_of_shape_one_gets_a_gradient_of_shape_one():
+    """FSDP2 turns logit_scale/logit_bias into (1,) parameters."""
+    inputs = make_inputs(20)
+    inputs.update(logit_scale=inputs["logit_scale"].reshape(1), logit_bias=inputs["logit_bias"].reshape(1))
+    for loss in ("clip", "siglip"):
+        _, grads = value_and_grads(LOSSES[loss](tile_size=8), inputs)
+        assert grads["logit_scale"].shape == grads["logit_bias"].shape == (1,)
+
+
+def test_only_large_batches_are_tiled_by_default():
+    loss = ClipLoss()
+    assert loss.tile(8192, 8192) is None  # 256 MiB of logits: the plain matmul
+    assert loss.tile(8193, 8193) == tiled.DEFAULT_TILE
+    assert loss.tile(2048, 65536) == tiled.DEFAULT_TILE  # a rank's rows under --local-loss
+    assert ClipLoss(tile_size=32).tile(4, 4) == 32
+    assert create_loss("siglip", tile_size=8).tile_size == 8
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="tile_size must be >= 1"):
+        ClipLoss(tile_size=0)
+    features = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="among the 4 columns"):
+        tiled.softmax_cross_entropy(features, features, torch.ones(()), start=1)
+    with pytest.raises(ValueError, match="symmetric"):
+        tiled.softmax_cross_entropy(features[:2], features, torch.ones(()), symmetric=True)
+
+
+# --- memory
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors allocated inside the mode and still alive: current and peak.
+
+    Every op's output storage is counted once, until its last reference dies (a weakref
+    on the storage); the inputs given to the constructor are not counted. This sees
+    every aten op of forward and backward, temporaries included, but not buffers a
+    kernel allocates internally.
+    """
+
+    def __init__(self, *inputs: torch.Tensor | None):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+        self.live: dict[int, weakref.ref] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t.untyped_storage())
+        return out
+
+    def _count(self, storage) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live or key in self.known:
+            return
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+        def free(_, key=key, size=size):
+            self.live.pop(key, None)
+            self.current -= size
+        self.live[key] = weakref.ref(storage, free)
+
+
+def working_set(loss_fn, inputs: dict) -> tuple[int, int]:
+    """(peak bytes the loss's forward + backward allocate, bytes saved for its backward)."""
+    leaves = {k: v.clone().requires_grad_() if v is not None else None for k, v in inputs.items()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with LiveBytes(*leaves.values()) as live:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(**leaves)
+        loss.backward()
+    return live.peak, sum(saved.values())
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_tiled_working_set_is_linear_in_the_batch(loss):
+    n, dim, tile = 2048, 512, 256
+    inputs = make_inputs(n, dim)
+    features = 2 * n * dim * 4  # both inputs, float32
+    plain_peak, plain_saved = working_set(LOSSES[loss](), inputs)
+    tiled_peak, tiled_saved = working_set(LOSSES[loss](tile_size=tile), inputs)
+    # plain keeps (N, N) matrices for backward: two log-softmax outputs (CLIP), the signed
+    # logits and log-sigmoid's buffer (SigLIP); tiled keeps its inputs and (N,) log-sum-exps
+    assert plain_saved >= 2 * n * n * 4
+    assert tiled_saved <= features + 4 * n * 4 + 1024
+    # peak: plain 4-5 (N, N) float32; tiled the gradients (N, D) and a few (tile, tile)
+    assert plain_peak >= 4 * n * n * 4
+    assert tiled_peak <= features + 3 * tile * tile * 4 + n * dim * 4
+    assert tiled_peak < plain_peak / 7
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("tile", [None, 100, 1000])
+def test_working_set_estimate_matches_a_measurement(loss, tile):
+    n, dim = 768, 128
+    inputs = make_inputs(n, dim)
+    measured, _ = working_set(LOSSES[loss](tile_size=tile), inputs)
+    estimate = tiled.loss_working_set_bytes(n, n, dim, tile, tiled=tile is not None, loss=loss)
+    assert 0.75 * measured <= estimate <= 1.25 * measured
+
+
+def test_working_set_estimate_of_a_ranks_rows():
+    """--local-loss: this rank's n rows in both directions, as ClipLoss runs them."""
+    from bigbatch.losses import _cross_entropy_sum
+    n, N, dim, tile = 256, 1024, 64, 128
+    inputs = make_inputs(N, dim)
+    own = {k: inputs[k][:n] for k in ("image_features", "text_features")}
+
+    def local(image_features, text_features, logit_scale, logit_bias, own_images, own_texts):
+        return (_cross_entropy_sum(own_images, text_features, 0, logit_scale, None, tile)
+                + _cross_entropy_sum(own_texts, image_features, 0, logit_scale, None, tile))
+
+    measured, _ = working_set(local, {**inputs, "own_images": own["image_features"],
+                                      "own_texts": own["text_features"]})
+    estimate = tiled.loss_working_set_bytes(n, N, dim, tile, tiled=True)
+    assert 0.75 * measured <= estimate <= 1.25 * measured
+
+
+# --- a large batch on CPU against float64
+
+@pytest.mark.slow
+def test_large_batch_against_float64_blockwise():
+    """N = 16384, D = 512 with the default tile: tiled float32 vs a float64 reference.
+
+    The reference streams over row blocks in float64 (never (N, N) at once): the row
+    and column log-sum-exps give the loss; the feature gradients are checked on a
+    subset of rows and columns, logit_scale's gradient in full.
+    """
+    n, dim = 16384, 512
+    inputs = make_inputs(n, dim, bias=False, seed=3)
+    images, texts, scale = inputs["image_features"], inputs["text_features"], inputs["logit_scale"]
+    peak, _ = working_set(ClipLoss(tile_size=tiled.DEFAULT_TILE), inputs)
+    leaves = [t.clone().requires_grad_() for t in (images, texts, scale)]
+    started = time.perf_counter()
+    loss = ClipLoss()(*leaves)  # N > 8192: tiled by default
+    loss.backward()
+    elapsed = time.perf_counter() - started
+
+    assert peak <= 1.25 * tiled.loss_working_set_bytes(n, n, dim, tiled.DEFAULT_TILE)
+    assert peak < tiled.loss_working_set_bytes(n, n, dim, tiled=False) / 10
+
+    i64, t64, s64 = images.double(), texts.double(), scale.double()
+    block = 2048
+    row_lse = torch.empty(n, dtype=torch.float64)
+    col_lse = torch.full((n,), -float("inf"), dtype=torch.float64)
+    for i in range(0, n, block):
+        logits = s64 * i64[i:i + block] @ t64.T
+        row_lse[i:i + block] = logits.logsumexp(1)
+        col_lse = torch.logaddexp(col_lse, logits.logsumexp(0))
+    positives = s64 * (i64 * t64).sum(1)
+    expected = ((row_lse - positives).sum() + (col_lse - positives).sum()) / (2 * n)
+    assert_close(loss.detach().double(), expected, rtol=1e-6, atol=0)
+
+    # dL/dlogits = (softmax_row + softmax_col - 2 * target) / (2N); rows 0, 17, ... of images
+    d_scale = torch.zeros((), dtype=torch.float64)
+    some = torch.arange(0, n, 17)
+    d_images = torch.empty(len(some), dim, dtype=torch.float64)
+    d_texts = torch.zeros(len(some), dim, dtype=torch.float64)
+    for i in range(0, n, block):
+        raw = i64[i:i + block] @ t64.T
+        grad = (s64 * raw - row_lse[i:i + block, None]).exp() + (s64 * raw - col_lse[None]).exp()
+        grad.diagonal(i).sub_(2.0)
+        grad /= 2 * n
+        d_scale += (grad * raw).sum()
+        mine = some[(some >= i) & (some < i + block)]
+        d_images[(some >= i) & (some < i + block)] = s64 * grad[mine - i] @ t64
+        d_texts += s64 * grad[:, some].T @ i64[i:i + block]
+    assert_grad_close(leaves[0].grad[some].double(), d_images, "image_features")
+    assert_grad_close(leaves[1].grad[some].double(), d_texts, "text_features")
+    assert_close(leaves[2].grad.double(), d_scale, rtol=1e-4, atol=1e-7)
+    print(f"\nN={n} D={dim}: tiled float32 forward+backward {elapsed:.1f} s; peak {peak / 2**20:.0f} MiB")
