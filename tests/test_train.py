@@ -163,3 +163,19 @@ def test_bf16_siglip_tensorboard_and_pretrained_from_our_checkpoint(tmp_path):
     # a vanishing learning rate keeps the weights where the pretrained checkpoint left them
     assert_close(after["visual.conv1.weight"], state["state_dict"]["visual.conv1.weight"],
                  rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_with_locked_image_tower_keeps_it_bit_for_bit(tmp_path):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4",
+            "--accum-freq", "2", "--epochs", "1"]
+    pretrain = run(tmp_path, *args)
+    start = torch.load(pretrain / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    tuned = run(tmp_path, *args, "--pretrained", str(pretrain / "checkpoints" / "epoch_latest.pt"),
+                "--lock-image", "--layer-decay", "0.8", "--ema-decay", "0.5", name="tuned")
+    end = torch.load(tuned / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    for key, value in start["state_dict"].items():
+        if key.startswith("visual."):
+            assert torch.equal(end["state_dict"][key], value), key
+    assert not torch.equal(end["state_dict"]["text_projection"], start["state_dict"]["text_projection"])
+    ema = end["ema_state_dict"]
+    assert not torch.equal(ema["text_projection"], end["state_dict"]["text_projection"])

@@ -48,6 +48,17 @@ class TrainConfig:
     siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
     force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory (open_clip towers)", "model")
+    # --- fine-tuning
+    lock_image: bool = option(False, "freeze the image tower (a fully frozen tower runs in eval mode, once per sample)", "fine-tuning")
+    lock_image_unlocked_groups: int = option(0, "leave the last N layer groups of a locked image tower trainable", "fine-tuning")
+    lock_image_freeze_bn_stats: bool = option(False, "freeze BatchNorm running statistics in locked image layers", "fine-tuning")
+    lock_text: bool = option(False, "freeze the text tower (a fully frozen tower runs in eval mode, once per sample)", "fine-tuning")
+    lock_text_unlocked_layers: int = option(0, "leave the last N layers of a locked text tower trainable", "fine-tuning")
+    lock_text_freeze_layer_norm: bool = option(False, "also freeze LayerNorm in the locked text layers (open_clip's own text tower always does)", "fine-tuning")
+    layer_decay: float | None = option(None, "layer-wise lr decay: layer l of L gets lr x decay^(L+1-l) (e.g. 0.75)", "fine-tuning")
+    lr_image: float | None = option(None, "peak lr of the image tower (default: --lr)", "fine-tuning")
+    lr_text: float | None = option(None, "peak lr of the text tower (default: --lr)", "fine-tuning")
+    ema_decay: float | None = option(None, "keep an exponential moving average of the weights (e.g. 0.999) and evaluate it", "fine-tuning")
     # --- optimisation
     epochs: int = option(32, "passes over the training data", "optimization")
     lr: float = option(5e-4, "peak learning rate (tied to the global batch, see README)", "optimization")
@@ -128,6 +139,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--resume latest continues a named run: also pass --name of that run")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint (use 'latest' or a path to a .pt file)")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise ConfigError("--layer-decay must be in (0, 1], e.g. 0.75")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ConfigError("--ema-decay must be in (0, 1), e.g. 0.999")
+    if cfg.ema_decay is not None and cfg.fsdp:
+        raise ConfigError("--ema-decay keeps a full copy of the weights on every rank, which "
+                          "--fsdp is there to avoid: drop one of them")
+    for name in ("lr_image", "lr_text"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ConfigError(f"--{_flag(name)} must be 0 or more")
+    if cfg.lock_image and cfg.lock_text and not (cfg.lock_image_unlocked_groups or cfg.lock_text_unlocked_layers):
+        raise ConfigError("--lock-image and --lock-text together leave only the logit scale to "
+                          "train: unlock some layers (--lock-image-unlocked-groups / "
+                          "--lock-text-unlocked-layers) or lock one tower")
     if cfg.local_loss and not cfg.gather_with_grad:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")

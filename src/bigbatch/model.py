@@ -77,16 +77,100 @@ def register_model_config(model: str) -> str:
     return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices; spare gains, biases and the logit scale/bias (ndim < 2)."""
-    decay, no_decay = [], []
+def lock_towers(model: nn.Module, *, image: bool, image_unlocked_groups: int = 0,
+                image_freeze_bn_stats: bool = False, text: bool = False,
+                text_unlocked_layers: int = 0, text_freeze_layer_norm: bool = False) -> tuple[int, ...]:
+    """Freeze towers as open_clip_train does; returns the model-input positions (0 images,
+    1 texts) of towers left with no trainable parameter, which pass 2 need not recompute."""
+    if image:
+        model.lock_image_tower(unlocked_groups=image_unlocked_groups,
+                               freeze_bn_stats=image_freeze_bn_stats)
+    if text:
+        try:
+            model.lock_text_tower(unlocked_layers=text_unlocked_layers,
+                                  freeze_layer_norm=text_freeze_layer_norm)
+        except AssertionError:  # open_clip's own text tower locks LayerNorm with its layers
+            model.lock_text_tower(unlocked_layers=text_unlocked_layers, freeze_layer_norm=True)
+    towers = _tower_parameters(model)
+    return tuple(i for i, params in enumerate(towers) if params and not any(p.requires_grad for p in params))
+
+
+def set_frozen_towers_to_eval(model: nn.Module, frozen_inputs: tuple[int, ...]) -> None:
+    """A frozen tower runs deterministically (no dropout, BatchNorm statistics fixed): it is
+    embedded once per sample, so it must give the same features it would give again."""
+    for module in _tower_modules(model, frozen_inputs):
+        module.eval()
+
+
+def _tower_modules(model: nn.Module, inputs: tuple[int, ...]) -> list[nn.Module]:
+    text = [getattr(model, n) for n in ("text", "transformer", "token_embedding", "ln_final")
+            if isinstance(getattr(model, n, None), nn.Module)]
+    return ([model.visual] if 0 in inputs else []) + (text if 1 in inputs else [])
+
+
+def _tower_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    image, text = [], []
+    for name, param in model.named_parameters():
+        if not name.startswith("logit_"):
+            (image if name.startswith("visual.") else text).append(param)
+    return image, text
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, *, layer_decay: float | None = None,
+                     tower_lr_scale: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
+    """AdamW groups: decay matrices, spare gains, biases and the logit scale/bias (ndim < 2).
+
+    Each group has an `lr_scale` (the schedule's lr is multiplied by it): the tower's
+    scale (--lr-image / --lr-text relative to --lr) times, with --layer-decay, decay^(L+1-l)
+    for layer l of a tower of L blocks (embeddings l = 0, heads l = L+1).
+    """
+    groups: dict[tuple[float, float], dict] = {}
+    depths = _tower_depths(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim < 2 or "logit_scale" in name or "logit_bias" in name
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = param.ndim < 2 or "logit_scale" in name or "logit_bias" in name
+        scale = 1.0
+        if not name.startswith("logit_"):
+            tower = 0 if name.startswith("visual.") else 1
+            scale = tower_lr_scale[tower]
+            if layer_decay is not None:
+                depth = depths[tower]
+                scale *= layer_decay ** (depth + 1 - _layer_id(name, depth))
+        key = (0.0 if no_decay else weight_decay, scale)
+        groups.setdefault(key, {"params": [], "weight_decay": key[0], "lr_scale": scale})
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def _tower_depths(model: nn.Module) -> tuple[int, int]:
+    names = [n for n, _ in model.named_parameters()]
+    return (len({_block_index(n) for n in names if n.startswith("visual.") and _block_index(n) is not None}),
+            len({_block_index(n) for n in names if not n.startswith("visual.") and _block_index(n) is not None}))
+
+
+def _block_index(name: str) -> int | None:
+    """open_clip blocks live at ...resblocks.{i}. (timm: blocks.{i}.)."""
+    parts = name.split(".")
+    for marker in ("resblocks", "blocks"):
+        if marker in parts:
+            i = parts.index(marker) + 1
+            if i < len(parts) and parts[i].isdigit():
+                return int(parts[i])
+    return None
+
+
+EMBEDDINGS = ("class_embedding", "positional_embedding", "conv1", "ln_pre", "token_embedding",
+              "patch_embed", "cls_token", "pos_embed")  # open_clip's and timm's names
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """0 for embeddings (before the blocks), i+1 for block i, depth+1 for what follows."""
+    block = _block_index(name)
+    if block is not None:
+        return block + 1
+    short = name.removeprefix("visual.").removeprefix("trunk.")
+    return 0 if short.split(".")[0] in EMBEDDINGS else depth + 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:

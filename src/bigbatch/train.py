@@ -28,7 +28,9 @@ from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, fu
                                   init_distributed, load_full_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.losses import create_loss
-from bigbatch.model import create_model, parameter_groups, unwrap
+from bigbatch.ema import ModelEMA
+from bigbatch.model import (create_model, lock_towers, parameter_groups,
+                            set_frozen_towers_to_eval, unwrap)
 from bigbatch.plots import plot_training_curves
 from bigbatch.runlog import RunLog, log, setup_console_logging
 
@@ -54,6 +56,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     bundle = create_model(cfg.model, pretrained=cfg.pretrained, siglip=cfg.siglip,
                           force_patch_dropout=cfg.force_patch_dropout,
                           grad_checkpointing=cfg.grad_checkpointing, device=device)
+    frozen_inputs = lock_towers(
+        bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
+        image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
+        text_unlocked_layers=cfg.lock_text_unlocked_layers,
+        text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
     model = wrap_model(bundle.model, world, fsdp=cfg.fsdp)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
@@ -65,11 +72,14 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.wd), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    tower_lr_scale = tuple((lr if lr is not None else cfg.lr) / cfg.lr for lr in (cfg.lr_image, cfg.lr_text))
+    groups = parameter_groups(unwrap(model), cfg.wd, layer_decay=cfg.layer_decay,
+                              tower_lr_scale=tower_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    ema = ModelEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     autocast = autocast_factory(precision, device)
-    start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, world)
+    start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
 
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
@@ -86,12 +96,16 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         train_data.set_epoch(epoch)
         model.train()
+        set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
         for micro_batches, data_seconds in group_micro_batches(train_data.loader, cfg.accum_freq):
             lr = set_learning_rate(optimizer, learning_rate(step, cfg, total_steps))
             inputs = [(b.images.to(device, non_blocking=True), b.texts.to(device, non_blocking=True))
                       for b in micro_batches]
-            loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler)
+            loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
+                                   frozen_inputs=frozen_inputs)
             grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip_norm)
+            if ema:
+                ema.update(unwrap(model))
             step += 1
             for b in micro_batches:
                 runlog.count_skipped(b.skipped)
@@ -106,12 +120,12 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
         completed = epoch + 1
         if val_data and due(completed, cfg.val_frequency, cfg.epochs):
-            metrics = run_validation(cfg, model, val_data, bundle.tokenizer, create_loss(loss_name),
+            metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer, create_loss(loss_name),
                                      device, autocast,
                                      zeroshot=due(completed, cfg.zeroshot_frequency, cfg.epochs))
             runlog.validation(step=step, epoch=completed, metrics=metrics)
         if cfg.save_frequency and due(completed, cfg.save_frequency, cfg.epochs):
-            save(run_dir, cfg, bundle.name, model, optimizer, scaler, step, completed, world)
+            save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
     runlog.close()
     if world.is_main and (run_dir / "metrics.jsonl").is_file():
@@ -219,8 +233,9 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """The schedule's lr, times each group's scale (layer decay, tower lr)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
@@ -277,7 +292,7 @@ def unsharded(model):
         model.reshard()
 
 
-def save(run_dir, cfg, model_name, model, optimizer, scaler, step, epoch, world: World) -> None:
+def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, world: World) -> None:
     """Every rank takes part (FSDP2 gathers shards); rank 0 writes."""
     model_state, optimizer_state = full_state(model, optimizer)
     rng_states = all_rng_states(world)
@@ -288,6 +303,8 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, step, epoch, world:
         "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
         "model": model_name, "config": to_dict(cfg), "rng": rng_states,
     }
+    if ema:
+        state["ema_state_dict"] = ema.state_dict()
     directory = run_dir / "checkpoints"
     ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     if epoch % cfg.save_frequency == 0:
@@ -303,7 +320,7 @@ def all_rng_states(world: World) -> list[torch.Tensor]:
     return states
 
 
-def resume(cfg, run_dir, model, optimizer, scaler, world: World) -> tuple[int, int]:
+def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[int, int]:
     """Restore a checkpoint if asked; returns (first epoch to run, optimizer steps done)."""
     path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints")
     if path is None:
@@ -319,6 +336,8 @@ def resume(cfg, run_dir, model, optimizer, scaler, world: World) -> tuple[int, i
                           f"not --model {cfg.model}: resume with the same --model") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if ema is not None and "ema_state_dict" in state:
+        ema.load_state_dict(state["ema_state_dict"])
     rng = state.get("rng") or []
     if len(rng) == world.world_size:  # the same layout of ranks: continue each one's stream
         torch.set_rng_state(rng[world.rank].cpu())
