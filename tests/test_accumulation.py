@@ -238,3 +238,14 @@ def test_frozen_image_tower_runs_once_per_sample_and_stays_exact():
             assert_grad_close(q.grad, p.grad, name)
         else:
             assert q.grad is None
+
+
+def test_inputs_moved_right_before_each_forward_give_the_same_gradient():
+    moves = []
+
+    def to_device(inputs):  # stands in for pinned host -> GPU copies
+        moves.append(len(inputs[0]))
+        return tuple(t.clone() for t in inputs)
+
+    ref, ours = compare(lambda: open_clip_vit(dropout=0.1), [4, 4, 3], to_device=to_device)
+    assert moves == [4, 4, 3, 4, 4]  # pass 1 (all three), pass 2 (the two recomputed)

@@ -50,6 +50,7 @@ def cached_backward(
     autocast: Callable[[], ContextManager] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     frozen_inputs: Sequence[int] = (),
+    to_device: Callable[[MicroBatch], MicroBatch] | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the gradient of `loss_fn` over all micro-batches together.
 
@@ -64,6 +65,8 @@ def cached_backward(
             every feature gradient carries the same scale.
         frozen_inputs: positions in each micro-batch of inputs whose tower is frozen and
             deterministic; pass 2 does not recompute it.
+        to_device: applied to a micro-batch right before each of its forwards, so that
+            cached inputs can wait in pinned host memory (huge K) instead of on the GPU.
 
     Returns:
         The loss, detached.
@@ -72,25 +75,26 @@ def cached_backward(
         raise ValueError("cached_backward needs at least one micro-batch")
     autocast = autocast or contextlib.nullcontext
     scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
+    move = to_device or (lambda inputs: inputs)
 
     if len(micro_batches) == 1:
         with _gradient_sync(model, enabled=True):
             with autocast():
-                loss = loss_fn(**model(*micro_batches[0]))
+                loss = loss_fn(**model(*move(micro_batches[0])))
             scale(loss).backward()
         return loss.detach()
 
     *cached_inputs, last_inputs = micro_batches
-    cuda_devices = _cuda_devices(micro_batches)
+    cuda_devices = _cuda_devices(model, micro_batches)
 
     # Pass 1: embed without grad; the last micro-batch keeps its graph.
     rng_states, cached = [], []
     for inputs in cached_inputs:
         rng_states.append(_RngState.capture(cuda_devices))
         with torch.no_grad(), autocast():
-            cached.append(model(*inputs))
+            cached.append(model(*move(inputs)))
     with _gradient_sync(model, enabled=False), autocast():
-        last_out = model(*last_inputs)
+        last_out = model(*move(last_inputs))
     rng_after_pass1 = _RngState.capture(cuda_devices)
 
     # Loss once over the global batch; backward stops at the cached features.
@@ -120,7 +124,7 @@ def cached_backward(
             is_last = j == len(cached_inputs) - 1
             with _gradient_sync(model, enabled=is_last):
                 with autocast():
-                    out = model(*_without(inputs, frozen_inputs))
+                    out = model(*_without(move(inputs), frozen_inputs))
                 _backward_slice(out, slices, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     return loss.detach()
@@ -159,9 +163,11 @@ def _batch_size(out: dict, per_sample_keys: list[str]) -> int:
     return sizes.pop()
 
 
-def _cuda_devices(micro_batches: Sequence[MicroBatch]) -> list[int]:
-    devices = {t.device.index for mb in micro_batches for t in mb
-               if isinstance(t, torch.Tensor) and t.is_cuda}
+def _cuda_devices(model: nn.Module, micro_batches: Sequence[MicroBatch]) -> list[int]:
+    """Devices whose generators dropout may draw on: the model's and the inputs'."""
+    first_param = next(model.parameters(), None)
+    tensors = [t for mb in micro_batches for t in mb if isinstance(t, torch.Tensor)]
+    devices = {t.device.index for t in tensors + [first_param] if t is not None and t.is_cuda}
     if devices and torch.cuda.is_available():
         devices.add(torch.cuda.current_device())  # modules may draw on the current device
     return sorted(devices)

@@ -69,6 +69,7 @@ class TrainConfig:
     warmup: int = option(10000, "linear warmup, in optimizer steps", "optimization")
     lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", "optimization", choices=["cosine", "const"])
     accum_freq: int = option(1, "micro-batches per optimizer step; exact feature-cached accumulation", "optimization")
+    offload_inputs: bool = option(False, "keep the step's cached micro-batch inputs in pinned host memory, not on the GPU (for huge --accum-freq)", "optimization")
     grad_clip_norm: float | None = option(None, "clip the accumulated gradient to this global norm", "optimization")
     # --- precision and device
     precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])

@@ -79,6 +79,9 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     ema = ModelEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     autocast = autocast_factory(precision, device)
+    def to_device(inputs):  # a no-op for inputs already there
+        return tuple(t.to(device, non_blocking=True) for t in inputs)
+
     start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
 
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
@@ -99,10 +102,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
         for micro_batches, data_seconds in group_micro_batches(train_data.loader, cfg.accum_freq):
             lr = set_learning_rate(optimizer, learning_rate(step, cfg, total_steps))
-            inputs = [(b.images.to(device, non_blocking=True), b.texts.to(device, non_blocking=True))
-                      for b in micro_batches]
+            inputs = [(b.images, b.texts) for b in micro_batches]
+            if not cfg.offload_inputs:  # all of the step's inputs on the device at once
+                inputs = [to_device(mb) for mb in inputs]
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
-                                   frozen_inputs=frozen_inputs)
+                                   frozen_inputs=frozen_inputs, to_device=to_device)
             grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip_norm)
             if ema:
                 ema.update(unwrap(model))
