@@ -27,8 +27,8 @@ from bigbatch.data import DataSpec, make_data
 from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state,
                                   init_distributed, load_full_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
-from bigbatch.losses import create_loss
 from bigbatch.ema import ModelEMA
+from bigbatch.losses import create_loss
 from bigbatch.model import (create_model, lock_towers, parameter_groups,
                             set_frozen_towers_to_eval, unwrap)
 from bigbatch.plots import plot_training_curves
@@ -52,16 +52,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     run_dir = prepare_run_dir(cfg, world)
     setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
     seed_everything(cfg.seed)  # the same initial weights on every rank
-
-    bundle = create_model(cfg.model, pretrained=cfg.pretrained, siglip=cfg.siglip,
-                          force_patch_dropout=cfg.force_patch_dropout,
-                          grad_checkpointing=cfg.grad_checkpointing, device=device)
-    frozen_inputs = lock_towers(
-        bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
-        image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
-        text_unlocked_layers=cfg.lock_text_unlocked_layers,
-        text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
-    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp)
+    bundle, model, frozen_inputs = build_model(cfg, world)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
     loss_fn = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
@@ -72,28 +63,17 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
     total_steps = steps_per_epoch * cfg.epochs
-    tower_lr_scale = tuple((lr if lr is not None else cfg.lr) / cfg.lr for lr in (cfg.lr_image, cfg.lr_text))
-    groups = parameter_groups(unwrap(model), cfg.wd, layer_decay=cfg.layer_decay,
-                              tower_lr_scale=tower_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    optimizer = build_optimizer(cfg, unwrap(model))
     ema = ModelEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     autocast = autocast_factory(precision, device)
-    def to_device(inputs):  # a no-op for inputs already there
-        return tuple(t.to(device, non_blocking=True) for t in inputs)
-
     start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
-
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
-    effective_batch = cfg.effective_batch(world.world_size)
-    n_params = sum(p.numel() for p in bundle.model.parameters())
-    wrapper = "FSDP2" if cfg.fsdp else "DDP" if world.world_size > 1 else "one process"
-    log.info(f"run {cfg.name} in {run_dir}")
-    log.info(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters on {device}, {precision}, {wrapper}")
-    log.info(f"effective batch {effective_batch} = batch-size {cfg.batch_size} x accum-freq "
-             f"{cfg.accum_freq} x world-size {world.world_size}; {train_data.num_samples} "
-             f"samples/epoch, {steps_per_epoch} steps/epoch, {total_steps} steps")
+    announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
+
+    def to_device(inputs):  # a no-op for inputs already there
+        return tuple(t.to(device, non_blocking=True) for t in inputs)
 
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -116,7 +96,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             runlog.train_step(
                 step=step, epoch=epoch + 1, loss=loss.item(), lr=lr, data_seconds=data_seconds,
                 samples=sum(len(b.images) for b in micro_batches) * world.world_size,
-                effective_batch=effective_batch,
+                effective_batch=cfg.effective_batch(world.world_size),
                 print_now=step % cfg.log_every_n_steps == 0 or step == total_steps,
                 extra={"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
                        **({"grad_norm": grad_norm} if grad_norm is not None else {})})
@@ -124,9 +104,9 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
         completed = epoch + 1
         if val_data and due(completed, cfg.val_frequency, cfg.epochs):
-            metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer, create_loss(loss_name),
-                                     device, autocast,
-                                     zeroshot=due(completed, cfg.zeroshot_frequency, cfg.epochs))
+            zeroshot = due(completed, cfg.zeroshot_frequency, cfg.epochs)
+            metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer,
+                                     create_loss(loss_name), device, autocast, zeroshot)
             runlog.validation(step=step, epoch=completed, metrics=metrics)
         if cfg.save_frequency and due(completed, cfg.save_frequency, cfg.epochs):
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
@@ -147,6 +127,41 @@ def start_distributed(cfg: TrainConfig) -> World:
         return init_distributed(cfg.device, backend)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def build_model(cfg: TrainConfig, world: World):
+    """The open_clip model with its towers locked as asked, wrapped for this world; and the
+    model-input positions of fully frozen towers (run once per sample)."""
+    bundle = create_model(cfg.model, pretrained=cfg.pretrained, siglip=cfg.siglip,
+                          force_patch_dropout=cfg.force_patch_dropout,
+                          grad_checkpointing=cfg.grad_checkpointing, device=world.device)
+    frozen_inputs = lock_towers(
+        bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
+        image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
+        text_unlocked_layers=cfg.lock_text_unlocked_layers,
+        text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+    return bundle, wrap_model(bundle.model, world, fsdp=cfg.fsdp), frozen_inputs
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; each group's lr_scale carries --layer-decay and --lr-image/--lr-text."""
+    tower_lr_scale = tuple((lr if lr is not None else cfg.lr) / cfg.lr
+                           for lr in (cfg.lr_image, cfg.lr_text))
+    groups = parameter_groups(model, cfg.wd, layer_decay=cfg.layer_decay,
+                              tower_lr_scale=tower_lr_scale)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def announce(cfg, world, model, precision, run_dir, samples_per_epoch, steps_per_epoch) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
+    wrapper = "FSDP2" if cfg.fsdp else "DDP" if world.world_size > 1 else "one process"
+    log.info(f"run {cfg.name} in {run_dir}")
+    log.info(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters on {world.device}, "
+             f"{precision}, {wrapper}")
+    log.info(f"effective batch {cfg.effective_batch(world.world_size)} = batch-size "
+             f"{cfg.batch_size} x accum-freq {cfg.accum_freq} x world-size {world.world_size}; "
+             f"{samples_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
+             f"{steps_per_epoch * cfg.epochs} steps")
 
 
 def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:

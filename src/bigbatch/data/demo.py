@@ -63,8 +63,8 @@ def write_split(directory: Path, num_samples: int, image_size: int, shard_size: 
     return {"pattern": _pattern(directory, len(sizes)), "num_samples": num_samples, "num_shards": len(sizes)}
 
 
-def write_demo_dataset(out_dir: str | Path, num_train: int = 10_000, num_val: int = 1_000,
-                       image_size: int = 64, shard_size: int = 1_000, seed: int = 0) -> dict:
+def write_demo_dataset(out_dir: str | Path, num_train: int = 10_240, num_val: int = 1_000,
+                       image_size: int = 64, shard_size: int = 1_024, seed: int = 0) -> dict:
     """Write train and val shards of procedural shapes; return a summary of what was written.
 
     The summary has ``out_dir``, ``train`` and ``val`` (each with ``pattern``, the brace pattern
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     """``bigbatch demo-data DIR``: write the demo data set, print where it is; returns the exit status."""
     parser = argparse.ArgumentParser(prog="bigbatch demo-data", description=__doc__.splitlines()[0])
     parser.add_argument("dir", metavar="DIR", help="output directory")
-    parser.add_argument("--num-train", type=int, default=10_000, help="training samples (default 10000)")
+    parser.add_argument("--num-train", type=int, default=10_240, help="training samples (default 10240: whole steps of 128)")
     parser.add_argument("--num-val", type=int, default=1_000, help="validation samples (default 1000)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
