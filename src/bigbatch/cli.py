@@ -1,4 +1,4 @@
-"""`bigbatch` command: train, demo-data.
+"""`bigbatch` command: train, eval, export, plan, demo-data.
 
 A mistake a user can make (bad flag, missing file, wrong checkpoint) ends with one
 line `bigbatch: error: ...` naming the fix and exit status 2, not a traceback.
@@ -6,12 +6,16 @@ line `bigbatch: error: ...` naming the fix and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 USAGE = """usage: bigbatch COMMAND [options]
 
 commands:
   train       train a CLIP-style model (bigbatch train --help)
+  eval        zero-shot classification and retrieval of a checkpoint (bigbatch eval --help)
+  export      write a plain open_clip checkpoint from a training one (bigbatch export CKPT OUT)
+  plan        micro-batch, accum-freq and predicted peak memory (bigbatch plan --help)
   demo-data   write the procedurally drawn shapes dataset (bigbatch demo-data DIR)
 """
 
@@ -24,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "demo-data": _demo_data}
+    commands = {"train": _train, "eval": _module_main("bigbatch.eval_cli"),
+                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan"),
+                "demo-data": _module_main("bigbatch.data.demo")}
     if command not in commands:
         print(f"bigbatch: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -48,7 +54,8 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _demo_data(argv: list[str]) -> int:
-    from bigbatch.data.demo import main as demo_main
-
-    return demo_main(argv) or 0
+def _module_main(module: str):
+    """The command's `main(argv)`, imported only when it runs (torch imports are slow)."""
+    def run(argv: list[str]) -> int:
+        return importlib.import_module(module).main(argv) or 0
+    return run
