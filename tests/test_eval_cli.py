@@ -1,0 +1,249 @@
+"""`bigbatch eval` against metrics computed here by hand from encode_image / encode_text."""
+
+import datetime
+import io
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bigbatch import eval_cli
+from bigbatch.checkpoint import save_checkpoint
+from bigbatch.config import ConfigError
+from bigbatch.model import create_model, register_model_config
+from bigbatch.zeroshot import builtin_classnames, builtin_templates
+
+CONFIG = Path(__file__).parent / "assets" / "test-clip.json"
+NAME = "test-clip"
+CLASSNAMES = ["red", "green", "blue", "yellow", "purple", "white"]
+TEMPLATES = ["a photo of a {} thing.", "{}"]
+LABELS = [0, 0, 1, 1, 1, 2, 3, 3, 4, 4]  # class 5 ("white") has no image
+CAPTIONS = [f"caption number {i}" for i in range(len(LABELS))]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A checkpoint of a tiny model and a labelled, captioned CSV of 10 small images."""
+    root = tmp_path_factory.mktemp("eval")
+    register_model_config(str(CONFIG))
+    torch.manual_seed(0)
+    model = create_model(str(CONFIG)).model
+    ema = {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v
+           for k, v in model.state_dict().items()}
+    ckpt = save_checkpoint({"state_dict": model.state_dict(), "ema_state_dict": ema, "optimizer": {},
+                            "step": 7, "epoch": 2, "model": NAME, "config": {}}, root / "epoch_2.pt")
+    g = torch.Generator().manual_seed(0)
+    rows = ["filepath\ttitle\tlabel"]
+    for i, (label, caption) in enumerate(zip(LABELS, CAPTIONS)):
+        pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        rows.append(f"img{i}.png\t{caption}\t{label}")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (root / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    return root, ckpt, model, ema
+
+
+def _args(root, ckpt, *extra):
+    return ["--model", str(CONFIG), "--pretrained", str(ckpt), "--batch-size", "4", "--workers", "0",
+            "--device", "cpu", "--precision", "fp32", *extra]
+
+
+@torch.no_grad()
+def _expected(model, root):
+    """Zero-shot and retrieval metrics with plain torch ops (no ties with random weights)."""
+    model.eval()
+    preprocess = open_clip.create_model_and_transforms(NAME)[2]
+    tokenizer = open_clip.get_tokenizer(NAME)
+    images = torch.stack([preprocess(Image.open(root / f"img{i}.png").convert("RGB")) for i in range(len(LABELS))])
+    image = F.normalize(model.encode_image(images), dim=-1)  # (N, D)
+    classes = torch.stack([F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in TEMPLATES])),
+                                                   dim=-1).mean(0), dim=0) for c in CLASSNAMES])  # (C, D)
+    labels = torch.tensor(LABELS)
+    logits = image @ classes.T  # (N, C)
+    rank = (logits > logits[torch.arange(len(labels)), labels][:, None]).sum(1)
+    per_class = [(rank[labels == c] == 0).float().mean().item() if (labels == c).any() else None
+                 for c in range(len(CLASSNAMES))]
+    present = [a for a in per_class if a is not None]
+    zeroshot = {"zeroshot_top1": (rank == 0).float().mean().item(), "zeroshot_top5": (rank < 5).float().mean().item(),
+                "zeroshot_mean_per_class": sum(present) / len(present), "per_class": per_class}
+    text = F.normalize(model.encode_text(tokenizer(CAPTIONS)), dim=-1)
+    retrieval = {}
+    for name, scores in (("image_to_text", image @ text.T), ("text_to_image", text @ image.T)):
+        ranks = (scores > scores.diag()[:, None]).sum(1)
+        for k in (1, 5, 10):
+            retrieval[f"{name}_R@{k}"] = (ranks < k).float().mean().item()
+    return zeroshot, retrieval
+
+
+def test_eval_matches_hand_computed_metrics(setup, tmp_path, capsys):
+    root, ckpt, model, _ = setup
+    data = str(root / "data.csv")
+    out = tmp_path / "results.json"
+    assert eval_cli.main(_args(root, ckpt, "--zeroshot-data", data, "--classnames", str(root / "classes.txt"),
+                               "--templates", str(root / "templates.txt"), "--retrieval-data", data,
+                               "--output", str(out))) == 0
+    zeroshot, retrieval = _expected(model, root)
+    results = json.loads(out.read_text())
+
+    assert results["model"] == NAME and results["checkpoint"] == str(ckpt)
+    assert (results["step"], results["epoch"], results["weights"]) == (7, 2, "checkpoint")
+    assert datetime.datetime.fromisoformat(results["date"]).tzinfo is not None
+    zs = results["zeroshot"]
+    assert (zs["dataset"], zs["num_samples"], zs["num_classes"], zs["num_templates"]) == (data, 10, 6, 2)
+    for key in ("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class"):
+        assert zs[key] == pytest.approx(zeroshot[key], abs=1e-6), key
+    assert [c["name"] for c in zs["per_class"]] == CLASSNAMES
+    assert [c["samples"] for c in zs["per_class"]] == [2, 3, 1, 2, 2, 0]
+    assert zs["per_class"][5]["accuracy"] is None  # no image of "white": null, not NaN
+    assert [c["accuracy"] for c in zs["per_class"]] == pytest.approx(zeroshot["per_class"], abs=1e-6)
+    rt = results["retrieval"]
+    assert rt["num_samples"] == 10
+    for key, value in retrieval.items():
+        assert rt[key] == pytest.approx(value, abs=1e-6), key
+    assert rt["mean_recall"] == pytest.approx(sum(retrieval.values()) / 6, abs=1e-6)
+
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    for key, label in (("zeroshot_top1", "top-1"), ("zeroshot_top5", "top-5")):
+        assert f"  {label:<16}{f'{100 * zeroshot[key]:.1f}%':>8}" in lines
+    assert "mean per class" in table and "lowest classes" in table
+    i2t = "".join(f"{100 * retrieval[f'image_to_text_R@{k}']:7.1f}%" for k in (1, 5, 10))
+    assert f"  image -> text   {i2t}" in lines
+    assert "epoch 2, step 7" in table and f"results written to {out}" in table
+
+
+def test_caption_less_csv_and_builtin_templates(setup, capsys):
+    root, ckpt, model, _ = setup
+    rows = (root / "data.csv").read_text().splitlines()
+    no_captions = root / "labels_only.csv"  # filepath,label: no caption column at all
+    no_captions.write_text("\n".join(",".join(r.split("\t")[::2]) for r in rows) + "\n")
+    results = eval_cli.run(eval_cli.build_parser().parse_args(_args(
+        root, ckpt, "--zeroshot-data", str(no_captions), "--csv-separator", ",",
+        "--classnames", str(root / "classes.txt"), "--templates", "simple")))
+    assert results["zeroshot"]["num_samples"] == 10 and results["zeroshot"]["num_templates"] == 7
+    assert "retrieval" not in results
+
+
+def test_ema_weights_are_evaluated(setup):
+    root, ckpt, _, ema = setup
+    weights = eval_cli.resolve_weights(str(ckpt), NAME, ema=True)
+    bundle = eval_cli.build_model(str(CONFIG), weights, torch.device("cpu"))
+    for key, value in bundle.model.state_dict().items():
+        torch.testing.assert_close(value, ema[key])
+
+
+def test_builtin_sets():
+    names = builtin_classnames("imagenet")
+    assert len(names) == 1000 and names[0] == "tench" and names[-1] == "toilet paper"
+    assert len(builtin_templates("openai")) == 80 and len(builtin_templates("simple")) == 7
+    assert all(t.count("{}") == 1 for t in builtin_templates("openai"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--retrieval-data", "MISSING.csv"], r"--retrieval-data MISSING.csv: no such file"),
+    ([], "nothing to evaluate"),
+    (["--zeroshot-data", "DATA"], "--zeroshot-data needs --classnames"),
+    (["--zeroshot-data", "DATA", "--classnames", "nope/classes.txt"], r"--classnames nope/classes.txt: no such file"),
+    (["--zeroshot-data", "DATA", "--classnames", "cifar10"], r"'cifar10': not a built-in set \(imagenet\)"),
+    (["--zeroshot-data", "DATA", "--classnames", "imagenet", "--templates", "fancy"], r"not a built-in set \(openai, simple\)"),
+    (["--zeroshot-data", "DATA", "--classnames", "imagenet", "--templates", "CLASSES"], "must contain '{}' exactly once"),
+    (["--zeroshot-data", "DATA", "--classnames", "imagenet", "--csv-label-key", "cls"],
+     r"has no column 'cls'.*set --csv-label-key"),
+    (["--retrieval-data", "DATA", "--csv-caption-key", "caption"], r"has no column 'caption'.*set --csv-caption-key"),
+    (["--retrieval-data", "DATA", "--precision", "amp"], "amp.*is for CUDA"),
+])
+def test_user_errors(setup, extra, message):
+    root, ckpt, _, _ = setup
+    extra = [{"DATA": str(root / "data.csv"), "CLASSES": str(root / "classes.txt")}.get(a, a) for a in extra]
+    with pytest.raises(ConfigError, match=message):
+        eval_cli.main(_args(root, ckpt, *extra))
+
+
+def test_labels_beyond_classnames(setup, tmp_path):
+    root, ckpt, _, _ = setup
+    (tmp_path / "three.txt").write_text("red\ngreen\nblue\n")
+    with pytest.raises(ConfigError, match=r"has label [34] but --classnames gives only 3 classes"):
+        eval_cli.main(_args(root, ckpt, "--zeroshot-data", str(root / "data.csv"),
+                            "--classnames", str(tmp_path / "three.txt")))
+
+
+def test_checkpoint_of_another_model(setup, tmp_path):
+    root, _, model, _ = setup
+    other = save_checkpoint({"state_dict": model.state_dict(), "optimizer": {}, "step": 1, "epoch": 1,
+                             "model": "bigbatch-tiny", "config": {}}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="is of model 'bigbatch-tiny', not --model 'test-clip'.*--model bigbatch-tiny"):
+        eval_cli.main(_args(root, other, "--retrieval-data", str(root / "data.csv")))
+    with pytest.raises(ConfigError, match="no EMA weights"):
+        eval_cli.resolve_weights(str(other), "bigbatch-tiny", ema=True)
+
+
+def test_plain_weights_of_another_model(setup, tmp_path):
+    root, _, _, _ = setup
+    torch.save(create_model("bigbatch-tiny").model.state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(ConfigError, match="does not fit --model"):
+        eval_cli.main(_args(root, tmp_path / "tiny.pt", "--retrieval-data", str(root / "data.csv")))
+
+
+def test_pretrained_tags_offline(setup, tmp_path, monkeypatch):
+    """A tag is used only from the local cache; one that is not there gets a clear error."""
+    root, ckpt, model, _ = setup
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path))  # open_clip's URL cache: ~/.cache/clip
+    with pytest.raises(ConfigError, match="not available offline.*pass a local checkpoint file"):
+        eval_cli.resolve_weights("openai", register_model_config("ViT-B-32"))
+    with pytest.raises(ConfigError, match="not an open_clip pretrained tag of test-clip"):
+        eval_cli.resolve_weights("laion2b", NAME)
+
+    # a tag of our own, its weights laid out as huggingface_hub caches them
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, NAME, {"cached": {"hf_hub": "bigbatch/test-clip/", "url": ""}})
+    snapshot = cache / "models--bigbatch--test-clip" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / "models--bigbatch--test-clip" / "refs").mkdir()
+    (cache / "models--bigbatch--test-clip" / "refs" / "main").write_text("0" * 40)
+    torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    weights = eval_cli.resolve_weights("cached", NAME)
+    assert weights.kind == "open_clip tag"
+    bundle = eval_cli.build_model(str(CONFIG), weights, torch.device("cpu"))
+    for key, value in bundle.model.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key])
+
+
+def _shard(path, root, *, captions: bool):
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, label in enumerate(LABELS):
+            files = {"png": (root / f"img{i}.png").read_bytes(), "cls": str(label).encode()}
+            if captions:
+                files["txt"] = CAPTIONS[i].encode()
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_webdataset_shards_with_cls_labels(setup, tmp_path):
+    root, ckpt, _, _ = setup
+    shard = _shard(tmp_path / "val-000000.tar", root, captions=True)
+    flags = ["--classnames", str(root / "classes.txt"), "--templates", str(root / "templates.txt")]
+    from_csv = eval_cli.run(eval_cli.build_parser().parse_args(
+        _args(root, ckpt, "--zeroshot-data", str(root / "data.csv"), *flags)))["zeroshot"]
+    from_shards = eval_cli.run(eval_cli.build_parser().parse_args(
+        _args(root, ckpt, "--zeroshot-data", shard, "--retrieval-data", shard, *flags)))
+    for key in ("num_samples", "zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class"):
+        assert from_shards["zeroshot"][key] == pytest.approx(from_csv[key]), key
+    assert from_shards["retrieval"]["num_samples"] == 10
+
+    # shards without captions: the data layer skips every sample; say what to add
+    bare = _shard(tmp_path / "bare-000000.tar", root, captions=False)
+    with pytest.raises(ConfigError, match=r"--zeroshot-data .*gave no batch.*a \.txt caption per sample"):
+        eval_cli.main(_args(root, ckpt, "--zeroshot-data", bare, *flags))
