@@ -249,3 +249,45 @@ def test_inputs_moved_right_before_each_forward_give_the_same_gradient():
 
     ref, ours = compare(lambda: open_clip_vit(dropout=0.1), [4, 4, 3], to_device=to_device)
     assert moves == [4, 4, 3, 4, 4]  # pass 1 (all three), pass 2 (the two recomputed)
+
+
+class SavedBytes:
+    """Peak bytes of tensors alive in autograd graphs (saved for backward)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, tensor):
+        return _Saved(tensor, self)
+
+    @staticmethod
+    def unpack(saved):
+        return saved.tensor
+
+
+class _Saved:
+    def __init__(self, tensor, counter):
+        self.tensor, self.counter, self.nbytes = tensor, counter, tensor.numel() * tensor.element_size()
+        counter.live += self.nbytes
+        counter.peak = max(counter.peak, counter.live)
+
+    def __del__(self):
+        self.counter.live -= self.nbytes
+
+
+def peak_saved_bytes(step):
+    counter = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        step()
+    return counter.peak
+
+
+def test_activation_memory_is_one_micro_batch_not_the_global_batch():
+    torch.manual_seed(0)
+    model = open_clip_vit()
+    b, k = 16, 4
+    one = peak_saved_bytes(lambda: cached_backward(model, batches([b]), ClipLoss()))
+    whole = peak_saved_bytes(lambda: cached_backward(model, batches([b * k]), ClipLoss()))
+    cached = peak_saved_bytes(lambda: cached_backward(model, batches([b] * k), ClipLoss()))
+    assert whole > 3 * one  # activations grow with the batch...
+    assert cached < 1.5 * one  # ...but the cached step holds one micro-batch's (+ a small loss)
