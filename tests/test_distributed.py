@@ -46,6 +46,7 @@ class Case:
     gather_with_grad: bool = False
     wrap: str = "ddp"  # ddp | fsdp2 | average (no wrapper: gradients averaged by hand, as DDP would)
     sizes: tuple[tuple[int, ...], ...] = EVEN
+    tile_size: int | None = None  # the loss in blocks of this size (bigbatch.tiled)
 
     @property
     def world_size(self) -> int:
@@ -53,7 +54,8 @@ class Case:
 
     def __str__(self) -> str:
         flags = "-local" * self.local_loss + "-gather" * self.gather_with_grad
-        return f"{self.loss}{flags}-{self.wrap}-" + "_".join("".join(map(str, s)) for s in self.sizes)
+        tile = f"-tile{self.tile_size}" if self.tile_size else ""
+        return f"{self.loss}{flags}{tile}-{self.wrap}-" + "_".join("".join(map(str, s)) for s in self.sizes)
 
 
 # --- what each rank runs
@@ -74,7 +76,7 @@ def rank_batches(case: Case, rank: int) -> list:
 
 def make_loss(case: Case, world: World):
     return create_loss(case.loss, local_loss=case.local_loss, gather_with_grad=case.gather_with_grad,
-                       rank=world.rank, world_size=world.world_size)
+                       rank=world.rank, world_size=world.world_size, tile_size=case.tile_size)
 
 
 def wrap(model: torch.nn.Module, case: Case, world: World, **ddp_options) -> torch.nn.Module:
@@ -240,10 +242,15 @@ DDP = [Case(local_loss=True, gather_with_grad=True), Case(gather_with_grad=True)
        Case("siglip", local_loss=True, gather_with_grad=True)]
 FSDP2 = Case(local_loss=True, gather_with_grad=True, wrap="fsdp2")
 SYNCS = Case(local_loss=True, gather_with_grad=True)
+# Tiled losses (5-row blocks: ragged, and straddling the ranks' boundary at row 12)
+# against the same plain one-process reference.
+TILED = [Case(local_loss=True, gather_with_grad=True, tile_size=5),
+         Case("siglip", local_loss=True, gather_with_grad=True, tile_size=5),
+         Case(tile_size=5, wrap="average")]
 THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),) * 3)
          for w in ("ddp", "average")]
 
-two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2]]
+two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED]]
                     + [(count_syncs, SYNCS)], world_size=2)
 three_ranks = spawned([(step_grads, c) for c in THREE], world_size=3)
 
@@ -259,6 +266,11 @@ def test_uneven_last_step(two_ranks):
 
 @pytest.mark.parametrize("case", DDP, ids=str)
 def test_ddp_cached_step_equals_one_process_on_the_global_batch(two_ranks, case):
+    assert_matches_reference(two_ranks(step_grads, case), case)
+
+
+@pytest.mark.parametrize("case", TILED, ids=str)
+def test_tiled_loss_equals_one_process_on_the_global_batch(two_ranks, case):
     assert_matches_reference(two_ranks(step_grads, case), case)
 
 

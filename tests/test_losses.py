@@ -236,6 +236,12 @@ class LiveBytes(TorchDispatchMode):
 
 def working_set(loss_fn, inputs: dict) -> tuple[int, int]:
     """(peak bytes the loss's forward + backward allocate, bytes saved for its backward)."""
+    peak, saved, _ = measured_run(loss_fn, inputs)
+    return peak, saved
+
+
+def measured_run(loss_fn, inputs: dict) -> tuple[int, int, tuple]:
+    """`working_set`, and the run's value and gradients."""
     leaves = {k: v.clone().requires_grad_() if v is not None else None for k, v in inputs.items()}
     saved: dict[int, int] = {}
 
@@ -247,7 +253,8 @@ def working_set(loss_fn, inputs: dict) -> tuple[int, int]:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn(**leaves)
         loss.backward()
-    return live.peak, sum(saved.values())
+    grads = {k: v.grad for k, v in leaves.items() if v is not None}
+    return live.peak, sum(saved.values()), (loss.detach(), grads)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
@@ -307,11 +314,8 @@ def test_large_batch_against_float64_blockwise():
     n, dim = 16384, 512
     inputs = make_inputs(n, dim, bias=False, seed=3)
     images, texts, scale = inputs["image_features"], inputs["text_features"], inputs["logit_scale"]
-    peak, _ = working_set(ClipLoss(tile_size=tiled.DEFAULT_TILE), inputs)
-    leaves = [t.clone().requires_grad_() for t in (images, texts, scale)]
     started = time.perf_counter()
-    loss = ClipLoss()(*leaves)  # N > 8192: tiled by default
-    loss.backward()
+    peak, _, (loss, grads) = measured_run(ClipLoss(), inputs)  # N > 8192: tiled by default
     elapsed = time.perf_counter() - started
 
     assert peak <= 1.25 * tiled.loss_working_set_bytes(n, n, dim, tiled.DEFAULT_TILE)
@@ -327,7 +331,7 @@ def test_large_batch_against_float64_blockwise():
         col_lse = torch.logaddexp(col_lse, logits.logsumexp(0))
     positives = s64 * (i64 * t64).sum(1)
     expected = ((row_lse - positives).sum() + (col_lse - positives).sum()) / (2 * n)
-    assert_close(loss.detach().double(), expected, rtol=1e-6, atol=0)
+    assert_close(loss.double(), expected, rtol=1e-6, atol=0)
 
     # dL/dlogits = (softmax_row + softmax_col - 2 * target) / (2N); rows 0, 17, ... of images
     d_scale = torch.zeros((), dtype=torch.float64)
@@ -343,7 +347,7 @@ def test_large_batch_against_float64_blockwise():
         mine = some[(some >= i) & (some < i + block)]
         d_images[(some >= i) & (some < i + block)] = s64 * grad[mine - i] @ t64
         d_texts += s64 * grad[:, some].T @ i64[i:i + block]
-    assert_grad_close(leaves[0].grad[some].double(), d_images, "image_features")
-    assert_grad_close(leaves[1].grad[some].double(), d_texts, "text_features")
-    assert_close(leaves[2].grad.double(), d_scale, rtol=1e-4, atol=1e-7)
+    assert_grad_close(grads["image_features"][some].double(), d_images, "image_features")
+    assert_grad_close(grads["text_features"][some].double(), d_texts, "text_features")
+    assert_close(grads["logit_scale"].double(), d_scale, rtol=1e-4, atol=1e-7)
     print(f"\nN={n} D={dim}: tiled float32 forward+backward {elapsed:.1f} s; peak {peak / 2**20:.0f} MiB")
