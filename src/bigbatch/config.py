@@ -97,11 +97,6 @@ class TrainConfig:
         """Samples per optimizer step: batch-size x accum-freq x world-size."""
         return self.batch_size * self.accum_freq * world_size
 
-    def resolved_precision(self, device_type: str) -> str:
-        if self.precision == "auto":
-            return "amp" if device_type == "cuda" else "fp32"
-        return self.precision
-
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError naming the fix for the first bad value or combination."""

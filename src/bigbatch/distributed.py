@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bigbatch.device import pick_device
+
 # newer torch renames the single-tensor collectives (the old names warn); 2.4 has only those
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -89,7 +91,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> World:
     """
     launch = world_from_env(os.environ)
     world = World(launch.rank, launch.local_rank, launch.world_size,
-                  _pick_device(device, launch.local_rank))
+                  pick_device(device, launch.local_rank))
     if world.world_size == 1:
         return world
     if not (launch.master_addr and launch.master_port):
@@ -105,17 +107,6 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> World:
         rank=world.rank, world_size=world.world_size,
         device_id=world.device if world.device.type == "cuda" else None)
     return world
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def cleanup() -> None:

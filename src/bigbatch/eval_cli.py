@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import importlib.metadata
 import json
 import logging
@@ -42,6 +41,7 @@ import open_clip
 import torch
 
 from bigbatch.config import ConfigError
+from bigbatch.device import autocast_factory, pick_device, resolve_precision
 from bigbatch.data import DataSpec, make_data
 from bigbatch.data.spec import expand_paths, is_local
 from bigbatch.evaluate import build_zeroshot_classifier, evaluate, zeroshot_accuracy
@@ -131,33 +131,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         if not files or missing:
             raise ConfigError(f"{flag} {paths}: no such file" + (f" ({missing[0]})" if len(files) > 1 else "")
                               + ": give a CSV file or webdataset shards ('dir/{000000..000009}.tar')")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    return device
-
-
-def _precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "amp" if device.type == "cuda" else "fp32"
-    if name == "amp" and device.type != "cuda":
-        raise ConfigError("--precision amp (float16) is for CUDA: on CPU use --precision fp32 or amp_bf16")
-    return name
-
-
-def _autocast(precision: str, device: torch.device):
-    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
-    if precision not in dtypes:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device.type, dtype=dtypes[precision])
 
 
 # --------------------------------------------------------------------------- weights
@@ -435,9 +408,9 @@ def run(args: argparse.Namespace) -> dict:
     classnames = templates = None
     if args.zeroshot_data is not None:
         classnames, templates = load_classnames(args.classnames), load_templates(args.templates)
-    device = _device(args.device)
-    precision = _precision(args.precision, device)
-    autocast = _autocast(precision, device)
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    autocast = autocast_factory(precision, device)
     model_name = register_model_config(args.model)
     weights = resolve_weights(args.pretrained, model_name, ema=args.ema)
     bundle = build_model(args.model, weights, device)

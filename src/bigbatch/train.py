@@ -9,7 +9,6 @@ still make a (smaller) step. The learning-rate schedule counts optimizer steps.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
 import time
@@ -24,6 +23,7 @@ from bigbatch import checkpoint as ckpt
 from bigbatch.accumulation import cached_backward
 from bigbatch.config import ConfigError, TrainConfig, to_dict
 from bigbatch.data import DataSpec, make_data
+from bigbatch.device import autocast_factory, resolve_precision
 from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state,
                                   init_distributed, load_full_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
@@ -48,7 +48,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, world: World) -> dict:
     device = world.device
-    precision = cfg.resolved_precision(device.type)
+    precision = resolve_precision(cfg.precision, device)
     run_dir = prepare_run_dir(cfg, world)
     setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
     seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -211,13 +211,6 @@ def open_data(spec: DataSpec, preprocess, tokenizer):
         return make_data(spec, preprocess, tokenizer)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
-
-
-def autocast_factory(precision: str, device: torch.device):
-    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
-    if precision not in dtypes:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device.type, dtype=dtypes[precision])
 
 
 # --- the step

@@ -1,0 +1,43 @@
+"""Where a run computes and in what precision: `--device` and `--precision`, for train and eval."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from bigbatch.config import ConfigError
+
+AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' is amp (float16) on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return "amp" if device.type == "cuda" else "fp32"
+    if name == "amp" and device.type != "cuda":
+        raise ConfigError("--precision amp (float16) is for CUDA: on CPU use --precision fp32 or amp_bf16")
+    return name
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """A no-argument factory of the mixed-precision context (a null one for fp32)."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=AUTOCAST_DTYPES[precision])
