@@ -373,6 +373,17 @@ def test_csv_bad_rows_are_replaced_and_counted(csv_data):
             assert not {3, 7} & set(torch.cat([b.labels for b in batches]).tolist())
 
 
+def test_csv_bad_rows_are_dropped_in_validation(csv_data):
+    images = csv_data.parent / "images"
+    (images / "3.png").write_bytes(b"garbage")
+    for name in ("4.png", "5.png", "6.png", "7.png"):  # batch 2 is all bad: no batch, still counted
+        (images / name).unlink()
+    batches = list(make_data(csv_spec(csv_data, is_train=False, workers=0), PRE, TOKENIZER).loader)
+    labels = torch.cat([b.labels for b in batches]).tolist()
+    assert labels == [0, 1, 2, 8, 9]  # each good row once, no stand-ins
+    assert skipped(batches) == {"unreadable image": 1, "missing image": 4}
+
+
 def test_csv_all_bad_is_one_clear_error(csv_data):
     for png_file in (csv_data.parent / "images").glob("*.png"):
         png_file.unlink()

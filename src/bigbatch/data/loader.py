@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterator
 
 from torch.utils.data import DataLoader
@@ -24,9 +25,15 @@ class Loader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        count = 0
+        count, carried = 0, Counter()
         try:
             for batch in self.dataloader:
+                if batch.images is None:  # a validation batch of bad rows only
+                    carried.update(batch.skipped)
+                    continue
+                if carried:  # its skips travel with the next real batch
+                    batch = batch._replace(skipped=dict(carried + Counter(batch.skipped)))
+                    carried.clear()
                 count += 1
                 yield batch
         except DataError as error:

@@ -1,8 +1,9 @@
 """Indexable sources (CSV, synthetic) -> ``Batch``es, with a per-epoch permutation split across ranks.
 
-A bad row is replaced by a readable one picked at random (and counted), rather than
-dropped: every rank must yield batches of the same size, or the feature all-gather of
-the loss would fail. Each bad row is counted once per epoch, when its own turn comes.
+In training a bad row is replaced by a readable one picked at random (and counted), rather
+than dropped: every rank must yield batches of the same size, or the feature all-gather of
+the loss would fail. Each bad row is counted once per epoch, when its own turn comes. In
+validation a bad row is dropped (and counted): a stand-in would count a sample twice.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ class EpochSampler(Sampler[int]):
 
 
 class ReplacingDataset(Dataset):
-    """Items ``(sample, why the scheduled row was skipped or None)``; bad rows are replaced."""
+    """Items ``(sample, why the scheduled row was skipped or None)``; bad rows are replaced
+    (``replace``) or come back as ``(None, why)``."""
 
-    def __init__(self, source: Source, seed: int):
-        self.source, self.seed = source, seed
+    def __init__(self, source: Source, seed: int, replace: bool = True):
+        self.source, self.seed, self.replace = source, seed, replace
 
     def __len__(self) -> int:
         return len(self.source)
@@ -78,7 +80,7 @@ class ReplacingDataset(Dataset):
         try:
             return self.source.load(index), None
         except BadSample as bad:
-            return self._replacement(index), bad
+            return (self._replacement(index) if self.replace else None), bad
 
     def _replacement(self, index: int) -> Sample:
         n = len(self.source)
@@ -100,16 +102,19 @@ class MapCollate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[tuple[Sample, BadSample | None]]) -> Batch:
+    def __call__(self, items: list[tuple[Sample | None, BadSample | None]]) -> Batch:
         skipped = Counter(bad.reason for _, bad in items if bad is not None)
-        return collate([sample for sample, _ in items], self.tokenizer, skipped)
+        samples = [sample for sample, _ in items if sample is not None]
+        if not samples:  # a validation batch of bad rows only: the loader passes its count on
+            return Batch(None, None, None, dict(skipped))
+        return collate(samples, self.tokenizer, skipped)
 
 
 def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataInfo:
     """Batches from an indexable source; an epoch is ``num_samples`` rows (default: all)."""
     length = spec.num_samples or len(source)
     sampler = EpochSampler(len(source), length, spec.is_train, spec.seed, spec.rank, spec.world_size)
-    loader = DataLoader(ReplacingDataset(source, spec.seed), batch_size=spec.batch_size, sampler=sampler,
+    loader = DataLoader(ReplacingDataset(source, spec.seed, replace=spec.is_train), batch_size=spec.batch_size, sampler=sampler,
                         num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
                         persistent_workers=spec.workers > 0, pin_memory=torch.cuda.is_available())
     num_batches = math.ceil(len(sampler) / spec.batch_size)
