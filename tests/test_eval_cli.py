@@ -14,6 +14,7 @@ from PIL import Image
 from bigbatch import eval_cli
 from bigbatch.checkpoint import save_checkpoint
 from bigbatch.config import ConfigError
+from bigbatch import weights as weights_module
 from bigbatch.model import create_model, register_model_config
 from bigbatch.zeroshot import builtin_classnames, builtin_templates
 
@@ -131,8 +132,8 @@ def test_caption_less_csv_and_builtin_templates(setup, capsys):
 
 def test_ema_weights_are_evaluated(setup):
     root, ckpt, _, ema = setup
-    weights = eval_cli.resolve_weights(str(ckpt), NAME, ema=True)
-    bundle = eval_cli.build_model(str(CONFIG), weights, torch.device("cpu"))
+    weights = weights_module.resolve_weights(str(ckpt), NAME, ema=True)
+    bundle = weights_module.load_model(str(CONFIG), weights, torch.device("cpu"))
     for key, value in bundle.model.state_dict().items():
         torch.testing.assert_close(value, ema[key])
 
@@ -179,7 +180,7 @@ def test_checkpoint_of_another_model(setup, tmp_path):
     with pytest.raises(ConfigError, match="is of model 'bigbatch-tiny', not --model 'test-clip'.*--model bigbatch-tiny"):
         eval_cli.main(_args(root, other, "--retrieval-data", str(root / "data.csv")))
     with pytest.raises(ConfigError, match="no EMA weights"):
-        eval_cli.resolve_weights(str(other), "bigbatch-tiny", ema=True)
+        weights_module.resolve_weights(str(other), "bigbatch-tiny", ema=True)
 
 
 def test_plain_weights_of_another_model(setup, tmp_path):
@@ -198,9 +199,9 @@ def test_pretrained_tags_offline(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HOME", str(tmp_path))  # open_clip's URL cache: ~/.cache/clip
     with pytest.raises(ConfigError, match="not available offline.*pass a local checkpoint file"):
-        eval_cli.resolve_weights("openai", register_model_config("ViT-B-32"))
+        weights_module.resolve_weights("openai", register_model_config("ViT-B-32"))
     with pytest.raises(ConfigError, match="not an open_clip pretrained tag of test-clip"):
-        eval_cli.resolve_weights("laion2b", NAME)
+        weights_module.resolve_weights("laion2b", NAME)
 
     # a tag of our own, its weights laid out as huggingface_hub caches them
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, NAME, {"cached": {"hf_hub": "bigbatch/test-clip/", "url": ""}})
@@ -209,9 +210,9 @@ def test_pretrained_tags_offline(setup, tmp_path, monkeypatch):
     (cache / "models--bigbatch--test-clip" / "refs").mkdir()
     (cache / "models--bigbatch--test-clip" / "refs" / "main").write_text("0" * 40)
     torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
-    weights = eval_cli.resolve_weights("cached", NAME)
+    weights = weights_module.resolve_weights("cached", NAME)
     assert weights.kind == "open_clip tag"
-    bundle = eval_cli.build_model(str(CONFIG), weights, torch.device("cpu"))
+    bundle = weights_module.load_model(str(CONFIG), weights, torch.device("cpu"))
     for key, value in bundle.model.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[key])
 

@@ -179,3 +179,12 @@ def test_finetune_with_locked_image_tower_keeps_it_bit_for_bit(tmp_path):
     assert not torch.equal(end["state_dict"]["text_projection"], start["state_dict"]["text_projection"])
     ema = end["ema_state_dict"]
     assert not torch.equal(ema["text_projection"], end["state_dict"]["text_projection"])
+
+
+def test_pretrained_that_is_neither_file_nor_cached_tag_is_refused(tmp_path, capsys):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "8", "--epochs", "1"]
+    assert main(["train", *FAST, *args, "--logs", str(tmp_path), "--pretrained", "/missing.pt"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["train", *FAST, *args, "--logs", str(tmp_path), "--name", "b",
+                 "--pretrained", "laion2b"]) == 2
+    assert "pass a checkpoint file" in capsys.readouterr().err

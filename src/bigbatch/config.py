@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = option(0, "random seed (data order, initialisation, dropout)", "data")
     # --- model
     model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()) or a path to a model config JSON", "model")
-    pretrained: str | None = option(None, "weights to start from: a local checkpoint file (bigbatch's or open_clip's)", "model")
+    pretrained: str | None = option(None, "weights to start from: a checkpoint file (bigbatch's or open_clip's) or an open_clip pretrained tag whose weights are in the local cache", "model")
     siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
     force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory (open_clip towers)", "model")
@@ -127,7 +127,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     wants_zeroshot = cfg.zeroshot_frequency > 0 and cfg.val_data is not None
     if wants_zeroshot and (cfg.zeroshot_classnames is None) != (cfg.zeroshot_templates is None):
         raise ConfigError("zero-shot evaluation needs both --zeroshot-classnames and --zeroshot-templates")
-    for name in ("zeroshot_classnames", "zeroshot_templates", "pretrained"):
+    for name in ("zeroshot_classnames", "zeroshot_templates"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"--{_flag(name)} {path}: no such file")

@@ -26,14 +26,11 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
-import logging
 import math
 import os
-import pickle
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -45,8 +42,8 @@ from bigbatch.device import autocast_factory, pick_device, resolve_precision
 from bigbatch.data import DataSpec, make_data
 from bigbatch.data.spec import expand_paths, is_local
 from bigbatch.evaluate import build_zeroshot_classifier, evaluate, zeroshot_accuracy
-from bigbatch.export import plain_state_dict
-from bigbatch.model import ModelBundle, create_model, register_model_config
+from bigbatch.model import ModelBundle, register_model_config
+from bigbatch.weights import load_model, resolve_weights
 from bigbatch.zeroshot import load_classnames, load_templates
 
 DATA_FLAG = "--val-data"  # how bigbatch.data names evaluation data in its messages
@@ -131,186 +128,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         if not files or missing:
             raise ConfigError(f"{flag} {paths}: no such file" + (f" ({missing[0]})" if len(files) > 1 else "")
                               + ": give a CSV file or webdataset shards ('dir/{000000..000009}.tar')")
-
-
-# --------------------------------------------------------------------------- weights
-
-
-@dataclass
-class Weights:
-    """What --pretrained named and how it is loaded."""
-
-    source: str | None  # the --pretrained value
-    kind: str  # "random", "checkpoint" (read here), "file" or "open_clip tag" (read by open_clip)
-    state_dict: dict[str, torch.Tensor] | None = None  # for "checkpoint"
-    siglip: bool = False  # the weights have a logit_bias: build the model with one
-    step: int | None = None
-    epoch: int | None = None
-
-
-def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = False) -> Weights:
-    """Check --pretrained against the model before anything is built (see the module docstring)."""
-    if pretrained is None:
-        if ema:
-            raise ConfigError("--ema evaluates a checkpoint's EMA weights: also pass --pretrained CKPT")
-        return Weights(None, "random")
-    path = Path(pretrained)
-    if path.is_file():
-        state = _peek(path)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            return _checkpoint_weights(pretrained, state, model_name, ema)
-        if ema:
-            raise ConfigError(f"--ema: {pretrained} is a plain weights file with no EMA weights "
-                              "(ema_state_dict): drop --ema, or pass the training checkpoint")
-        siglip = isinstance(state, dict) and "logit_bias" in state
-        return Weights(pretrained, "file", siglip=siglip)
-    if ema:
-        raise ConfigError(f"--ema needs a checkpoint file, and {pretrained} is not a file")
-    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not tag:
-        if path.suffix or os.sep in pretrained or "/" in pretrained:
-            raise ConfigError(f"--pretrained {pretrained}: no such file")
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        known = f"its tags are {', '.join(tags)}" if tags else "it has none"
-        raise ConfigError(f"--pretrained {pretrained}: no such file, and not an open_clip pretrained tag "
-                          f"of {model_name} ({known}): pass a checkpoint file")
-    if cached_tag_file(tag) is None:
-        raise ConfigError(
-            f"--pretrained {pretrained}: the weights of open_clip's {model_name} '{pretrained}' are not "
-            f"available offline (not in the local cache {_cache_location(tag)}) and bigbatch does not "
-            f"download: pass a local checkpoint file, or fetch them once where there is internet "
-            f"(open_clip.create_model_and_transforms('{model_name}', pretrained='{pretrained}')) and copy the cache")
-    return Weights(pretrained, "open_clip tag")
-
-
-def _peek(path: Path):
-    """The checkpoint's contents, memory-mapped where possible (an optimizer state several
-    times the weights is then never read), or None when torch cannot read it (safetensors,
-    TorchScript, numpy: open_clip's loader handles those)."""
-    for mmap in (True, False):  # files of torch's legacy format cannot be memory-mapped
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception:  # torch raises many types for a file it does not read
-            continue
-    return None
-
-
-def _checkpoint_weights(pretrained: str, state: dict, model_name: str, ema: bool) -> Weights:
-    saved = state.get("model")
-    if isinstance(saved, str) and saved != model_name:
-        raise ConfigError(f"checkpoint {pretrained} is of model '{saved}', not --model '{model_name}': "
-                          f"pass --model {saved} (or the config JSON it was trained from)")
-    if ema and "ema_state_dict" not in state:
-        raise ConfigError(f"checkpoint {pretrained} holds no EMA weights (no 'ema_state_dict'; train with "
-                          "--ema-decay to keep them): drop --ema")
-    weights = plain_state_dict(state["ema_state_dict" if ema else "state_dict"], model_name)
-    return Weights(pretrained, "checkpoint", weights, siglip="logit_bias" in weights,
-                   step=state.get("step"), epoch=state.get("epoch"))
-
-
-def cached_tag_file(tag: dict) -> str | None:
-    """The local file open_clip would load for a pretrained tag's config, or None when it
-    would have to download it. Mirrors open_clip's `download_pretrained`: the Hugging Face
-    hub (safetensors first) when the tag has a hub id and huggingface_hub is installed,
-    else the URL's file in ~/.cache/clip."""
-    if "file" in tag:
-        return tag["file"] if os.path.isfile(tag["file"]) else None
-    if tag.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        from huggingface_hub import try_to_load_from_cache  # looks, never downloads
-
-        repo, filename = os.path.split(tag["hf_hub"])  # "org/repo/" -> ("org/repo", "")
-        filename = filename or open_clip.constants.HF_WEIGHTS_NAME
-        for candidate in (*_safetensors_names(filename), filename):
-            found = try_to_load_from_cache(repo, candidate)
-            if isinstance(found, str):
-                return found
-        return None
-    if tag.get("url"):
-        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(tag["url"]))
-        return target if os.path.isfile(target) else None
-    return None
-
-
-def _safetensors_names(filename: str) -> list[str]:
-    if filename == open_clip.constants.HF_WEIGHTS_NAME:
-        return [open_clip.constants.HF_SAFE_WEIGHTS_NAME]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors"]
-    return []
-
-
-def _cache_location(tag: dict) -> str:
-    if tag.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        from huggingface_hub import constants
-
-        return f"{constants.HF_HUB_CACHE}, repo {tag['hf_hub'].rstrip('/')}"
-    return os.path.expanduser("~/.cache/clip")
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Make huggingface_hub answer from its cache without a network round trip.
-    HF_HUB_OFFLINE is read once at import, so the module constant is what to set."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
-@contextlib.contextmanager
-def _quiet_random_init(quiet: bool) -> Iterator[None]:
-    """open_clip warns that the model is "initialized randomly" when it is given no weights;
-    untrue when the checkpoint's weights are loaded right after."""
-    root, drop = logging.getLogger(), _DropRandomInitWarning()
-    if quiet:
-        root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
-def build_model(model: str, weights: Weights, device: torch.device) -> ModelBundle:
-    """The model of --model with --pretrained's weights, in eval mode on `device`."""
-    pretrained = weights.source if weights.kind in ("file", "open_clip tag") else None
-    try:
-        with _hub_offline(), _quiet_random_init(weights.kind == "checkpoint"):
-            bundle = create_model(model, pretrained=pretrained, siglip=weights.siglip)
-        if weights.state_dict is not None:
-            own = bundle.model.state_dict()
-            # 1-element scalars (logit_scale) load into whatever shape the model gives them
-            state = {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 and v.shape != own[k].shape
-                     else v for k, v in weights.state_dict.items()}
-            bundle.model.load_state_dict(state, strict=True)
-    except ConfigError:
-        raise
-    except (RuntimeError, AttributeError, KeyError, ValueError, AssertionError, OSError,
-            pickle.UnpicklingError) as error:  # what open_clip's loader raises for a file that does not fit
-        if weights.kind == "open_clip tag":
-            raise ConfigError(f"--pretrained {weights.source}: open_clip could not load these weights from "
-                              f"the local cache ({_first_line(error)}); the weights are not available offline: "
-                              "pass a local checkpoint file") from None
-        raise ConfigError(f"--pretrained {weights.source} does not fit --model {model} "
-                          f"({type(error).__name__}: {_first_line(error)}): pass the --model it was trained with") from None
-    bundle.model.to(device).eval()
-    return bundle
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------- data
@@ -413,7 +230,8 @@ def run(args: argparse.Namespace) -> dict:
     autocast = autocast_factory(precision, device)
     model_name = register_model_config(args.model)
     weights = resolve_weights(args.pretrained, model_name, ema=args.ema)
-    bundle = build_model(args.model, weights, device)
+    bundle = load_model(args.model, weights, device)
+    bundle.model.eval()
 
     results: dict = {
         "model": model_name, "model_arg": args.model, "checkpoint": args.pretrained,

@@ -29,10 +29,11 @@ from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, fu
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.ema import ModelEMA
 from bigbatch.losses import create_loss
-from bigbatch.model import (create_model, lock_towers, parameter_groups,
+from bigbatch.model import (lock_towers, parameter_groups, register_model_config,
                             set_frozen_towers_to_eval, unwrap)
 from bigbatch.plots import plot_training_curves
 from bigbatch.runlog import RunLog, log, setup_console_logging
+from bigbatch.weights import load_model, resolve_weights
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
 
@@ -132,9 +133,10 @@ def start_distributed(cfg: TrainConfig) -> World:
 def build_model(cfg: TrainConfig, world: World):
     """The open_clip model with its towers locked as asked, wrapped for this world; and the
     model-input positions of fully frozen towers (run once per sample)."""
-    bundle = create_model(cfg.model, pretrained=cfg.pretrained, siglip=cfg.siglip,
-                          force_patch_dropout=cfg.force_patch_dropout,
-                          grad_checkpointing=cfg.grad_checkpointing, device=world.device)
+    weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model))
+    bundle = load_model(cfg.model, weights, world.device, siglip=cfg.siglip,
+                        force_patch_dropout=cfg.force_patch_dropout,
+                        grad_checkpointing=cfg.grad_checkpointing)
     frozen_inputs = lock_towers(
         bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
         image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
