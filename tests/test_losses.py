@@ -185,6 +185,7 @@ def test_only_large_batches_are_tiled_by_default():
     assert loss.tile(2048, 65536) == tiled.DEFAULT_TILE  # a rank's rows under --local-loss
     assert ClipLoss(tile_size=32).tile(4, 4) == 32
     assert create_loss("siglip", tile_size=8).tile_size == 8
+    assert tiled.choose_tile(512, 65536) is None  # 2^25 logits, 128 MiB
 
 
 def test_bad_arguments_are_clear_errors():

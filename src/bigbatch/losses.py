@@ -42,6 +42,7 @@ from torch import nn
 
 from bigbatch import tiled
 from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes
+from bigbatch.tiled import loss_working_set_bytes  # noqa: F401  (for the planner and benchmarks)
 
 
 class _GlobalBatchLoss(nn.Module):
@@ -52,8 +53,7 @@ class _GlobalBatchLoss(nn.Module):
         """tile_size: None tiles only large losses (n * N > tiled.PLAIN_MAX_LOGITS, in
         blocks of tiled.DEFAULT_TILE); an int always tiles, in blocks of that size."""
         super().__init__()
-        if tile_size is not None and tile_size < 1:
-            raise ValueError(f"tile_size must be >= 1 (or None: tile large batches), got {tile_size}")
+        tiled.choose_tile(1, 1, tile_size)  # validates it
         self.tile_size = tile_size
         if local_loss and not gather_with_grad:
             raise ValueError("--local-loss needs --gather-with-grad: without it each rank loses the "
@@ -70,9 +70,7 @@ class _GlobalBatchLoss(nn.Module):
 
     def tile(self, n_rows: int, n_cols: int) -> int | None:
         """The block size for an (n_rows, n_cols) loss; None: the plain matmul."""
-        if self.tile_size is not None:
-            return self.tile_size
-        return tiled.DEFAULT_TILE if n_rows * n_cols > tiled.PLAIN_MAX_LOGITS else None
+        return tiled.choose_tile(n_rows, n_cols, self.tile_size)
 
     def gather(self, *features: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         """Every rank's features, rank-major, (N, D_k) each; and every rank's row count."""
@@ -155,7 +153,7 @@ class SigLipLoss(_GlobalBatchLoss):
 def _logits(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor,
             logit_bias: torch.Tensor | None) -> torch.Tensor:
     """(n, D) x (N, D) -> (n, N) float32 scaled similarities (float32 under autocast too)."""
-    with tiled._no_autocast(rows.device):
+    with tiled.no_autocast(rows.device):
         logits = logit_scale.float() * rows.float() @ columns.float().T
         return logits if logit_bias is None else logits + logit_bias.float()
 

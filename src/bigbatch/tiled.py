@@ -31,11 +31,25 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 DEFAULT_TILE = 4096  # a (4096, 4096) float32 block is 64 MiB; backward keeps 2-3 alive
 PLAIN_MAX_LOGITS = 8192 * 8192  # up to 256 MiB of float32 logits, the plain loss is cheaper
 
 FLOAT32 = 4  # bytes
+
+
+def choose_tile(n_rows: int, n_cols: int, tile_size: int | None = None) -> int | None:
+    """The block size an (n_rows, n_cols) loss runs with; None: the plain matmul.
+
+    tile_size None tiles only when the plain logits would pass PLAIN_MAX_LOGITS
+    (N > 8192 for the whole batch), in DEFAULT_TILE blocks; an int always tiles.
+    """
+    if tile_size is not None:
+        if tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1 (or None: tile large batches), got {tile_size}")
+        return tile_size
+    return DEFAULT_TILE if n_rows * n_cols > PLAIN_MAX_LOGITS else None
 
 
 def softmax_cross_entropy(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor,
@@ -52,7 +66,7 @@ def softmax_cross_entropy(rows: torch.Tensor, columns: torch.Tensor, logit_scale
     _check(rows, columns, start, tile)
     if symmetric and (rows.shape[0] != columns.shape[0] or start != 0):
         raise ValueError("symmetric needs as many rows as columns and start=0")
-    with _no_autocast(rows.device):
+    with no_autocast(rows.device):
         row_ce, column_ce = _SoftmaxCrossEntropy.apply(rows, columns, logit_scale, logit_bias,
                                                        start, tile, symmetric)
     return (row_ce, column_ce) if symmetric else row_ce
@@ -66,7 +80,7 @@ def sigmoid_pair_loss(rows: torch.Tensor, columns: torch.Tensor, logit_scale: to
     sign is +1 for the pair (i, start + i) and -1 for every other pair.
     """
     _check(rows, columns, start, tile)
-    with _no_autocast(rows.device):
+    with no_autocast(rows.device):
         return _SigmoidPairs.apply(rows, columns, logit_scale, logit_bias, start, tile)
 
 
@@ -136,11 +150,14 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
                 del logits
         ctx.save_for_backward(rows, columns, logit_scale, logit_bias, row_lse, column_lse)
         ctx.start, ctx.tile, ctx.symmetric = start, tile, symmetric
+        if not symmetric:
+            ctx.mark_non_differentiable(column_lse)  # an empty placeholder
         # symmetric: start == 0 and n == N, so column j's positive is row j's.
         column_ce = column_lse - positive if symmetric else column_lse
         return row_lse - positive, column_ce
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, row_grad, column_grad):
         rows, columns, logit_scale, logit_bias, row_lse, column_lse = ctx.saved_tensors
         start, symmetric = ctx.start, ctx.symmetric
@@ -162,7 +179,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
                 grad.add_(by_column)
             return grad
 
-        with _no_autocast(rows.device):
+        with no_autocast(rows.device):
             return _backward_blocks(ctx, rows, columns, logit_scale, logit_bias, block_grad) + (None,) * 3
 
 
@@ -187,6 +204,7 @@ class _SigmoidPairs(torch.autograd.Function):
         return per_row
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, row_grad):
         rows, columns, logit_scale, logit_bias = ctx.saved_tensors
         start, row_grad = ctx.start, row_grad.float()
@@ -201,7 +219,7 @@ class _SigmoidPairs(torch.autograd.Function):
                 grad.diagonal(k).neg_()
             return grad.mul_(row_grad[i0:i1, None])
 
-        with _no_autocast(rows.device):
+        with no_autocast(rows.device):
             return _backward_blocks(ctx, rows, columns, logit_scale, logit_bias, block_grad) + (None,) * 2
 
 
@@ -288,7 +306,7 @@ def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
     return torch.zeros_like(like) if grad is None else grad.float()
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     """Float32 math even inside the training step's autocast region."""
     try:
         return torch.autocast(device.type, enabled=False)
