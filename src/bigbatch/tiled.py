@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-DEFAULT_TILE = 4096  # a (4096, 4096) float32 block is 64 MiB; backward keeps 2-3 alive
+DEFAULT_TILE = 4096  # a (4096, 4096) float32 block is 64 MiB; at most 2 are alive
 PLAIN_MAX_LOGITS = 8192 * 8192  # up to 256 MiB of float32 logits, the plain loss is cheaper
 
 FLOAT32 = 4  # bytes
