@@ -32,6 +32,7 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 def test_synthetic_smoke_with_accumulation(tmp_path, capsys):
     run_dir = run(tmp_path, "--dataset-type", "synthetic", "--train-num-samples", "40", "--offload-inputs",
+                  "--loss-tile-size", "5",
                   "--batch-size", "4", "--accum-freq", "3", "--epochs", "1")
     train = records(run_dir, "train")
     # 10 micro-batches of 4 -> 3 full steps of 3 and one step of the leftover micro-batch

@@ -70,6 +70,7 @@ class TrainConfig:
     lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", "optimization", choices=["cosine", "const"])
     accum_freq: int = option(1, "micro-batches per optimizer step; exact feature-cached accumulation", "optimization")
     offload_inputs: bool = option(False, "keep the step's cached micro-batch inputs in pinned host memory, not on the GPU (for huge --accum-freq)", "optimization")
+    loss_tile_size: int | None = option(None, "compute the loss in (tile x tile) blocks, O(N x tile) memory (default: plain up to 8192^2 logits, tiles of 4096 above)", "optimization")
     grad_clip_norm: float | None = option(None, "clip the accumulated gradient to this global norm", "optimization")
     # --- precision and device
     precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])
@@ -116,6 +117,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ConfigError("--beta1 and --beta2 must be in [0, 1)")
+    if cfg.loss_tile_size is not None and cfg.loss_tile_size < 1:
+        raise ConfigError("--loss-tile-size must be at least 1 (omit it for the automatic choice)")
     if cfg.grad_clip_norm is not None and cfg.grad_clip_norm <= 0:
         raise ConfigError("--grad-clip-norm must be positive (omit it to disable clipping)")
     if cfg.force_patch_dropout is not None and not 0 <= cfg.force_patch_dropout < 1:

@@ -57,7 +57,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
     loss_fn = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                          rank=world.rank, world_size=world.world_size)
+                          rank=world.rank, world_size=world.world_size, tile_size=cfg.loss_tile_size)
     train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
     val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
