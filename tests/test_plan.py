@@ -1,0 +1,255 @@
+"""Memory planner: batch arithmetic, memory strings, and the meta estimate against real CPU runs."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from bigbatch import plan
+from bigbatch.config import ConfigError
+from bigbatch.model import register_model_config
+from bigbatch.plan import (MemoryPlan, derive_accum_freq, estimate_memory, find_max_batch_size,
+                           format_plan, main, parse_memory)
+
+TINY = str(Path(__file__).parent / "assets" / "test-clip.json")
+GiB = 1024 ** 3
+
+
+# --- batch arithmetic and memory strings
+
+def test_derive_accum_freq():
+    assert derive_accum_freq(32768, 256, 4) == 32
+    assert derive_accum_freq(4096, 4096, 1) == 1
+    assert derive_accum_freq(96, 3, 2) == 16
+
+
+def test_derive_accum_freq_names_the_micro_batches_that_divide():
+    with pytest.raises(ConfigError) as error:
+        derive_accum_freq(32768, 300, 1)
+    message = str(error.value)
+    assert "--batch-size" in message
+    assert "256 (accum-freq 128)" in message and "512 (accum-freq 64)" in message
+    with pytest.raises(ConfigError, match="--world-size 3"):
+        derive_accum_freq(1000, 8, 3)
+    with pytest.raises(ConfigError, match="positive"):
+        derive_accum_freq(1024, 0, 1)
+
+
+def test_parse_memory():
+    assert parse_memory("24GiB") == 24 * GiB
+    assert parse_memory("80GB") == 80 * 10 ** 9
+    assert parse_memory("512MiB") == 512 * 2 ** 20
+    assert parse_memory("1.5 GiB") == int(1.5 * GiB)
+    assert parse_memory("40960M") == 40 * GiB  # nvidia-smi's MiB
+    assert parse_memory("24gib") == 24 * GiB
+    for bad in ("24", "lots", "24 parsecs", "", "-3GiB"):
+        with pytest.raises(ConfigError, match="e.g. 24GiB"):
+            parse_memory(bad)
+
+
+# --- the meta estimate against the real model on CPU
+
+@pytest.fixture(scope="module")
+def real_tiny():
+    torch.manual_seed(0)
+    return open_clip.create_model(register_model_config(TINY), output_dict=True).train()
+
+
+def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpointing: bool = False) -> int:
+    """Bytes of the storages a real CPU forward saves for backward, each once; parameters,
+    buffers and the inputs left out (the planner counts them as weights and inputs)."""
+    model.set_grad_checkpointing(checkpointing)
+    images = torch.randn(batch_size, 3, 32, 32)
+    texts = torch.randint(1, 1000, (batch_size, 16))
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), images, texts]}
+    seen: dict[int, int] = {}
+    kept = []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        kept.append(t)
+        return t
+
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            model(images, texts)
+    finally:
+        model.set_grad_checkpointing(False)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision, dtype, target", [
+    ("fp32", None, "cpu"), ("amp_bf16", torch.bfloat16, "cpu"),
+    ("fp32", None, "cuda"),  # CUDA's fused attention keeps what CPU's flash kernel keeps
+])
+def test_meta_activations_match_a_real_cpu_forward(real_tiny, precision, dtype, target):
+    real = real_saved_bytes(real_tiny, 16, dtype)
+    estimate = estimate_memory(TINY, batch_size=16, accum_freq=1, precision=precision, target=target)
+    assert estimate.source == "meta estimate"
+    assert estimate.activations == pytest.approx(real, rel=0.10)
+
+
+def test_cuda_autocast_keeps_more_than_cpu_autocast():
+    """CUDA autocast runs LayerNorm in float32 and saves its float32 input; CPU does not."""
+    cpu = estimate_memory(TINY, batch_size=16, accum_freq=1, target="cpu").activations
+    cuda = estimate_memory(TINY, batch_size=16, accum_freq=1, target="cuda").activations
+    fp32 = estimate_memory(TINY, batch_size=16, accum_freq=1, precision="fp32").activations
+    assert cpu < cuda < fp32
+
+
+def test_activations_scale_linearly_with_the_micro_batch():
+    a8, a16, a32 = (estimate_memory(TINY, batch_size=b, accum_freq=1).activations for b in (8, 16, 32))
+    assert a32 - a16 == pytest.approx(2 * (a16 - a8), rel=0.01)
+    assert 1.5 < a16 / a8 <= 2.0  # plus a constant: autocast's bf16 weight copies
+    big = estimate_memory(TINY, batch_size=256, accum_freq=1).activations
+    assert big == pytest.approx(a8 + (256 - 8) / 8 * (a16 - a8), rel=0.01)
+
+
+def test_grad_checkpointing_keeps_block_inputs_and_one_block(real_tiny):
+    full = estimate_memory(TINY, batch_size=16, accum_freq=1, precision="fp32", target="cpu")
+    ckpt = estimate_memory(TINY, batch_size=16, accum_freq=1, precision="fp32", target="cpu",
+                           grad_checkpointing=True)
+    assert ckpt.activations < full.activations
+    assert ckpt.activations == full.activations_checkpointed
+    # What stays between forward and backward is what open_clip's own checkpointing keeps.
+    key = plan._model_key(TINY, False, None)
+    kept = plan._fake_profile(key, "cpu", None, 16).checkpoint_kept
+    assert kept == pytest.approx(real_saved_bytes(real_tiny, 16, None, checkpointing=True), rel=0.01)
+    assert kept < ckpt.activations  # + the block being recomputed
+
+
+def test_weights_gradients_and_adamw_state_are_exact(real_tiny):
+    estimate = estimate_memory(TINY, batch_size=4, accum_freq=2)
+    params = list(real_tiny.parameters())
+    n_params = sum(p.numel() for p in params)
+    assert estimate.weights == 4 * n_params + sum(b.numel() * b.element_size() for b in real_tiny.buffers())
+    assert estimate.gradients == 4 * n_params
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                for name, t in s.items() if name != "step")
+    for p in params:
+        p.grad = None
+    assert estimate.optimizer_state == state
+
+
+def test_terms_follow_the_step():
+    one = estimate_memory(TINY, batch_size=32, accum_freq=1)
+    assert one.cached_features == 0 and one.global_batch_size == 32
+    eight = estimate_memory(TINY, batch_size=32, accum_freq=8)
+    per_sample = 2 * 32 * 4  # image and text features, D = 32, float32
+    assert eight.cached_features == 3 * 256 * per_sample  # outputs, leaves, gradients
+    assert eight.inputs == 8 * one.inputs
+    assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == one.inputs
+    ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4)
+    assert ddp.gradients == 2 * eight.gradients and ddp.global_batch_size == 1024
+    assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
+        ddp.activations + ddp.cached_features + ddp.loss_working_set,
+        ddp.activations + 256 * per_sample + ddp.gradients,
+        ddp.gradients + ddp.step_temporaries)
+
+
+def test_large_global_batches_use_a_tiled_loss():
+    small = estimate_memory(TINY, batch_size=64, accum_freq=16)
+    large = estimate_memory(TINY, batch_size=1024, accum_freq=64)  # N = 65536
+    assert small.loss_tile is None and large.loss_tile is not None
+    assert large.loss_working_set < 4 * 65536 ** 2  # never the (N, N) logits
+
+
+def test_find_max_batch_size_is_the_largest_that_fits():
+    target = estimate_memory(TINY, batch_size=96, accum_freq=1)
+    memory = int(target.peak / (1 - plan.DEFAULT_RESERVE)) + 1
+    assert find_max_batch_size(TINY, gpu_memory_bytes=memory, accum_freq=1, max_batch_size=4096) == 96
+    # with a global batch, only divisors of G / W: 1000 = 100 x 10 fits, 125 x 8 does not
+    target = estimate_memory(TINY, batch_size=100, accum_freq=10)
+    memory = int(target.peak / (1 - plan.DEFAULT_RESERVE)) + 1
+    assert find_max_batch_size(TINY, gpu_memory_bytes=memory, global_batch_size=1000) == 100
+
+
+def test_format_plan_says_what_to_change():
+    fits = estimate_memory(TINY, batch_size=8, accum_freq=4, gpu_memory=parse_memory("1GiB"))
+    text = format_plan(fits)
+    for row in ("weights", "gradients", "optimizer state", "activations", "cached features",
+                "loss working set", "peak", "fits in 1.00 GiB"):
+        assert row in text
+    tight = estimate_memory(TINY, batch_size=256, accum_freq=4, gpu_memory=parse_memory("30MiB"))
+    assert not tight.fits
+    text = format_plan(tight)
+    assert "does NOT fit" in text and "--grad-checkpointing" in text and "--accum-freq" in text
+    assert "--offload-inputs" in text and "--world-size" in text
+
+
+# --- the command
+
+def run_plan(capsys, *argv: str) -> tuple[str, float]:
+    start = time.perf_counter()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out, time.perf_counter() - start
+
+
+def chosen(text: str) -> tuple[int, int, int]:
+    match = re.search(r"global batch (\d+) = batch-size (\d+) x accum-freq (\d+)", text)
+    return tuple(int(g) for g in match.groups())
+
+
+def test_plan_vit_b_32_at_32k_on_80gib(capsys):
+    text, seconds = run_plan(capsys, "--model", "ViT-B-32", "--global-batch-size", "32768",
+                             "--gpu-memory", "80GiB")
+    G, b, K = chosen(text)
+    assert G == 32768 and b * K == 32768 and b > 1
+    assert "fits in 80.00 GiB" in text and "--batch-size" in text
+    assert seconds < 20
+
+
+def test_plan_vit_l_14_at_4096_on_24gib_with_checkpointing(capsys):
+    text, seconds = run_plan(capsys, "--model", "ViT-L-14", "--global-batch-size", "4096",
+                             "--gpu-memory", "24GiB", "--grad-checkpointing")
+    G, b, K = chosen(text)
+    assert G == 4096 and b * K == 4096
+    assert "with grad checkpointing" in text and "fits in 24.00 GiB" in text
+    assert seconds < 20
+
+
+def test_plan_that_cannot_fit_names_the_fixes():
+    with pytest.raises(ConfigError) as error:
+        main(["--model", "ViT-L-14", "--global-batch-size", "4096", "--gpu-memory", "1GiB"])
+    message = str(error.value)
+    assert "does not fit 1.00 GiB" in message and "--fsdp" in message
+
+
+def test_plan_flags_are_checked():
+    with pytest.raises(ConfigError, match="divides 1024"):
+        main(["--model", TINY, "--global-batch-size", "1024", "--gpu-memory", "1GiB",
+              "--batch-size", "100"])
+    with pytest.raises(ConfigError, match="unit"):
+        main(["--model", TINY, "--global-batch-size", "1024", "--gpu-memory", "24"])
+    with pytest.raises(ConfigError, match="unknown --model"):
+        main(["--model", "ViT-Q-99", "--global-batch-size", "1024", "--gpu-memory", "24GiB"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_probe_is_close_to_the_meta_estimate():
+    meta = estimate_memory("ViT-B-32", batch_size=64, accum_freq=1)
+    probe = estimate_memory("ViT-B-32", batch_size=64, accum_freq=1, device="cuda")
+    assert probe.source == "probe on cuda"
+    assert probe.weights == meta.weights
+    # the probe also sees backward's transients, which the saved tensors leave out
+    assert meta.activations * 0.8 < probe.activations < meta.activations * 1.5
+
+
+def test_memory_plan_is_a_dataclass_with_the_breakdown():
+    fields = set(MemoryPlan.__dataclass_fields__)
+    assert {"batch_size", "accum_freq", "world_size", "global_batch_size", "weights", "gradients",
+            "optimizer_state", "activations", "cached_features", "loss_working_set", "peak",
+            "source"} <= fields
