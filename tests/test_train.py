@@ -189,3 +189,19 @@ def test_pretrained_that_is_neither_file_nor_cached_tag_is_refused(tmp_path, cap
     assert main(["train", *FAST, *args, "--logs", str(tmp_path), "--name", "b",
                  "--pretrained", "laion2b"]) == 2
     assert "pass a checkpoint file" in capsys.readouterr().err
+
+
+def test_global_batch_size_sets_accum_freq(tmp_path, capsys):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "24", "--epochs", "1"]
+    run_dir = run(tmp_path, *args, "--batch-size", "4", "--global-batch-size", "12")
+    assert {r["effective_batch"] for r in records(run_dir, "train")} == {12}
+    assert "batch-size 4 x accum-freq 3 x world-size 1" in capsys.readouterr().out
+    assert main(["train", *FAST, *args, "--logs", str(tmp_path), "--name", "x",
+                 "--batch-size", "5", "--global-batch-size", "12"]) == 2
+    assert "--batch-size that divides 12" in capsys.readouterr().err
+
+
+def test_batch_size_auto_needs_a_gpu(tmp_path, capsys):
+    code = main(["train", *FAST, "--dataset-type", "synthetic", "--logs", str(tmp_path),
+                 "--batch-size", "auto"])
+    assert code == 2 and "on CPU give a number" in capsys.readouterr().err

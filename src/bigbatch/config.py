@@ -40,7 +40,7 @@ class TrainConfig:
     csv_label_key: str | None = option(None, "CSV column of integer class ids, for zero-shot evaluation", "data")
     csv_separator: str = option("\t", "CSV separator", "data")
     workers: int = option(1, "data loader processes per GPU/rank", "data")
-    batch_size: int = option(64, "micro-batch size per GPU/rank (one forward)", "data")
+    batch_size: int | str = option(64, "micro-batch size per GPU/rank (one forward); 'auto': the largest that fits the GPU (bigbatch plan)", "data")
     seed: int = option(0, "random seed (data order, initialisation, dropout)", "data")
     # --- model
     model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()) or a path to a model config JSON", "model")
@@ -69,6 +69,7 @@ class TrainConfig:
     warmup: int = option(10000, "linear warmup, in optimizer steps", "optimization")
     lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", "optimization", choices=["cosine", "const"])
     accum_freq: int = option(1, "micro-batches per optimizer step; exact feature-cached accumulation", "optimization")
+    global_batch_size: int | None = option(None, "the effective batch to reach: sets --accum-freq to G / (batch-size x world-size)", "optimization")
     offload_inputs: bool = option(False, "keep the step's cached micro-batch inputs in pinned host memory, not on the GPU (for huge --accum-freq)", "optimization")
     loss_tile_size: int | None = option(None, "compute the loss in (tile x tile) blocks, O(N x tile) memory (default: plain up to 8192^2 logits, tiles of 4096 above)", "optimization")
     grad_clip_norm: float | None = option(None, "clip the accumulated gradient to this global norm", "optimization")
@@ -105,7 +106,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{_flag(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
-    positive = ["batch_size", "accum_freq", "epochs", "log_every_n_steps"]
+    positive = ["accum_freq", "epochs", "log_every_n_steps"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -113,6 +114,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.batch_size != "auto" and cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 or 'auto', got {cfg.batch_size}")
+    if cfg.global_batch_size is not None and cfg.global_batch_size < 1:
+        raise ConfigError("--global-batch-size must be at least 1")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
@@ -218,7 +223,16 @@ def _flag(name: str) -> str:
 
 def _parse_type(f: dataclasses.Field):
     base = str(f.type).replace(" | None", "")
-    return {"int": int, "float": float, "str": str}[base]
+    return {"int": int, "float": float, "str": str, "int | str": _int_or_auto}[base]
+
+
+def _int_or_auto(value: Any) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {value!r}") from None
 
 
 def _coerce(f: dataclasses.Field, value: Any, path: Path) -> Any:
@@ -227,5 +241,5 @@ def _coerce(f: dataclasses.Field, value: Any, path: Path) -> Any:
         return value
     try:
         return _parse_type(f)(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{path}: option '{f.name}' expects {str(f.type)}, got {value!r}") from None

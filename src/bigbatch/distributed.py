@@ -195,7 +195,8 @@ def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False) -> torc
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # gradients as views into the all-reduce buckets: one copy of the gradients, not two
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

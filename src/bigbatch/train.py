@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bigbatch import checkpoint as ckpt
+from bigbatch import plan
 from bigbatch.accumulation import cached_backward
 from bigbatch.config import ConfigError, TrainConfig, to_dict
 from bigbatch.data import DataSpec, make_data
@@ -50,6 +51,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, world: World) -> dict:
     device = world.device
     precision = resolve_precision(cfg.precision, device)
+    choose_batch_layout(cfg, world, precision)
     run_dir = prepare_run_dir(cfg, world)
     setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
     seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -164,6 +166,27 @@ def announce(cfg, world, model, precision, run_dir, samples_per_epoch, steps_per
              f"{cfg.batch_size} x accum-freq {cfg.accum_freq} x world-size {world.world_size}; "
              f"{samples_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
              f"{steps_per_epoch * cfg.epochs} steps")
+
+
+def choose_batch_layout(cfg: TrainConfig, world: World, precision: str) -> None:
+    """--batch-size auto: the largest micro-batch the GPU holds (bigbatch plan's estimate);
+    --global-batch-size G: accum-freq = G / (batch-size x world-size)."""
+    if cfg.batch_size == "auto":
+        if world.device.type != "cuda":
+            raise ConfigError("--batch-size auto sizes the micro-batch to the GPU's memory: "
+                              "on CPU give a number")
+        cfg.batch_size = plan.find_max_batch_size(
+            register_model_config(cfg.model), world_size=world.world_size,
+            gpu_memory_bytes=torch.cuda.get_device_properties(world.device).total_memory,
+            global_batch_size=cfg.global_batch_size,
+            accum_freq=None if cfg.global_batch_size else cfg.accum_freq, precision=precision,
+            grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
+            tile=cfg.loss_tile_size, device=str(world.device), siglip=cfg.siglip,
+            offload_inputs=cfg.offload_inputs, force_patch_dropout=cfg.force_patch_dropout)
+        log.info(f"--batch-size auto: {cfg.batch_size} per GPU")
+    if cfg.global_batch_size is not None:
+        cfg.accum_freq = plan.derive_accum_freq(cfg.global_batch_size, cfg.batch_size,
+                                                world.world_size)
 
 
 def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:
