@@ -1,0 +1,101 @@
+"""Smoke tests of scripts/bench.py: its memory meter, and one tiny end-to-end run.
+
+Times are never asserted (DESIGN.md section 6): only that every number is produced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+MB = 1000 * 1000 * 4  # bytes of a (1000, 1000) float32 tensor
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_saved_bytes_count_each_storage_once_and_drop_when_freed(bench):
+    x = torch.randn(1000, 1000, requires_grad=True)
+    with bench.MemoryMeter(bench.storage_keys(x)) as meter:
+        y = (x * 2).exp()  # exp saves its output y ...
+        z = y.sin().sum()  # ... and sin saves its input, the same y: one storage
+        assert meter.saved.current == MB
+        z.backward()
+        assert meter.saved.current == 0  # the graph is freed by backward
+        assert 2 * MB <= meter.live.current <= 2 * MB + 16  # y, x.grad (held in C++), the scalar z
+        del y, z
+        x.grad = None
+        assert meter.live.current == 0
+    assert meter.saved.peak == MB
+    assert 2 * MB <= meter.live.peak <= 4 * MB
+    assert meter.largest_tensor_bytes == MB
+
+
+def test_storages_alive_before_the_step_are_not_counted(bench):
+    x = torch.randn(1000, 1000)
+    weight = torch.randn(1000, 1000, requires_grad=True)
+    with bench.MemoryMeter(bench.storage_keys(weight)) as meter:
+        loss = (x.requires_grad_() @ weight.t()).sum()  # saves x and a view of weight
+        del loss
+    assert meter.saved.peak == MB  # x only: the weight's storage is excluded, view or not
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()  # the script sets torch's global thread count
+    yield 1
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_writes_json_markdown_and_plot(bench, tmp_path, one_thread):
+    args = bench.parse_args([
+        "--model", "bigbatch-tiny", "--device", "cpu", "--batch-size", "2", "--accum-freq", "2",
+        "--steps", "2", "--warmup-steps", "1", "--threads", str(one_thread), "--out", str(tmp_path),
+        "--loss-sizes", "32,64", "--loss-measure-max", "32"])
+    result = bench.run(args, log=lambda line: None)
+
+    stem = tmp_path / "bench-cpu-bigbatch-tiny"
+    for suffix in (".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["environment"]["load_average_start"] is not None
+    assert saved["environment"]["device_name"]
+
+    configs = result["configs"]
+    plain, accum = configs[bench.PLAIN], configs[bench.ACCUM]
+    for row in (plain, accum):
+        assert len(row["samples_per_s"]) == 2 and row["median_samples_per_s"] > 0
+        assert row["memory"]["saved_peak_bytes"] > 0
+        assert row["memory"]["live_peak_bytes"] >= row["memory"]["live_peak_before_optimizer_step_bytes"]
+    assert plain["ratio_to_plain"] == 1.0 and accum["ratio_to_plain"] > 0
+    # K = 2: the plain step keeps both micro-batches' activations, accumulation one at a time
+    assert plain["memory"]["saved_peak_bytes"] > accum["memory"]["saved_peak_bytes"]
+    peer = configs[bench.PEER]
+    assert "error" in peer or (peer["median_samples_per_s"] > 0 and "speedup_vs_peer" in accum)
+
+    rows = result["loss_working_set"]["rows"]
+    assert rows[0]["plain"]["source"] == "measured" and rows[0]["plain"]["measured_bytes"] > 0
+    assert rows[1]["plain"]["source"] != "measured"  # above --loss-measure-max: estimated only
+    assert "| bigbatch accumulated | 2 x 2 |" in stem.with_suffix(".md").read_text()
+
+
+def test_help_runs_as_a_script():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    for flag in ("--model", "--batch-size", "--accum-freq", "--steps", "--warmup-steps",
+                 "--precision", "--device", "--out", "--skip-peer", "--loss-sizes"):
+        assert flag in out.stdout
