@@ -1134,7 +1134,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
 
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{short_device(torch.device(result['environment']['device']))}-{Path(result['config']['model']).stem}"
+    config = result["config"]
+    device = short_device(torch.device(result["environment"]["device"]))
+    stem = f"bench-{device}-{Path(config['model']).stem}-b{config['batch_size']}x{config['accum_freq']}"
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(result))
