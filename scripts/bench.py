@@ -69,9 +69,10 @@ from torch.utils._pytree import tree_flatten
 
 from bigbatch import losses as bb_losses
 from bigbatch.accumulation import cached_backward
+from bigbatch.device import autocast_factory
 from bigbatch.model import create_model, parameter_groups
+from bigbatch.train import optimizer_step  # the trainer's own step: unscale, clip, step, zero, clamp
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp, applied by bigbatch's and the peer's steps alike
 MiB = 2**20
 PLAIN, ACCUM, PEER = "bigbatch plain", "bigbatch accumulated", "open_clip_train accumulated"
 CPU_LOSS_SIZES = [4096, 8192, 16384, 32768, 65536]
@@ -373,13 +374,6 @@ def model_shapes(model: torch.nn.Module) -> tuple[tuple[int, int], int, int]:
     return size, int(getattr(model, "context_length", 77)), int(getattr(model, "vocab_size", 49408))
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable | None:
-    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
-    if precision not in dtypes:
-        return None
-    return lambda: torch.autocast(device.type, dtype=dtypes[precision])
-
-
 @dataclass
 class Setup:
     """One configuration: its own model copy and optimizer, and a step over global batch i."""
@@ -389,18 +383,6 @@ class Setup:
     optimizer: torch.optim.Optimizer
     step: Callable[[int], None]
     extra: dict = field(default_factory=dict)
-
-
-def optimizer_step(model, optimizer, scaler) -> None:
-    """As bigbatch.train.optimizer_step without clipping: (unscale,) step, zero, clamp the scale."""
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None) -> Setup:
@@ -415,7 +397,7 @@ def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None) -
 
     def step(i: int) -> None:
         cached_backward(model, inputs[i % len(inputs)], loss_fn, autocast=autocast, grad_scaler=scaler)
-        optimizer_step(model, optimizer, scaler)
+        optimizer_step(model, optimizer, scaler, clip_norm=None)
 
     label = f"{b} x {k}" if micro else f"{b * k}"
     return Setup(name, label, model, optimizer, step)
@@ -586,7 +568,7 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
     b, k = args.batch_size, args.accum_freq
     n = b * k
     loss_fn = bb_losses.ClipLoss()
-    autocast = autocast_factory(args.precision, device) or contextlib.nullcontext
+    autocast = autocast_factory(args.precision, device)
 
     def forward_nograd(size):
         with torch.no_grad(), autocast():
@@ -785,7 +767,6 @@ def largest_batch_search(model_fn: Callable[[], torch.nn.Module], args, log: Cal
     K, reusing one micro-batch of data K times (the loss sees N = b*K samples; the inputs
     of a huge K would live in host memory anyway, DESIGN.md section 1).
     """
-    device = torch.device(args.device)
     size, context, vocab = model_shapes(model_fn())
     support = tiled_loss_support()
     results = {}
@@ -853,7 +834,7 @@ def _one_big_step(kind, model, n, size, context, vocab, args, support) -> float:
         scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" else None
         cached_backward(model, micro_batches, loss_fn,
                         autocast=autocast_factory(args.precision, device), grad_scaler=scaler)
-        optimizer_step(model, setup.optimizer, scaler)
+        optimizer_step(model, setup.optimizer, scaler, clip_norm=None)
     synchronize(device)
     return time.perf_counter() - start
 
