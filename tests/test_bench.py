@@ -67,7 +67,7 @@ def test_tiny_run_writes_json_markdown_and_plot(bench, tmp_path, one_thread):
         "--loss-sizes", "32,64", "--loss-measure-max", "32"])
     result = bench.run(args, log=lambda line: None)
 
-    stem = tmp_path / "bench-cpu-bigbatch-tiny"
+    stem = tmp_path / "bench-cpu-bigbatch-tiny-b2x2"
     for suffix in (".json", ".md", ".png"):
         assert stem.with_suffix(suffix).stat().st_size > 0
     saved = json.loads(stem.with_suffix(".json").read_text())
