@@ -47,8 +47,6 @@ class RunLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self._window_start = time.perf_counter()
         self._window = Counter()  # samples, data seconds since the last progress line
-        self._first_step: int | None = None
-        self._run_start = time.perf_counter()
 
     def count_skipped(self, skipped: dict[str, int]) -> None:
         self.skipped.update(skipped)
@@ -56,8 +54,6 @@ class RunLog:
     def train_step(self, *, step: int, epoch: int, loss: float, lr: float, samples: int,
                    data_seconds: float, effective_batch: int, print_now: bool,
                    extra: dict[str, float] | None = None) -> None:
-        if self._first_step is None:
-            self._first_step = step - 1
         self._window.update(samples=samples, data_seconds=data_seconds, steps=1)
         if not print_now:
             return
