@@ -5,7 +5,8 @@ step of `cached_backward` and pick the largest micro-batch that fits. The predic
 follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
 
     W  weights (parameters and buffers, fp32: autocast keeps fp32 master weights)
-    G  gradients, fp32 per trainable parameter (x2 under DDP, whose buckets are a copy)
+    G  gradients, fp32 per trainable parameter (under DDP they are views into its
+       all-reduce buckets: gradient_as_bucket_view, no second copy)
     O  AdamW state, two fp32 moments per trainable parameter (frozen ones have none)
     I  the step's inputs on the device: all K micro-batches (float32 images, int64
        tokens); one micro-batch with --offload-inputs
@@ -263,7 +264,7 @@ def _assemble(profile: _Profile, activations: int, b: int, K: int, o: _Options) 
     W, n = o.world_size, b * K  # n: this rank's samples in the step
     trainable = profile.trainable_params
     weights = profile.param_bytes + profile.buffer_bytes
-    gradients = FLOAT32 * trainable * (2 if W > 1 else 1)  # DDP's buckets are a second copy
+    gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
     optimizer_state = 2 * FLOAT32 * trainable
     step_temporaries = FLOAT32 * trainable
     inputs = (b if o.offload_inputs else n) * profile.input_bytes_per_sample
@@ -727,7 +728,7 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     rows = [
         ("weights", plan.weights),
-        ("gradients (fp32)" + (", + DDP buckets" if W > 1 else ""), plan.gradients),
+        ("gradients (fp32)", plan.gradients),
         ("optimizer state (AdamW, 2 fp32 moments)", plan.optimizer_state),
         (f"inputs ({'1 micro-batch, offloaded' if plan.offload_inputs or K == 1 else f'{K} micro-batches'})",
          plan.inputs),
