@@ -153,7 +153,7 @@ def test_terms_follow_the_step():
     assert eight.inputs == 8 * one.inputs
     assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == one.inputs
     ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4)
-    assert ddp.gradients == 2 * eight.gradients and ddp.global_batch_size == 1024
+    assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024  # bucket views
     assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
         ddp.activations + ddp.cached_features + ddp.loss_working_set,
         ddp.activations + 256 * per_sample + ddp.gradients,
