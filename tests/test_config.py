@@ -51,7 +51,7 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--grad-clip-norm", "0"], "--grad-clip-norm must be positive"),
     (["--resume", "latest"], "also pass --name"),
     (["--resume", "/nope.pt"], "no such checkpoint"),
-    (["--precision", "amp", "--device", "cpu"], "on CPU use --precision fp32 or amp_bf16"),
+    (["--accum-freq", "4", "--global-batch-size", "64"], "give one of them, not both"),
     (["--val-data", "v.tar", "--zeroshot-classnames", __file__], "needs both"),
 ])
 def test_bad_values_and_combinations(argv, message):
@@ -85,3 +85,17 @@ def test_every_field_has_help_and_group():
     import dataclasses
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help") and f.metadata.get("group"), f.name
+
+
+def test_zeroshot_files_are_checked_before_training(tmp_path):
+    names, templates = tmp_path / "names.txt", tmp_path / "templates.txt"
+    names.write_text("# nothing but a comment\n")
+    templates.write_text("a photo of a {}.\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        parse_config(SYNTH + ["--val-data", "v.tar", "--zeroshot-classnames", str(names),
+                              "--zeroshot-templates", str(templates)])
+    names.write_text("cat\ndog\n")
+    templates.write_text("a photo of a cat\n")
+    with pytest.raises(ConfigError, match="needs '{}'"):
+        parse_config(SYNTH + ["--val-data", "v.tar", "--zeroshot-classnames", str(names),
+                              "--zeroshot-templates", str(templates)])

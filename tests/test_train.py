@@ -95,9 +95,12 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
+    """Dropout masks and (with a loader worker) augmentations continue exactly."""
     args = ["--dataset-type", "synthetic", "--train-num-samples", "24", "--batch-size", "4",
-            "--accum-freq", "2", "--epochs", "2", "--force-patch-dropout", "0.5"]
+            "--accum-freq", "2", "--epochs", "2", "--force-patch-dropout", "0.5",
+            "--workers", workers]
     whole = run(tmp_path, *args, name="whole")
 
     save = bigbatch.train.save
@@ -205,3 +208,12 @@ def test_batch_size_auto_needs_a_gpu(tmp_path, capsys):
     code = main(["train", *FAST, "--dataset-type", "synthetic", "--logs", str(tmp_path),
                  "--batch-size", "auto"])
     assert code == 2 and "on CPU give a number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "amp"], "on CPU use --precision fp32 or amp_bf16"),
+    (["--fsdp"], "--fsdp shards the model across ranks"),
+])
+def test_flags_that_need_a_gpu_or_ranks_are_one_clear_error(tmp_path, capsys, flags, message):
+    code = main(["train", *FAST, "--dataset-type", "synthetic", "--logs", str(tmp_path), *flags])
+    assert code == 2 and message in capsys.readouterr().err

@@ -136,9 +136,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if wants_zeroshot and (cfg.zeroshot_classnames is None) != (cfg.zeroshot_templates is None):
         raise ConfigError("zero-shot evaluation needs both --zeroshot-classnames and --zeroshot-templates")
     for name in ("zeroshot_classnames", "zeroshot_templates"):
-        path = getattr(cfg, name)
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"--{_flag(name)} {path}: no such file")
+        _check_lines_file(name, getattr(cfg, name))
+    if cfg.global_batch_size is not None and cfg.accum_freq != 1:
+        raise ConfigError("--global-batch-size sets --accum-freq (G / (batch-size x world-size)): "
+                          "give one of them, not both")
     if cfg.resume == "latest" and cfg.name is None:
         raise ConfigError("--resume latest continues a named run: also pass --name of that run")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
@@ -160,9 +161,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.local_loss and not cfg.gather_with_grad:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")
-    if cfg.precision == "amp" and cfg.device == "cpu":
-        raise ConfigError("--precision amp (float16) is for CUDA: on CPU use --precision fp32 or amp_bf16")
     return cfg
+
+
+def _check_lines_file(name: str, path: str | None) -> None:
+    """Class names / templates: read now, not after the first epoch of training."""
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"--{_flag(name)} {path}: no such file")
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    if not any(line and not line.startswith("#") for line in lines):
+        raise ConfigError(f"--{_flag(name)} {path} is empty: one entry per line")
+    if name == "zeroshot_templates" and not all("{}" in line for line in lines
+                                                if line and not line.startswith("#")):
+        raise ConfigError(f"--{_flag(name)} {path}: every template needs '{{}}' where the "
+                          f"class name goes")
 
 
 # --- parsing

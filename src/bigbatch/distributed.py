@@ -97,6 +97,8 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> World:
     if not (launch.master_addr and launch.master_port):
         raise ValueError("a multi-process launch needs MASTER_ADDR and MASTER_PORT: start with "
                          "torchrun (it sets them) or export both")
+    if backend == "nccl" and world.device.type != "cuda":
+        raise ValueError("--dist-backend nccl runs on GPUs: use gloo (the default on CPU)")
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     # env:// so that torchrun's agent store is reused rather than bound twice
@@ -222,15 +224,18 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
             get_optimizer_state_dict(model, optimizer, options=options))
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    model_state: dict, optimizer_state: dict | None = None) -> None:
-    """The inverse of `full_state`: every rank loads the same full state."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, _shape_like(model, model_state), options=options)
-    if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+def load_full_model_state(model: torch.nn.Module, model_state: dict) -> None:
+    """The inverse of `full_state` for the weights: every rank loads the same full state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, _shape_like(model, model_state),
+                         options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              optimizer_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _shape_like(model: torch.nn.Module, state: dict) -> dict:

@@ -26,7 +26,8 @@ from bigbatch.config import ConfigError, TrainConfig, to_dict
 from bigbatch.data import DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
 from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state,
-                                  init_distributed, load_full_state, wrap_model)
+                                  init_distributed, load_full_model_state,
+                                  load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.ema import ModelEMA
 from bigbatch.losses import create_loss
@@ -127,9 +128,14 @@ def start_distributed(cfg: TrainConfig) -> World:
     """Join torchrun's/SLURM's process group (none for one process) on this rank's device."""
     backend = None if cfg.dist_backend == "auto" else cfg.dist_backend
     try:
-        return init_distributed(cfg.device, backend)
+        world = init_distributed(cfg.device, backend)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.fsdp and world.world_size == 1:
+        cleanup()
+        raise ConfigError("--fsdp shards the model across ranks: launch with torchrun "
+                          "--nproc-per-node N (N > 1), or drop --fsdp for one process")
+    return world
 
 
 def build_model(cfg: TrainConfig, world: World):
@@ -183,10 +189,18 @@ def choose_batch_layout(cfg: TrainConfig, world: World, precision: str) -> None:
             grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
             tile=cfg.loss_tile_size, device=str(world.device), siglip=cfg.siglip,
             offload_inputs=cfg.offload_inputs, force_patch_dropout=cfg.force_patch_dropout)
+        cfg.batch_size = smallest_over_ranks(cfg.batch_size, world)  # ranks must agree
         log.info(f"--batch-size auto: {cfg.batch_size} per GPU")
     if cfg.global_batch_size is not None:
         cfg.accum_freq = plan.derive_accum_freq(cfg.global_batch_size, cfg.batch_size,
                                                 world.world_size)
+
+
+def smallest_over_ranks(value: int, world: World) -> int:
+    values = [value] * world.world_size
+    if world.world_size > 1:
+        torch.distributed.all_gather_object(values, value)
+    return min(values)
 
 
 def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:
@@ -349,12 +363,21 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
 
 
-def all_rng_states(world: World) -> list[torch.Tensor]:
-    """Each rank's CPU generator, so a resumed run draws the same dropout masks."""
-    states = [torch.get_rng_state()] * world.world_size
+def all_rng_states(world: World) -> list[dict]:
+    """Each rank's CPU and CUDA generators, so a resumed run draws the same dropout masks."""
+    mine = {"cpu": torch.get_rng_state()}
+    if world.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(world.device)
+    states = [mine] * world.world_size
     if world.world_size > 1:
-        torch.distributed.all_gather_object(states, torch.get_rng_state())
+        torch.distributed.all_gather_object(states, mine)
     return states
+
+
+def restore_rng_state(state: dict, world: World) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and world.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), world.device)
 
 
 def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[int, int]:
@@ -365,18 +388,26 @@ def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[i
             log.info(f"--resume latest: no checkpoint in {run_dir} yet, starting fresh")
         return 0, 0
     state = ckpt.load_checkpoint(path)
+    if "optimizer" not in state:
+        raise ConfigError(f"{path} holds weights but no training state: to start from it, "
+                          f"pass it as --pretrained instead of --resume")
     try:
-        load_full_state(model, optimizer, ckpt.strip_wrapper_prefix(state["state_dict"]),
-                        state["optimizer"])
+        load_full_model_state(model, ckpt.strip_wrapper_prefix(state["state_dict"]))
     except (RuntimeError, KeyError, ValueError):
         raise ConfigError(f"checkpoint {path} was saved from model {state.get('model')!r}, "
                           f"not --model {cfg.model}: resume with the same --model") from None
+    try:
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    except (RuntimeError, KeyError, ValueError):
+        raise ConfigError(f"checkpoint {path} has optimizer state for other trainable "
+                          f"parameters: resume with the run's --lock-*, --layer-decay and "
+                          f"--lr-image/--lr-text, or start a new run from it with --pretrained") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if ema is not None and "ema_state_dict" in state:
-        ema.load_state_dict(state["ema_state_dict"])
+    if ema is not None:  # an EMA new to this run starts from the resumed weights
+        ema.load_state_dict(state.get("ema_state_dict") or unwrap(model).state_dict())
     rng = state.get("rng") or []
     if len(rng) == world.world_size:  # the same layout of ranks: continue each one's stream
-        torch.set_rng_state(rng[world.rank].cpu())
+        restore_rng_state(rng[world.rank], world)
     log.info(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}")
     return state["epoch"], state["step"]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
 from .samples import BadSample, DataError, Sample
-from .seeding import make_np_rng, make_rng
+from .seeding import make_np_rng, make_rng, reseed
 from .spec import DataInfo, DataSpec
 
 MAX_REPLACEMENT_TRIES = 1000  # rows tried in place of a bad one before giving up on the data
@@ -114,9 +114,18 @@ def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataI
     """Batches from an indexable source; an epoch is ``num_samples`` rows (default: all)."""
     length = spec.num_samples or len(source)
     sampler = EpochSampler(len(source), length, spec.is_train, spec.seed, spec.rank, spec.world_size)
-    loader = DataLoader(ReplacingDataset(source, spec.seed, replace=spec.is_train), batch_size=spec.batch_size, sampler=sampler,
-                        num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
-                        persistent_workers=spec.workers > 0, pin_memory=torch.cuda.is_available())
+    generator = torch.Generator()
+
+    def set_epoch(epoch: int) -> None:
+        sampler.set_epoch(epoch)
+        reseed(generator, spec.seed, "loader", spec.rank, epoch)
+
+    set_epoch(0)
+    # workers restart each epoch, seeded from `generator` (see seeding.py): exact resumes
+    loader = DataLoader(ReplacingDataset(source, spec.seed, replace=spec.is_train),
+                        batch_size=spec.batch_size, sampler=sampler, num_workers=spec.workers,
+                        collate_fn=MapCollate(tokenizer), generator=generator,
+                        pin_memory=torch.cuda.is_available())
     num_batches = math.ceil(len(sampler) / spec.batch_size)
     num_samples = len(sampler) * spec.world_size if spec.is_train else length
-    return DataInfo(Loader(loader, num_batches, source.name), num_samples, num_batches, sampler.set_epoch)
+    return DataInfo(Loader(loader, num_batches, source.name), num_samples, num_batches, set_epoch)

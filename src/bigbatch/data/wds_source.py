@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
 from .samples import CORRUPT_SHARD, BadSample, DataError, Preprocess, Sample, load_image
-from .seeding import make_rng
+from .seeding import make_rng, reseed
 from .shards import CorruptShard, check_shards, parse_sample, read_shard, shard_sizes
 from .spec import DataInfo, DataSpec, expand_paths
 
@@ -210,9 +210,17 @@ def make_webdataset_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Toke
         num_batches = _val_batches(mine, sizes, spec.batch_size, max(1, workers))
         stream = ShardStream(shards, spec, preprocess, tokenizer, None)
 
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+    generator = torch.Generator()
+
+    def set_epoch(epoch: int) -> None:
+        stream.set_epoch(epoch)
+        reseed(generator, spec.seed, "loader", spec.rank, epoch)
+
+    set_epoch(0)
+    # workers restart each epoch, seeded from `generator` (see seeding.py): exact resumes
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
                         pin_memory=torch.cuda.is_available())
-    return DataInfo(Loader(loader, num_batches, name), num_samples, num_batches, stream.set_epoch)
+    return DataInfo(Loader(loader, num_batches, name), num_samples, num_batches, set_epoch)
 
 
 def _val_batches(mine: list[str], sizes: dict[str, int], batch_size: int, workers: int) -> int | None:
