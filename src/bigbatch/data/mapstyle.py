@@ -9,6 +9,7 @@ validation a bad row is dropped (and counted): a stand-in would count a sample t
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections import Counter
 from typing import Iterator, Protocol
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
 from .samples import BadSample, DataError, Sample
-from .seeding import make_np_rng, make_rng, reseed
+from .seeding import make_np_rng, make_rng, reseed, seed_worker
 from .spec import DataInfo, DataSpec
 
 MAX_REPLACEMENT_TRIES = 1000  # rows tried in place of a bad one before giving up on the data
@@ -72,11 +73,13 @@ class ReplacingDataset(Dataset):
 
     def __init__(self, source: Source, seed: int, replace: bool = True):
         self.source, self.seed, self.replace = source, seed, replace
+        self.epoch = multiprocessing.Value("q", 0)  # shared: set_epoch reaches persistent workers
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[Sample, BadSample | None]:
+        seed_worker(self.seed, "augment", self.epoch.value, index)  # a function of the sample alone
         try:
             return self.source.load(index), None
         except BadSample as bad:
@@ -114,17 +117,16 @@ def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataI
     """Batches from an indexable source; an epoch is ``num_samples`` rows (default: all)."""
     length = spec.num_samples or len(source)
     sampler = EpochSampler(len(source), length, spec.is_train, spec.seed, spec.rank, spec.world_size)
-    generator = torch.Generator()
+    dataset = ReplacingDataset(source, spec.seed, replace=spec.is_train)
 
     def set_epoch(epoch: int) -> None:
         sampler.set_epoch(epoch)
-        reseed(generator, spec.seed, "loader", spec.rank, epoch)
+        dataset.epoch.value = epoch
 
-    set_epoch(0)
-    # workers restart each epoch, seeded from `generator` (see seeding.py): exact resumes
-    loader = DataLoader(ReplacingDataset(source, spec.seed, replace=spec.is_train),
-                        batch_size=spec.batch_size, sampler=sampler, num_workers=spec.workers,
-                        collate_fn=MapCollate(tokenizer), generator=generator,
+    generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # see seeding.py
+    loader = DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler,
+                        num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
+                        generator=generator, persistent_workers=spec.workers > 0,
                         pin_memory=torch.cuda.is_available())
     num_batches = math.ceil(len(sampler) / spec.batch_size)
     num_samples = len(sampler) * spec.world_size if spec.is_train else length

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
 from .samples import CORRUPT_SHARD, BadSample, DataError, Preprocess, Sample, load_image
-from .seeding import make_rng, reseed
+from .seeding import make_rng, reseed, seed_worker
 from .shards import CorruptShard, check_shards, parse_sample, read_shard, shard_sizes
 from .spec import DataInfo, DataSpec, expand_paths
 
@@ -76,6 +76,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch = self.epoch.value
+        seed_worker(self.spec.seed, "augment", epoch, self.spec.rank, worker)
         if self.samples_per_rank is None:
             mine = self.shards[self.spec.rank::self.spec.world_size][worker::workers]
             samples = self._decode(self._read(mine))
@@ -212,15 +213,10 @@ def make_webdataset_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Toke
 
     generator = torch.Generator()
 
-    def set_epoch(epoch: int) -> None:
-        stream.set_epoch(epoch)
-        reseed(generator, spec.seed, "loader", spec.rank, epoch)
-
-    set_epoch(0)
-    # workers restart each epoch, seeded from `generator` (see seeding.py): exact resumes
+    reseed(generator, spec.seed, "loader", spec.rank)  # not torch's global one (seeding.py)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                        pin_memory=torch.cuda.is_available())
-    return DataInfo(Loader(loader, num_batches, name), num_samples, num_batches, set_epoch)
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    return DataInfo(Loader(loader, num_batches, name), num_samples, num_batches, stream.set_epoch)
 
 
 def _val_batches(mine: list[str], sizes: dict[str, int], batch_size: int, workers: int) -> int | None:
