@@ -51,8 +51,3 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
         latest = checkpoint_dir / LATEST
         return latest if latest.is_file() else None
     return Path(resume)
-
-
-def strip_wrapper_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights saved from a DDP-wrapped model carry a 'module.' prefix."""
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}

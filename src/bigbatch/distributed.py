@@ -239,8 +239,10 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def _shape_like(model: torch.nn.Module, state: dict) -> dict:
-    """Scalars saved as () load into (1,) parameters and back (see _scalars_to_vectors)."""
+    """Canonical names (no DDP 'module.' prefix, as saved from a wrapped model) and shapes:
+    scalars saved as () load into (1,) parameters and back (see _scalars_to_vectors)."""
     own = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 and v.shape != own[k].shape
             else v for k, v in state.items()}
 

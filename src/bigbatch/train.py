@@ -392,7 +392,7 @@ def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[i
         raise ConfigError(f"{path} holds weights but no training state: to start from it, "
                           f"pass it as --pretrained instead of --resume")
     try:
-        load_full_model_state(model, ckpt.strip_wrapper_prefix(state["state_dict"]))
+        load_full_model_state(model, state["state_dict"])
     except (RuntimeError, KeyError, ValueError):
         raise ConfigError(f"checkpoint {path} was saved from model {state.get('model')!r}, "
                           f"not --model {cfg.model}: resume with the same --model") from None
