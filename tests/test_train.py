@@ -217,3 +217,10 @@ def test_batch_size_auto_needs_a_gpu(tmp_path, capsys):
 def test_flags_that_need_a_gpu_or_ranks_are_one_clear_error(tmp_path, capsys, flags, message):
     code = main(["train", *FAST, "--dataset-type", "synthetic", "--logs", str(tmp_path), *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_offloaded_inputs_with_a_locked_tower(tmp_path):
+    run_dir = run(tmp_path, "--dataset-type", "synthetic", "--train-num-samples", "16",
+                  "--batch-size", "4", "--accum-freq", "2", "--epochs", "1",
+                  "--lock-image", "--offload-inputs")
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2]

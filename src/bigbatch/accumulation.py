@@ -9,8 +9,9 @@ the exact gradient of the loss over their concatenation in three stages:
    micro-batch runs with grad instead and keeps its graph: it is not recomputed.
 2. Loss once. The cached features are concatenated into leaves (N, D) that require
    grad, the loss is taken over the whole batch with the live logit_scale/logit_bias,
-   and one backward gives g_j = dL/df_j and dL/d(scalar outputs). The logits are
-   freed before pass 2, so peak memory is max(loss, activations), not their sum.
+   and one backward gives g_j = dL/df_j and dL/d(scalar outputs). Only the last
+   micro-batch's graph is alive meanwhile, and the logits are freed before pass 2:
+   peak memory is one micro-batch of activations plus the loss, never K micro-batches.
 3. Pass 2, recompute. Each cached micro-batch is run again with grad under its saved
    RNG states (same dropout masks), and `backward(f_j, g_j)` accumulates its share
    into `.grad`. Model-level scalars (logit_scale, logit_bias) receive their gradient
@@ -66,7 +67,8 @@ def cached_backward(
         frozen_inputs: positions in each micro-batch of inputs whose tower is frozen and
             deterministic; pass 2 does not recompute it.
         to_device: applied to a micro-batch right before each of its forwards, so that
-            cached inputs can wait in pinned host memory (huge K) instead of on the GPU.
+            cached inputs can wait in pinned host memory (huge K) instead of on the GPU;
+            in pass 2 a frozen tower's input arrives as None.
 
     Returns:
         The loss, detached.
@@ -124,7 +126,7 @@ def cached_backward(
             is_last = j == len(cached_inputs) - 1
             with _gradient_sync(model, enabled=is_last):
                 with autocast():
-                    out = model(*_without(move(inputs), frozen_inputs))
+                    out = model(*move(_without(inputs, frozen_inputs)))  # frozen stay put
                 _backward_slice(out, slices, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     return loss.detach()

@@ -76,8 +76,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                     tensorboard=cfg.report_to == "tensorboard")
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
 
-    def to_device(inputs):  # a no-op for inputs already there
-        return tuple(t.to(device, non_blocking=True) for t in inputs)
+    def to_device(inputs):  # a no-op for inputs already there; None: a frozen tower's
+        return tuple(None if t is None else t.to(device, non_blocking=True) for t in inputs)
 
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
