@@ -168,13 +168,14 @@ def _check_lines_file(name: str, path: str | None) -> None:
     """Class names / templates: read now, not after the first epoch of training."""
     if path is None:
         return
+    from bigbatch.evaluate import load_lines  # the reader evaluation uses (torch: import late)
     if not Path(path).is_file():
         raise ConfigError(f"--{_flag(name)} {path}: no such file")
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    if not any(line and not line.startswith("#") for line in lines):
-        raise ConfigError(f"--{_flag(name)} {path} is empty: one entry per line")
-    if name == "zeroshot_templates" and not all("{}" in line for line in lines
-                                                if line and not line.startswith("#")):
+    try:
+        lines = load_lines(path)
+    except ValueError as error:
+        raise ConfigError(f"--{_flag(name)} {error}") from None
+    if name == "zeroshot_templates" and not all("{}" in line for line in lines):
         raise ConfigError(f"--{_flag(name)} {path}: every template needs '{{}}' where the "
                           f"class name goes")
 
