@@ -71,7 +71,7 @@ from bigbatch import losses as bb_losses
 from bigbatch.accumulation import cached_backward
 from bigbatch.device import autocast_factory
 from bigbatch.model import create_model, parameter_groups
-from bigbatch.train import optimizer_step  # the trainer's own step: unscale, clip, step, zero, clamp
+from bigbatch.train import adamw, optimizer_step  # the trainer's own optimizer and step
 
 MiB = 2**20
 PLAIN, ACCUM, PEER = "bigbatch plain", "bigbatch accumulated", "open_clip_train accumulated"
@@ -387,7 +387,7 @@ class Setup:
 
 def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None) -> Setup:
     device = torch.device(args.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
+    optimizer = adamw(parameter_groups(model, args.wd), lr=args.lr)  # the trainer's: fused
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
     autocast = autocast_factory(args.precision, device)
     loss_fn = loss_fn or bb_losses.ClipLoss()
@@ -556,14 +556,16 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
 
     f0(n): forward without grad; fb(n): forward + loss + backward into empty .grad;
     fbK: K x fb(b) accumulating into .grad (what both accumulations back-propagate);
-    opt: the AdamW step + zero_grad. Predicted step seconds:
+    opt: the AdamW step + zero_grad, the trainer's fused one; peer_opt: torch's default
+    AdamW, which open_clip_train builds. Predicted step seconds:
       plain = fb(K*b) + opt
       bigbatch = (K-1) f0(b) + fbK + opt   (its last micro-batch keeps its graph)
-      open_clip_train = K f0(b) + fbK + opt (+ K losses over N instead of 1)
+      open_clip_train = K f0(b) + fbK + peer_opt (+ K losses over N instead of 1)
     """
     device = torch.device(args.device)
     model = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
+    optimizer = adamw(parameter_groups(model, args.wd), lr=args.lr)
+    peer_optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
     images, texts = batches[0]
     b, k = args.batch_size, args.accum_freq
     n = b * k
@@ -580,20 +582,21 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
                 loss = loss_fn(**model(images[j * size:(j + 1) * size], texts[j * size:(j + 1) * size]))
             loss.backward()
 
-    def optimizer_only():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def optimizer_only(opt):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     pieces = {"forward_nograd_micro_s": lambda: forward_nograd(b),
               "forward_backward_micro_s": lambda: forward_backward(b),
               "forward_backward_K_micro_accumulated_s": lambda: forward_backward(b, k),
               "forward_nograd_global_s": lambda: forward_nograd(n),
               "forward_backward_global_s": lambda: forward_backward(n),
-              "optimizer_step_s": optimizer_only}
+              "optimizer_step_s": lambda: optimizer_only(optimizer),
+              "optimizer_step_peer_s": lambda: optimizer_only(peer_optimizer)}
     samples: dict[str, list[float]] = {name: [] for name in pieces}
     for r in range(repeats + 1):
         for name, fn in pieces.items():
-            if name == "optimizer_step_s":
+            if name.startswith("optimizer_step"):
                 forward_backward(b)  # gradients to step on (untimed)
             else:
                 optimizer.zero_grad(set_to_none=True)
@@ -607,7 +610,7 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
     f0, fbk, opt = out["forward_nograd_micro_s"], out["forward_backward_K_micro_accumulated_s"], out["optimizer_step_s"]
     plain = out["forward_backward_global_s"] + opt
     out.update(predicted_plain_s=plain, predicted_accum_s=(k - 1) * f0 + fbk + opt,
-               predicted_peer_s=k * f0 + fbk + opt)
+               predicted_peer_s=k * f0 + fbk + out["optimizer_step_peer_s"])
     out.update(predicted_ratio_accum=plain / out["predicted_accum_s"],
                predicted_ratio_peer=plain / out["predicted_peer_s"],
                predicted_ratio_accum_without_recompute=plain / (fbk + opt),
@@ -923,11 +926,13 @@ def markdown(result: dict) -> str:
     if phases:
         lines += ["", "Where the time goes (medians of separately timed pieces, seconds; `--profile`):", "",
                   "| forward no-grad, b | fwd+bwd, b | K x fwd+bwd, b, accumulating | fwd+bwd, K*b | "
-                  "AdamW step | predicted vs plain: bigbatch | open_clip_train | without any recompute |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  "AdamW step: fused, ours | default, the peer's | "
+                  "predicted vs plain: bigbatch | open_clip_train | without any recompute |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {phases['forward_nograd_micro_s']:.4f} | {phases['forward_backward_micro_s']:.4f} | "
                   f"{phases['forward_backward_K_micro_accumulated_s']:.4f} | {phases['forward_backward_global_s']:.4f} | "
-                  f"{phases['optimizer_step_s']:.4f} | {phases['predicted_ratio_accum']:.2f} | "
+                  f"{phases['optimizer_step_s']:.4f} | {phases['optimizer_step_peer_s']:.4f} | "
+                  f"{phases['predicted_ratio_accum']:.2f} | "
                   f"{phases['predicted_ratio_peer']:.2f} | {phases['predicted_ratio_accum_without_recompute']:.2f} |"]
     return "\n".join(lines) + "\n"
 

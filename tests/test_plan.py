@@ -156,8 +156,7 @@ def test_terms_follow_the_step():
     assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024  # bucket views
     assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
         ddp.activations + ddp.cached_features + ddp.loss_working_set,
-        ddp.activations + 256 * per_sample + ddp.gradients,
-        ddp.gradients + ddp.step_temporaries)
+        ddp.activations + 256 * per_sample + ddp.gradients)
 
 
 def test_large_global_batches_use_a_tiled_loss():

@@ -224,3 +224,25 @@ def test_offloaded_inputs_with_a_locked_tower(tmp_path):
                   "--batch-size", "4", "--accum-freq", "2", "--epochs", "1",
                   "--lock-image", "--offload-inputs")
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2]
+
+
+def test_fused_adamw_steps_like_torch_default():
+    """The trainer's fused AdamW makes the update open_clip_train's default AdamW makes."""
+    from bigbatch.model import parameter_groups
+    from tiny_models import open_clip_vit
+
+    fused_model = open_clip_vit()
+    default_model = open_clip_vit()
+    default_model.load_state_dict(fused_model.state_dict())
+    hyper = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    fused = bigbatch.train.adamw(parameter_groups(fused_model, 0.2), **hyper)
+    default = torch.optim.AdamW(parameter_groups(default_model, 0.2), **hyper)
+    assert fused.defaults["fused"] and not default.defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(fused_model.parameters(), default_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        fused.step()
+        default.step()
+    assert_close(fused_model.state_dict(), default_model.state_dict())

@@ -17,7 +17,6 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
     L  the loss's working set (`bigbatch.tiled.loss_working_set_bytes`): logits (blocks),
        float32 accumulators, plus the all-gathered features across ranks; a tiled loss's
        float32 accumulators become F_grad, so they are counted there, once
-    T  the optimizer step's temporaries (foreach AdamW: one fp32 tensor per parameter)
 
 1. Pass 1 embeds K - 1 micro-batches without grad (a few layers' outputs at a time) and
    the last one with grad: its graph, A, stays alive through the loss.
@@ -25,9 +24,9 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
    left no gradients yet:            W + O + I + A + 2 F + F_grad + L
 3. Pass 2 back-propagates the kept graph, then recomputes each micro-batch; the logits
    are gone, the gradients have arrived:   W + O + I + A + F_grad + G
-4. The step:                         W + O + I + G + T
+4. The step (fused AdamW, in place; clipping scales in place): W + O + I + G, below phase 3
 
-    peak = W + O + I + max(A + 2 F + F_grad + L,  A + F_grad + G,  G + T)
+    peak = W + O + I + max(A + 2 F + F_grad + L,  A + F_grad + G)
 
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
@@ -94,7 +93,6 @@ class MemoryPlan:
     activations: int           # A, one micro-batch
     cached_features: int       # 2 F + F_grad (0 when K = 1)
     loss_working_set: int      # L
-    step_temporaries: int      # T
     peak: int
     phase: str                 # where the peak is: "loss", "pass 2" or "step"
     source: str                # "meta estimate" or "probe on cuda"
@@ -266,7 +264,6 @@ def _assemble(profile: _Profile, activations: int, b: int, K: int, o: _Options) 
     weights = profile.param_bytes + profile.buffer_bytes
     gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
     optimizer_state = 2 * FLOAT32 * trainable
-    step_temporaries = FLOAT32 * trainable
     inputs = (b if o.offload_inputs else n) * profile.input_bytes_per_sample
     row = profile.feature_bytes_per_sample
     feature_grads = row * n if K > 1 else 0
@@ -276,14 +273,13 @@ def _assemble(profile: _Profile, activations: int, b: int, K: int, o: _Options) 
         # the tiled loss's float32 gradient accumulators become the features' gradients
         loss_ws = max(0, loss_ws - feature_grads)
     phases = {"loss": activations + cached + loss_ws,
-              "pass 2": activations + feature_grads + gradients,
-              "step": gradients + step_temporaries}
+              "pass 2": activations + feature_grads + gradients}
     phase = max(phases, key=phases.get)
     return MemoryPlan(
         model=o.model, batch_size=b, accum_freq=K, world_size=W, global_batch_size=n * W,
         precision=o.precision, grad_checkpointing=o.grad_checkpointing, weights=weights,
         gradients=gradients, optimizer_state=optimizer_state, inputs=inputs, activations=activations,
-        cached_features=cached, loss_working_set=loss_ws, step_temporaries=step_temporaries,
+        cached_features=cached, loss_working_set=loss_ws,
         peak=weights + optimizer_state + inputs + phases[phase], phase=phase, source=o.source,
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
         loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,
@@ -736,13 +732,12 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"cached features ({plan.batch_size * K} rows, + copy, + grads)", plan.cached_features),
         (f"loss working set ({'tiles of ' + str(plan.loss_tile) if plan.loss_tile else 'plain logits'})",
          plan.loss_working_set),
-        ("optimizer step temporaries", plan.step_temporaries),
     ]
     lines += [f"  {name:<48}{_gib(size):>8}" for name, size in rows]
     lines.append("-" * 58)
     lines.append(f"{'peak (' + plan.phase + ' phase)':<50}{_gib(plan.peak):>8}")
     lines.append("  = weights + optimizer + inputs + max(activations + cached + loss,")
-    lines.append("    activations + feature grads + gradients, gradients + step temporaries)")
+    lines.append("    activations + feature grads + gradients)")
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"{verdict} in {_gib(plan.gpu_memory)} GiB ({_gib(plan.usable_memory)} GiB usable, "
