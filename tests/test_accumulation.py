@@ -9,6 +9,7 @@ also match one forward over the concatenated inputs.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from bigbatch.accumulation import cached_backward
-from bigbatch.losses import ClipLoss, SigLipLoss
-from tiny_models import batches, open_clip_vit, timm_tower
+from bigbatch.losses import CaptionLoss, ClipLoss, SigLipLoss
+from tiny_models import batches, open_clip_coca, open_clip_vit, timm_tower
 
 FP32 = dict(rtol=1e-5, atol=1e-7)
 
@@ -291,3 +292,56 @@ def test_activation_memory_is_one_micro_batch_not_the_global_batch():
     cached = peak_saved_bytes(lambda: cached_backward(model, batches([b] * k), ClipLoss()))
     assert whole > 3 * one  # activations grow with the batch...
     assert cached < 1.5 * one  # ...but the cached step holds one micro-batch's (+ a small loss)
+
+
+def coca_batches(sizes, seed=0):
+    """Token ids padded (0) after a random length, so micro-batches differ in token count."""
+    out = []
+    g = torch.Generator().manual_seed(seed + 1)
+    for images, texts in batches(sizes, seed=seed):
+        lengths = torch.randint(3, texts.shape[1], (len(texts), 1), generator=g)
+        out.append((images, texts.masked_fill(torch.arange(texts.shape[1]) >= lengths, 0)))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[6, 6, 6], [6, 3], [9]], ids=str)
+def test_coca_caption_loss_is_exact_and_its_logits_are_never_cached(sizes):
+    """Contrastive + caption loss against the concatenated batch, the caption mean taken
+    over all its tokens; no micro-batch's caption logits outlive its own backward."""
+    contrastive, caption = ClipLoss(), CaptionLoss(weight=2.0)
+    torch.manual_seed(1234)
+    ref_model = open_clip_coca(dropout=0.1).train()
+    our_model = open_clip_coca(dropout=0.1).train()
+    our_model.load_state_dict(ref_model.state_dict())
+    mbs = coca_batches(sizes)
+
+    torch.manual_seed(0)
+    outs = [ref_model(*mb) for mb in mbs]
+    merged = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features", "logits", "labels")}
+    ref_loss = contrastive(**merged, logit_scale=outs[0]["logit_scale"]) + caption(merged, caption.count(merged))
+    ref_loss.backward()
+    del outs, merged
+
+    alive = []  # caption logits still alive at each forward of the cached run
+    logits_refs = []
+
+    def track(module, args, out):
+        alive.append(sum(ref() is not None for ref in logits_refs))
+        logits_refs.append(weakref.ref(out["logits"]))
+    our_model.register_forward_hook(track)
+    torch.manual_seed(0)
+    our_loss = cached_backward(our_model, mbs, contrastive, sample_loss=caption)
+
+    assert_close(our_loss, ref_loss.detach(), **FP32)
+    ref_grads, our_grads = grads(ref_model), grads(our_model)
+    assert ref_grads.keys() == our_grads.keys() and any(n.startswith("text_decoder") for n in our_grads)
+    for name in ref_grads:
+        assert_grad_close(our_grads[name], ref_grads[name], name)
+    # pass 1 keeps no caption logits; pass 2 recomputes with only the last graph's alive
+    assert max(alive) <= 1, alive
+
+
+def test_sample_loss_with_a_frozen_tower_is_refused():
+    with pytest.raises(ValueError, match="frozen_inputs"):
+        cached_backward(open_clip_coca(), coca_batches([2, 2]), ClipLoss(), sample_loss=CaptionLoss(),
+                        frozen_inputs=(0,))

@@ -13,11 +13,13 @@ import torch
 
 from bigbatch import plan
 from bigbatch.config import ConfigError
+from bigbatch.losses import CaptionLoss
 from bigbatch.model import register_model_config
 from bigbatch.plan import (MemoryPlan, derive_accum_freq, estimate_memory, find_max_batch_size,
                            format_plan, main, parse_memory)
 
 TINY = str(Path(__file__).parent / "assets" / "test-clip.json")
+COCA = str(Path(__file__).parent / "assets" / "test-coca.json")
 GiB = 1024 ** 3
 
 
@@ -61,9 +63,11 @@ def real_tiny():
     return open_clip.create_model(register_model_config(TINY), output_dict=True).train()
 
 
-def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpointing: bool = False) -> int:
+def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpointing: bool = False,
+                     caption: bool = False) -> int:
     """Bytes of the storages a real CPU forward saves for backward, each once; parameters,
-    buffers and the inputs left out (the planner counts them as weights and inputs)."""
+    buffers and the inputs left out (the planner counts them as weights and inputs).
+    caption: a CoCa's caption loss too, as pass 2 takes it."""
     model.set_grad_checkpointing(checkpointing)
     images = torch.randn(batch_size, 3, 32, 32)
     texts = torch.randint(1, 1000, (batch_size, 16))
@@ -81,7 +85,10 @@ def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpoi
     autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            model(images, texts)
+            out = model(images, texts)
+            if caption:
+                loss = CaptionLoss()
+                loss(out, loss.count(out))
     finally:
         model.set_grad_checkpointing(False)
     return sum(seen.values())
@@ -96,6 +103,16 @@ def test_meta_activations_match_a_real_cpu_forward(real_tiny, precision, dtype, 
     estimate = estimate_memory(TINY, batch_size=16, accum_freq=1, precision=precision, target=target)
     assert estimate.source == "meta estimate"
     assert estimate.activations == pytest.approx(real, rel=0.10)
+
+
+def test_coca_activations_include_its_caption_loss():
+    """The caption loss keeps (B, T, vocab) float32 log-probabilities: a CoCa's largest tensor."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(register_model_config(COCA), output_dict=True).train()
+    real = real_saved_bytes(model, 8, None, caption=True)
+    estimate = estimate_memory(COCA, batch_size=8, accum_freq=1, precision="fp32", target="cpu")
+    assert estimate.activations == pytest.approx(real, rel=0.10)
+    assert estimate.activations > 8 * 15 * 49408 * 4
 
 
 def test_cuda_autocast_keeps_more_than_cpu_autocast():

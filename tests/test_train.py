@@ -246,3 +246,29 @@ def test_fused_adamw_steps_like_torch_default():
         fused.step()
         default.step()
     assert_close(fused_model.state_dict(), default_model.state_dict())
+
+
+def test_coca_trains_on_contrastive_plus_caption_loss_and_evaluates(tmp_path, capsys):
+    table = make_csv(tmp_path)
+    run_dir = run(tmp_path, "--model", str(Path(__file__).parent / "assets" / "test-coca.json"),
+                  "--train-data", str(table), "--val-data", str(table), "--csv-separator", ",",
+                  "--csv-img-key", "img", "--csv-caption-key", "caption", "--csv-label-key", "label",
+                  "--batch-size", "4", "--accum-freq", "2", "--epochs", "2", "--lr", "3e-3",
+                  "--coca-caption-loss-weight", "1.5",
+                  "--zeroshot-classnames", str(tmp_path / "classnames.txt"),
+                  "--zeroshot-templates", str(tmp_path / "templates.txt"))
+    train = records(run_dir, "train")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    # the caption loss starts near log(vocab) = 10.8, weighted 1.5; contrastive adds ~log(8)
+    assert train[0]["loss"] > 1.5 * 9 and train[-1]["loss"] < train[0]["loss"]
+    assert {"val_loss", "zeroshot_top1"} <= records(run_dir, "val")[-1].keys()
+    state = torch.load(run_dir / "checkpoints" / "epoch_latest.pt", weights_only=True)["state_dict"]
+    assert any(k.startswith("text_decoder.") for k in state)
+
+
+def test_coca_with_a_locked_image_tower_recomputes_it(tmp_path, capsys):
+    run_dir = run(tmp_path, "--model", str(Path(__file__).parent / "assets" / "test-coca.json"),
+                  "--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4",
+                  "--accum-freq", "2", "--epochs", "1", "--lock-image")
+    assert "recomputed in pass 2" in capsys.readouterr().out
+    assert records(run_dir, "train")

@@ -6,6 +6,8 @@ import open_clip
 import torch
 from torch import nn
 
+from bigbatch.model import init_caption_projection
+
 TEXT_CFG = dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=2)
 
 
@@ -23,6 +25,24 @@ def open_clip_vit(patch_dropout: float = 0.0, dropout: float = 0.0,
     if dropout:
         towers = [model.visual.transformer, model.transformer]
         for block in (b for t in towers for b in t.resblocks):
+            block.ls_1, block.ls_2 = nn.Dropout(dropout), nn.Dropout(dropout)
+    return model
+
+
+def open_clip_coca(dropout: float = 0.0) -> nn.Module:
+    """An open_clip CoCa: ViT image tower (attentional pooler), text tower, caption decoder."""
+    model = open_clip.CoCa(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16, mlp_ratio=2,
+                        attentional_pool=True, attn_pooler_heads=2, attn_pooler_queries=4,
+                        output_tokens=True),
+        text_cfg=dict(TEXT_CFG, layers=1, embed_cls=True, output_tokens=True),
+        multimodal_cfg=dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=1,
+                            attn_pooler_heads=2, dim_head=16, mlp_ratio=2),
+    )
+    init_caption_projection(model)
+    if dropout:  # into every residual branch of the three transformers
+        for block in (m for m in model.modules() if hasattr(m, "ls_1")):
             block.ls_1, block.ls_2 = nn.Dropout(dropout), nn.Dropout(dropout)
     return model
 

@@ -28,19 +28,41 @@ pass 1 only: name its input's position in `frozen_inputs` and pass 2 calls the m
 with None there (open_clip models then skip that tower); its cached features need no
 gradient. It must draw no random numbers, or the other tower's replayed masks shift.
 
+A loss whose terms do not couple samples (CoCa's captioning, a `SampleLoss`) is taken
+in pass 2 only, on each micro-batch's own outputs, and back-propagated together with its
+feature slice: the outputs it reads (caption logits (B, T, vocab)) are never cached.
+
 K = 1 is the plain step: one forward, one backward, nothing cached.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, Collection, ContextManager, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 MicroBatch = Sequence[Any]  # positional model inputs, e.g. (images, texts)
 LossFn = Callable[..., torch.Tensor]
+
+
+class SampleLoss(Protocol):
+    """A loss that is a sum of per-sample terms over a normaliser (a mean over tokens).
+
+    keys: the model outputs only this loss reads; they are never cached or concatenated.
+    count(outputs): the number of terms in one micro-batch (called in pass 1).
+    __call__(outputs, total): one micro-batch's terms summed and divided by `total`, the
+        step's count over all ranks divided by the world size (DDP averages gradients
+        over ranks), so that the micro-batches' calls add up to the global batch's mean.
+    """
+
+    keys: Collection[str]
+
+    def count(self, outputs: dict) -> torch.Tensor: ...
+
+    def __call__(self, outputs: dict, total: torch.Tensor) -> torch.Tensor: ...
 
 
 def cached_backward(
@@ -52,6 +74,7 @@ def cached_backward(
     grad_scaler: torch.amp.GradScaler | None = None,
     frozen_inputs: Sequence[int] = (),
     to_device: Callable[[MicroBatch], MicroBatch] | None = None,
+    sample_loss: SampleLoss | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the gradient of `loss_fn` over all micro-batches together.
 
@@ -69,43 +92,61 @@ def cached_backward(
         to_device: applied to a micro-batch right before each of its forwards, so that
             cached inputs can wait in pinned host memory (huge K) instead of on the GPU;
             in pass 2 a frozen tower's input arrives as None.
+        sample_loss: a loss whose terms do not couple samples (CoCa's caption loss),
+            added to `loss_fn`'s and taken per micro-batch in pass 2; `loss_fn` does not
+            see its keys. It may need every tower, so it rules out `frozen_inputs`.
 
     Returns:
-        The loss, detached.
+        The loss, detached: `loss_fn`'s plus the sample loss over the whole batch.
     """
     if not micro_batches:
         raise ValueError("cached_backward needs at least one micro-batch")
+    if sample_loss is not None and frozen_inputs:
+        raise ValueError("a sample loss reads every tower's outputs: pass no frozen_inputs with it")
     autocast = autocast or contextlib.nullcontext
     scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
     move = to_device or (lambda inputs: inputs)
+    sample_keys = set(sample_loss.keys) if sample_loss is not None else set()
 
     if len(micro_batches) == 1:
         with _gradient_sync(model, enabled=True):
             with autocast():
-                loss = loss_fn(**model(*move(micro_batches[0])))
+                out = model(*move(micro_batches[0]))
+                loss = loss_fn(**_drop(out, sample_keys))
+                if sample_loss is not None:
+                    loss = loss + sample_loss(out, _per_rank(sample_loss.count(out)))
             scale(loss).backward()
         return loss.detach()
 
     *cached_inputs, last_inputs = micro_batches
     cuda_devices = _cuda_devices(model, micro_batches)
 
-    # Pass 1: embed without grad; the last micro-batch keeps its graph.
-    rng_states, cached = [], []
+    # Pass 1: embed without grad; the last micro-batch keeps its graph. A sample loss's
+    # outputs are only counted here, never kept.
+    rng_states, cached, counts = [], [], []
     for inputs in cached_inputs:
         rng_states.append(_RngState.capture(cuda_devices))
         with torch.no_grad(), autocast():
-            cached.append(model(*move(inputs)))
+            out = model(*move(inputs))
+            counts.append(sample_loss.count(out) if sample_loss is not None else None)
+            cached.append(_drop(out, sample_keys))
+            del out
     with _gradient_sync(model, enabled=False), autocast():
         last_out = model(*move(last_inputs))
     rng_after_pass1 = _RngState.capture(cuda_devices)
+    if sample_loss is not None:
+        with torch.no_grad():
+            counts.append(sample_loss.count(last_out))
+        sample_total = _per_rank(torch.stack(counts).sum())
+    sample_value = 0.0
 
     # Loss once over the global batch; backward stops at the cached features.
     outputs = cached + [last_out]
-    per_sample_keys = [k for k, v in last_out.items() if _is_per_sample(v)]
+    per_sample_keys = [k for k, v in last_out.items() if _is_per_sample(v) and k not in sample_keys]
     sizes = [_batch_size(out, per_sample_keys) for out in outputs]
     leaves = {k: _leaf(torch.cat([out[k].detach() for out in outputs])) for k in per_sample_keys}
     shared = {k: _leaf(v.detach()) if _is_model_level(v) else v
-              for k, v in last_out.items() if k not in leaves}
+              for k, v in last_out.items() if k not in leaves and k not in sample_keys}
     with autocast():
         loss = loss_fn(**leaves, **shared)
     scale(loss).backward()
@@ -117,8 +158,17 @@ def cached_backward(
     # Pass 2: the kept graph first, then recompute the rest. The scalars' gradient rides
     # on the last (synchronising) backward: DDP all-reduces only buckets whose every
     # parameter got a gradient in that backward.
+    def backward_slice(out: dict, j: int, shared_grads: dict) -> None:
+        nonlocal sample_value
+        term = None
+        if sample_loss is not None:
+            with autocast():
+                term = sample_loss(out, sample_total)
+            sample_value = sample_value + term.detach()
+        _backward_slice(out, slices, j, shared_grads, scale(term) if term is not None else None)
+
     with _gradient_sync(model, enabled=False):
-        _backward_slice(last_out, slices, len(micro_batches) - 1, {})
+        backward_slice(last_out, len(micro_batches) - 1, {})
     del last_out
     with _frozen_norm_statistics(model):
         for j, inputs in enumerate(cached_inputs):
@@ -127,19 +177,36 @@ def cached_backward(
             with _gradient_sync(model, enabled=is_last):
                 with autocast():
                     out = model(*move(_without(inputs, frozen_inputs)))  # frozen stay put
-                _backward_slice(out, slices, j, shared_grads if is_last else {})
+                backward_slice(out, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
-    return loss.detach()
+    return loss.detach() + sample_value
 
 
-def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict) -> None:
-    """Back-propagate micro-batch j's slice of the feature gradient (and the scalars')."""
+def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict,
+                    sample_term: torch.Tensor | None = None) -> None:
+    """Back-propagate micro-batch j's slice of the feature gradient (and the scalars'),
+    together with its own sample-loss term."""
     pairs = [(out[k], g[j]) for k, g in slices.items()]
     pairs += [(out[k], g) for k, g in shared_grads.items()]
+    if sample_term is not None:
+        pairs.append((sample_term, torch.ones_like(sample_term)))
     pairs = [(t, g) for t, g in pairs if t is not None and t.requires_grad]  # frozen: no graph
     if pairs:
         tensors, grads = zip(*pairs)
         torch.autograd.backward(tensors, grads)
+
+
+def _drop(outputs: dict, keys: set[str]) -> dict:
+    return {k: v for k, v in outputs.items() if k not in keys}
+
+
+def _per_rank(count: torch.Tensor) -> torch.Tensor:
+    """The count of terms over all ranks divided by the world size (one tiny all-reduce)."""
+    count = count.detach().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
 
 
 def _without(inputs: MicroBatch, frozen: Sequence[int]) -> list:

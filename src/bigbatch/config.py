@@ -48,6 +48,8 @@ class TrainConfig:
     siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
     force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory (open_clip towers)", "model")
+    coca_caption_loss_weight: float = option(2.0, "CoCa models: weight of the caption loss (taken per micro-batch in pass 2, its logits never cached)", "model")
+    coca_contrastive_loss_weight: float = option(1.0, "CoCa models: weight of the contrastive loss", "model")
     # --- fine-tuning
     lock_image: bool = option(False, "freeze the image tower (a fully frozen tower runs in eval mode, once per sample)", "fine-tuning")
     lock_image_unlocked_groups: int = option(0, "leave the last N layer groups of a locked image tower trainable", "fine-tuning")
@@ -110,7 +112,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    non_negative = ["workers", "warmup", "save_frequency", "val_frequency", "zeroshot_frequency", "wd"]
+    non_negative = ["workers", "warmup", "save_frequency", "val_frequency", "zeroshot_frequency", "wd",
+                    "coca_caption_loss_weight", "coca_contrastive_loss_weight"]
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(cfg, name)}")

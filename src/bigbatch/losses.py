@@ -1,4 +1,5 @@
-"""Contrastive losses over a whole (global) batch: CLIP's softmax and SigLIP's sigmoid.
+"""Contrastive losses over a whole (global) batch: CLIP's softmax and SigLIP's sigmoid;
+and CoCa's caption loss, whose terms do not couple samples.
 
 Both take the model's output dict as keyword arguments, so that
 `loss_fn(**model(images, texts))` works and extra keys are ignored. Logits are
@@ -193,6 +194,43 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.factor, None
+
+
+class CaptionLoss(nn.Module):
+    """CoCa's captioning loss: token cross-entropy of the caption logits (B, T, vocab)
+    against the labels (B, T), padding ignored, times `weight`.
+
+    Its terms do not couple samples, so `cached_backward` takes it in pass 2 only, one
+    micro-batch at a time (a `SampleLoss`): the caption logits are never cached. The
+    mean is over the tokens of the whole global batch, as one large batch would take it
+    (open_clip_train's CoCaLoss: over each rank's micro-batch).
+    """
+
+    keys = ("logits", "labels")
+
+    def __init__(self, weight: float = 2.0, pad_id: int = 0):
+        super().__init__()
+        self.weight, self.pad_id = weight, pad_id
+
+    def count(self, outputs: dict) -> torch.Tensor:
+        return (outputs["labels"] != self.pad_id).sum()
+
+    def forward(self, outputs: dict, total: torch.Tensor) -> torch.Tensor:
+        logits, labels = outputs["logits"], outputs["labels"]  # (B, T, vocab), (B, T)
+        tokens = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id,
+                                 reduction="sum")
+        return self.weight * tokens / total.clamp_min(1)
+
+
+class Weighted(nn.Module):
+    """A loss times a constant (CoCa's --coca-contrastive-loss-weight)."""
+
+    def __init__(self, loss: nn.Module, weight: float):
+        super().__init__()
+        self.loss, self.weight = loss, weight
+
+    def forward(self, **outputs) -> torch.Tensor:
+        return self.weight * self.loss(**outputs)
 
 
 def create_loss(name: str, **options) -> nn.Module:

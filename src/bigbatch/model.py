@@ -50,10 +50,25 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
             raise ConfigError(f"--pretrained {pretrained} does not fit --model {model}: "
                               f"pass the --model it was trained with") from None
         raise
+    if pretrained is None:
+        init_caption_projection(net)
     if grad_checkpointing:
         net.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(net, preprocess_train, preprocess_val, tokenizer, name)
+
+
+def is_coca(model: nn.Module) -> bool:
+    """A CoCa model: its outputs add caption logits and labels for the caption loss."""
+    return isinstance(model, open_clip.CoCa)
+
+
+def init_caption_projection(model: nn.Module) -> None:
+    """open_clip's CoCa leaves its caption decoder's output projection as torch.empty
+    (whatever memory held: zeros, garbage, NaN); give it the normal init it intends."""
+    if is_coca(model):
+        projection = model.text_decoder.text_projection
+        nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
 
 
 def register_model_config(model: str) -> str:
@@ -82,14 +97,12 @@ def lock_towers(model: nn.Module, *, image: bool, image_unlocked_groups: int = 0
                 text_unlocked_layers: int = 0, text_freeze_layer_norm: bool = False) -> tuple[int, ...]:
     """Freeze towers as open_clip_train does; returns the model-input positions (0 images,
     1 texts) of towers left with no trainable parameter, which pass 2 need not recompute."""
-    if image:
-        model.lock_image_tower(unlocked_groups=image_unlocked_groups,
-                               freeze_bn_stats=image_freeze_bn_stats)
+    if image:  # what CLIP's lock_image_tower does; CoCa has no such method
+        model.visual.lock(unlocked_groups=image_unlocked_groups, freeze_bn_stats=image_freeze_bn_stats)
     if text:
-        try:
-            model.lock_text_tower(unlocked_layers=text_unlocked_layers,
-                                  freeze_layer_norm=text_freeze_layer_norm)
-        except AssertionError:  # open_clip's own text tower locks LayerNorm with its layers
+        if isinstance(getattr(model, "text", None), nn.Module):  # CustomTextCLIP, CoCa (not its decoder)
+            model.text.lock(unlocked_layers=text_unlocked_layers, freeze_layer_norm=text_freeze_layer_norm)
+        else:  # open_clip's CLIP locks LayerNorm with its layers
             model.lock_text_tower(unlocked_layers=text_unlocked_layers, freeze_layer_norm=True)
     towers = _tower_parameters(model)
     return tuple(i for i, params in enumerate(towers) if params and not any(p.requires_grad for p in params))

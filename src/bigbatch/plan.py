@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from bigbatch.config import ConfigError
-from bigbatch.losses import create_loss
+from bigbatch.losses import CaptionLoss, create_loss
 from bigbatch.tiled import loss_working_set_bytes
 
 GiB = 1024 ** 3
@@ -556,6 +556,9 @@ def _saved_bytes(model: nn.Module, inputs: tuple) -> _Saved:
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs = model(*inputs)
+            caption = CaptionLoss()
+            if set(caption.keys) <= outputs.keys():  # CoCa: its caption loss saves (B, T, vocab) log-probs
+                caption(outputs, caption.count(outputs))
     finally:
         for handle in handles:
             handle.remove()

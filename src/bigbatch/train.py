@@ -30,8 +30,8 @@ from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, fu
                                   load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.ema import ModelEMA
-from bigbatch.losses import create_loss
-from bigbatch.model import (lock_towers, parameter_groups, register_model_config,
+from bigbatch.losses import CaptionLoss, Weighted, create_loss
+from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_model_config,
                             set_frozen_towers_to_eval, unwrap)
 from bigbatch.plots import plot_training_curves
 from bigbatch.runlog import RunLog, log, setup_console_logging
@@ -59,8 +59,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     bundle, model, frozen_inputs = build_model(cfg, world)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
-    loss_fn = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                          rank=world.rank, world_size=world.world_size, tile_size=cfg.loss_tile_size)
+    loss_fn, caption_loss = build_losses(cfg, world, loss_name, bundle.model)
     train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
     val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
@@ -90,7 +89,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             if not cfg.offload_inputs:  # all of the step's inputs on the device at once
                 inputs = [to_device(mb) for mb in inputs]
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
-                                   frozen_inputs=frozen_inputs, to_device=to_device)
+                                   frozen_inputs=frozen_inputs, to_device=to_device,
+                                   sample_loss=caption_loss)
             grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip_norm)
             if ema:
                 ema.update(unwrap(model))
@@ -150,7 +150,22 @@ def build_model(cfg: TrainConfig, world: World):
         image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
         text_unlocked_layers=cfg.lock_text_unlocked_layers,
         text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+    if frozen_inputs and is_coca(bundle.model):
+        log.info("CoCa's caption decoder reads both towers: the locked tower is recomputed in pass 2")
+        frozen_inputs = ()
     return bundle, wrap_model(bundle.model, world, fsdp=cfg.fsdp), frozen_inputs
+
+
+def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn.Module):
+    """The contrastive loss over the global batch; for CoCa also its caption loss, whose
+    terms do not couple samples (cached_backward takes it per micro-batch in pass 2)."""
+    contrastive = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                              rank=world.rank, world_size=world.world_size, tile_size=cfg.loss_tile_size)
+    if not is_coca(model):
+        return contrastive, None
+    if cfg.coca_contrastive_loss_weight != 1.0:
+        contrastive = Weighted(contrastive, cfg.coca_contrastive_loss_weight)
+    return contrastive, CaptionLoss(cfg.coca_caption_loss_weight, pad_id=getattr(model, "pad_id", 0))
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
