@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 from bigbatch.accumulation import cached_backward
 from bigbatch.losses import CaptionLoss, ClipLoss, SigLipLoss
-from tiny_models import batches, open_clip_coca, open_clip_vit, timm_tower
+from tiny_models import batches, open_clip_coca, open_clip_vit, padded_batches, timm_tower
 
 FP32 = dict(rtol=1e-5, atol=1e-7)
 
@@ -294,16 +294,6 @@ def test_activation_memory_is_one_micro_batch_not_the_global_batch():
     assert cached < 1.5 * one  # ...but the cached step holds one micro-batch's (+ a small loss)
 
 
-def coca_batches(sizes, seed=0):
-    """Token ids padded (0) after a random length, so micro-batches differ in token count."""
-    out = []
-    g = torch.Generator().manual_seed(seed + 1)
-    for images, texts in batches(sizes, seed=seed):
-        lengths = torch.randint(3, texts.shape[1], (len(texts), 1), generator=g)
-        out.append((images, texts.masked_fill(torch.arange(texts.shape[1]) >= lengths, 0)))
-    return out
-
-
 @pytest.mark.parametrize("sizes", [[6, 6, 6], [6, 3], [9]], ids=str)
 def test_coca_caption_loss_is_exact_and_its_logits_are_never_cached(sizes):
     """Contrastive + caption loss against the concatenated batch, the caption mean taken
@@ -313,7 +303,7 @@ def test_coca_caption_loss_is_exact_and_its_logits_are_never_cached(sizes):
     ref_model = open_clip_coca(dropout=0.1).train()
     our_model = open_clip_coca(dropout=0.1).train()
     our_model.load_state_dict(ref_model.state_dict())
-    mbs = coca_batches(sizes)
+    mbs = padded_batches(sizes)
 
     torch.manual_seed(0)
     outs = [ref_model(*mb) for mb in mbs]
@@ -343,5 +333,5 @@ def test_coca_caption_loss_is_exact_and_its_logits_are_never_cached(sizes):
 
 def test_sample_loss_with_a_frozen_tower_is_refused():
     with pytest.raises(ValueError, match="frozen_inputs"):
-        cached_backward(open_clip_coca(), coca_batches([2, 2]), ClipLoss(), sample_loss=CaptionLoss(),
+        cached_backward(open_clip_coca(), padded_batches([2, 2]), ClipLoss(), sample_loss=CaptionLoss(),
                         frozen_inputs=(0,))

@@ -32,8 +32,8 @@ from torch.testing import assert_close
 
 from bigbatch.accumulation import cached_backward
 from bigbatch.distributed import Launch, World, cleanup, init_distributed, world_from_env
-from bigbatch.losses import ClipLoss, create_loss
-from tiny_models import batches, open_clip_vit
+from bigbatch.losses import CaptionLoss, ClipLoss, create_loss
+from tiny_models import batches, open_clip_coca, open_clip_vit, padded_batches
 
 INIT_SEED, STEP_SEED, DATA_SEED = 1234, 7, 100
 FP32 = dict(rtol=1e-5, atol=1e-7)
@@ -41,7 +41,7 @@ EVEN = ((4, 4, 4),) * 2  # micro-batch sizes per rank
 
 @dataclass(frozen=True)
 class Case:
-    loss: str = "clip"
+    loss: str = "clip"  # clip | siglip | coca (clip + the caption loss)
     local_loss: bool = False
     gather_with_grad: bool = False
     wrap: str = "ddp"  # ddp | fsdp2 | average (no wrapper: gradients averaged by hand, as DDP would)
@@ -62,6 +62,8 @@ class Case:
 
 def make_model(case: Case) -> torch.nn.Module:
     torch.manual_seed(INIT_SEED)
+    if case.loss == "coca":
+        return open_clip_coca(dropout=0.1)
     model = open_clip_vit(dropout=0.1, patch_dropout=0.3, siglip=case.loss == "siglip")
     if case.wrap == "fsdp2":  # fully_shard refuses 0-dim parameters
         for name in ("logit_scale", "logit_bias"):
@@ -71,12 +73,18 @@ def make_model(case: Case) -> torch.nn.Module:
 
 
 def rank_batches(case: Case, rank: int) -> list:
-    return batches(list(case.sizes[rank]), seed=DATA_SEED + rank)
+    make = padded_batches if case.loss == "coca" else batches
+    return make(list(case.sizes[rank]), seed=DATA_SEED + rank)
 
 
 def make_loss(case: Case, world: World):
-    return create_loss(case.loss, local_loss=case.local_loss, gather_with_grad=case.gather_with_grad,
-                       rank=world.rank, world_size=world.world_size, tile_size=case.tile_size)
+    return create_loss("clip" if case.loss == "coca" else case.loss, local_loss=case.local_loss,
+                       gather_with_grad=case.gather_with_grad, rank=world.rank,
+                       world_size=world.world_size, tile_size=case.tile_size)
+
+
+def caption_loss(case: Case) -> CaptionLoss | None:
+    return CaptionLoss() if case.loss == "coca" else None
 
 
 def wrap(model: torch.nn.Module, case: Case, world: World, **ddp_options) -> torch.nn.Module:
@@ -97,7 +105,8 @@ def step_grads(case: Case, world: World) -> dict:
     model = make_model(case)
     wrapped = wrap(model, case, world)
     torch.manual_seed(STEP_SEED + world.rank)
-    loss = cached_backward(wrapped, rank_batches(case, world.rank), make_loss(case, world))
+    loss = cached_backward(wrapped, rank_batches(case, world.rank), make_loss(case, world),
+                           sample_loss=caption_loss(case))
     if case.wrap == "average":
         for p in model.parameters():
             dist.all_reduce(p.grad)
@@ -198,7 +207,11 @@ def reference(case: Case) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             outs += [model(*mb) for mb in rank_batches(case, rank)]
         merged = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
         scalars = {k: outs[0][k] for k in ("logit_scale", "logit_bias") if k in outs[0]}
-        loss = create_loss(case.loss)(**merged, **scalars)
+        loss = create_loss("clip" if case.loss == "coca" else case.loss)(**merged, **scalars)
+        caption = caption_loss(case)
+        if caption is not None:  # over every rank's caption tokens at once
+            tokens = {k: torch.cat([o[k] for o in outs]) for k in caption.keys}
+            loss = loss + caption(tokens, caption.count(tokens))
         loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -247,10 +260,13 @@ SYNCS = Case(local_loss=True, gather_with_grad=True)
 TILED = [Case(local_loss=True, gather_with_grad=True, tile_size=5),
          Case("siglip", local_loss=True, gather_with_grad=True, tile_size=5),
          Case(tile_size=5, wrap="average")]
+# CoCa: the caption loss's mean over tokens, ranks with different token counts
+COCA = [Case("coca", local_loss=True, gather_with_grad=True),
+        Case("coca", wrap="average", sizes=((4, 4, 4), (4, 4, 2)))]
 THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),) * 3)
          for w in ("ddp", "average")]
 
-two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED]]
+two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED, *COCA]]
                     + [(count_syncs, SYNCS)], world_size=2)
 three_ranks = spawned([(step_grads, c) for c in THREE], world_size=3)
 
@@ -277,6 +293,11 @@ def test_tiled_loss_equals_one_process_on_the_global_batch(two_ranks, case):
 @pytest.mark.parametrize("case", THREE, ids=str)
 def test_three_ranks(three_ranks, case):
     assert_matches_reference(three_ranks(step_grads, case), case)
+
+
+@pytest.mark.parametrize("case", COCA, ids=str)
+def test_coca_caption_loss_equals_one_process_on_the_global_batch(two_ranks, case):
+    assert_matches_reference(two_ranks(step_grads, case), case)
 
 
 def test_fsdp2_cached_step_equals_one_process_on_the_global_batch(two_ranks):

@@ -64,3 +64,14 @@ def batches(sizes: list[int], seed: int = 0, image_size: int = 32,
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 3, image_size, image_size, generator=g),
              torch.randint(1, 1000, (n, context_length), generator=g)) for n in sizes]
+
+
+def padded_batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Like `batches`, the token ids padded (0) after a random length: micro-batches then
+    differ in their number of caption tokens."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for images, texts in batches(sizes, seed=seed):
+        lengths = torch.randint(3, texts.shape[1], (len(texts), 1), generator=g)
+        out.append((images, texts.masked_fill(torch.arange(texts.shape[1]) >= lengths, 0)))
+    return out

@@ -114,9 +114,9 @@ def cached_backward(
                 out = model(*move(micro_batches[0]))
                 loss = loss_fn(**_drop(out, sample_keys))
                 if sample_loss is not None:
-                    loss = loss + sample_loss(out, _per_rank(sample_loss.count(out)))
-            scale(loss).backward()
-        return loss.detach()
+                    term = sample_loss(out, _mean_over_ranks(sample_loss.count(out)))
+            scale(loss if sample_loss is None else loss + term).backward()
+        return loss.detach() if sample_loss is None else loss.detach() + _mean_over_ranks(term)
 
     *cached_inputs, last_inputs = micro_batches
     cuda_devices = _cuda_devices(model, micro_batches)
@@ -137,8 +137,8 @@ def cached_backward(
     if sample_loss is not None:
         with torch.no_grad():
             counts.append(sample_loss.count(last_out))
-        sample_total = _per_rank(torch.stack(counts).sum())
-    sample_value = 0.0
+        sample_total = _mean_over_ranks(torch.stack(counts).sum())
+    sample_terms = []  # this rank's, detached
 
     # Loss once over the global batch; backward stops at the cached features.
     outputs = cached + [last_out]
@@ -159,12 +159,11 @@ def cached_backward(
     # on the last (synchronising) backward: DDP all-reduces only buckets whose every
     # parameter got a gradient in that backward.
     def backward_slice(out: dict, j: int, shared_grads: dict) -> None:
-        nonlocal sample_value
         term = None
         if sample_loss is not None:
             with autocast():
                 term = sample_loss(out, sample_total)
-            sample_value = sample_value + term.detach()
+            sample_terms.append(term.detach())
         _backward_slice(out, slices, j, shared_grads, scale(term) if term is not None else None)
 
     with _gradient_sync(model, enabled=False):
@@ -179,7 +178,9 @@ def cached_backward(
                     out = model(*move(_without(inputs, frozen_inputs)))  # frozen stay put
                 backward_slice(out, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
-    return loss.detach() + sample_value
+    if sample_loss is not None:  # the global batch's value is the mean of the ranks' sums
+        loss = loss.detach() + _mean_over_ranks(torch.stack(sample_terms).sum())
+    return loss.detach()
 
 
 def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict,
@@ -200,13 +201,13 @@ def _drop(outputs: dict, keys: set[str]) -> dict:
     return {k: v for k, v in outputs.items() if k not in keys}
 
 
-def _per_rank(count: torch.Tensor) -> torch.Tensor:
-    """The count of terms over all ranks divided by the world size (one tiny all-reduce)."""
-    count = count.detach().float()
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A scalar's mean over the ranks (one tiny all-reduce; itself in one process)."""
+    value = value.detach().float()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return count
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
 
 
 def _without(inputs: MicroBatch, frozen: Sequence[int]) -> list:
