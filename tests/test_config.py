@@ -36,6 +36,16 @@ def test_yaml_unknown_key_suggests_the_right_one(tmp_path):
         parse_config(["--config", str(path)])
 
 
+def test_yaml_booleans_quoted_or_not(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text('dataset_type: synthetic\nsiglip: "no"\nlocal_loss: "Yes"\ngather_with_grad: on\n')
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.siglip, cfg.local_loss, cfg.gather_with_grad) == (False, True, True)
+    path.write_text("dataset_type: synthetic\nsiglip: maybe\n")
+    with pytest.raises(ConfigError, match="'siglip' expects true or false, got 'maybe'"):
+        parse_config(["--config", str(path)])
+
+
 def test_yaml_choice_is_checked(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("dataset_type: synthetic\nprecision: fp8\n")

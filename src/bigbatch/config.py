@@ -255,8 +255,14 @@ def _int_or_auto(value: Any) -> int | str:
 
 def _coerce(f: dataclasses.Field, value: Any, path: Path) -> Any:
     """YAML values to the field's type (YAML reads 1e-3 as a string, for instance)."""
-    if value is None or f.type in ("bool", bool):
+    if value is None or isinstance(value, bool) and f.type in ("bool", bool):
         return value
+    if f.type in ("bool", bool):  # a quoted "no" would otherwise be a true string
+        words = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+        if str(value).strip().lower() in words:
+            return words[str(value).strip().lower()]
+        raise ConfigError(f"{path}: option '{f.name}' expects true or false, got {value!r}")
     try:
         return _parse_type(f)(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
