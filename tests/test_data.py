@@ -432,3 +432,19 @@ def test_dataset_type_errors(tmp_path):
         make_data(DataSpec("x.tar", "tar", 4), PRE, TOKENIZER)
     with pytest.raises(ValueError, match="--dataset-resampled applies to webdataset"):
         make_data(DataSpec("", "synthetic", 4, resampled=True), PRE, TOKENIZER)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["webdataset", "synthetic"])
+def test_a_resumed_epoch_gives_exactly_the_remaining_batches(demo, kind, workers):
+    """set_epoch(epoch, skip_batches=s) yields batches s, s+1, ... of the uninterrupted
+    epoch, in order, whatever worker owned batch s."""
+    spec = DataSpec(demo["train"]["pattern"] if kind == "webdataset" else None, kind, 5,
+                    num_samples=48, workers=workers, seed=2)
+    info = make_data(spec, PRE, TOKENIZER)
+    info.set_epoch(3)
+    whole = [ids([b]) for b in info.loader]
+    assert len(whole) == 10
+    for skip in (1, 2, 3, 7):
+        info.set_epoch(3, skip_batches=skip)
+        assert [ids([b]) for b in info.loader] == whole[skip:], skip

@@ -122,6 +122,45 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
         assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("data", ["synthetic-workers0", "webdataset-workers2"])
+def test_resumed_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, data):
+    """The batches already trained on are left out, the rest come in the same order with
+    the same augmentations, dropout masks continue: the same weights as never stopping."""
+    kind, workers = data.split("-workers")
+    if kind == "synthetic":
+        source = ["--dataset-type", "synthetic", "--train-num-samples", "40"]
+    else:
+        from bigbatch.data.demo import write_demo_dataset
+        shards = write_demo_dataset(tmp_path / "shards", num_train=40, num_val=4, image_size=32,
+                                    shard_size=5)["train"]["pattern"]
+        source = ["--train-data", shards]
+    args = [*source, "--workers", workers, "--batch-size", "4", "--accum-freq", "2",
+            "--epochs", "2", "--force-patch-dropout", "0.5", "--save-every-n-steps", "2"]
+    whole = run(tmp_path, *args, name="whole")  # 5 steps an epoch: saves mid-epoch after 2, 4, 6, 8
+
+    save = bigbatch.train.save
+
+    def crash_after_a_mid_epoch_save(*a, epoch_samples=0, **kw):
+        save(*a, epoch_samples=epoch_samples, **kw)
+        if a[7] == 8:  # step 8: 3 steps (24 samples) into the second epoch
+            raise Crash
+
+    monkeypatch.setattr(bigbatch.train, "save", crash_after_a_mid_epoch_save)
+    with pytest.raises(Crash):
+        run(tmp_path, *args, name="broken")
+    assert torch.load(tmp_path / "logs" / "broken" / "checkpoints" / "epoch_latest.pt",
+                      weights_only=True)["epoch_samples"] == 24
+    monkeypatch.setattr(bigbatch.train, "save", save)
+    resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
+
+    a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert (a["epoch"], a["step"], b["epoch"], b["step"]) == (2, 10, 2, 10)
+    assert [r["step"] for r in records(resumed, "train")][-3:] == [8, 9, 10]  # 8 from the first try
+    for key, value in a["state_dict"].items():
+        assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def test_existing_run_without_resume_is_refused(tmp_path, capsys):
     args = ["--dataset-type", "synthetic", "--train-num-samples", "8", "--batch-size", "4",
             "--epochs", "1"]

@@ -90,6 +90,7 @@ class TrainConfig:
     report_to: str = option("", "'tensorboard' to also write tensorboard events", "logging", choices=["", "tensorboard"])
     # --- checkpoints
     save_frequency: int = option(1, "save a checkpoint every N epochs (0: never)", "checkpoints")
+    save_every_n_steps: int = option(0, "also save epoch_latest.pt every N optimizer steps inside an epoch (0: only at epoch ends); a run resumed from it leaves out the batches already trained on", "checkpoints")
     resume: str | None = option(None, "'latest' (needs --name) or a checkpoint path to continue from", "checkpoints")
     # --- evaluation
     val_frequency: int = option(1, "evaluate on --val-data every N epochs (0: never)", "evaluation")
@@ -112,7 +113,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    non_negative = ["workers", "warmup", "save_frequency", "val_frequency", "zeroshot_frequency", "wd",
+    non_negative = ["workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency",
+                    "zeroshot_frequency", "wd",
                     "coca_caption_loss_weight", "coca_contrastive_loss_weight"]
     for name in non_negative:
         if getattr(cfg, name) < 0:

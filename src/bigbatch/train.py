@@ -70,7 +70,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     ema = ModelEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     autocast = autocast_factory(precision, device)
-    start_epoch, step = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
+    start_epoch, step, skip_batches = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
@@ -80,7 +80,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
-        train_data.set_epoch(epoch)
+        train_data.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
+        batches_done = skip_batches if epoch == start_epoch else 0
         model.train()
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
         for micro_batches, data_seconds in group_micro_batches(train_data.loader, cfg.accum_freq):
@@ -104,6 +105,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 print_now=step % cfg.log_every_n_steps == 0 or step == total_steps,
                 extra={"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
                        **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+            batches_done += len(micro_batches)
+            if (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0
+                    and batches_done < train_data.num_batches):  # the epoch's end saves anyway
+                save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, epoch, world,
+                     epoch_samples=batches_done * cfg.batch_size * world.world_size)
         runlog.report_skipped()
 
         completed = epoch + 1
@@ -112,7 +118,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer,
                                      create_loss(loss_name), device, autocast, zeroshot)
             runlog.validation(step=step, epoch=completed, metrics=metrics)
-        if cfg.save_frequency and due(completed, cfg.save_frequency, cfg.epochs):
+        if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
     runlog.close()
@@ -371,8 +377,10 @@ def unsharded(model):
         model.reshard()
 
 
-def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, world: World) -> None:
-    """Every rank takes part (FSDP2 gathers shards); rank 0 writes."""
+def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, world: World,
+         epoch_samples: int = 0) -> None:
+    """Every rank takes part (FSDP2 gathers shards); rank 0 writes. `epoch` epochs are
+    complete, and `epoch_samples` samples (all ranks) of the next one (mid-epoch saves)."""
     model_state, optimizer_state = full_state(model, optimizer)
     rng_states = all_rng_states(world)
     if not world.is_main:
@@ -381,12 +389,17 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
         "state_dict": model_state, "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
         "model": model_name, "config": to_dict(cfg), "rng": rng_states,
+        "epoch_samples": epoch_samples,
     }
     if ema:
         state["ema_state_dict"] = ema.state_dict()
     directory = run_dir / "checkpoints"
     ckpt.save_checkpoint(state, directory / ckpt.LATEST)
-    if epoch % cfg.save_frequency == 0:
+    if epoch_samples:
+        log.info(f"checkpoint saved: {directory / ckpt.LATEST} (step {step}, {epoch_samples} "
+                 f"samples into epoch {epoch + 1})")
+        return
+    if cfg.save_frequency and epoch % cfg.save_frequency == 0:
         ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
 
@@ -408,13 +421,14 @@ def restore_rng_state(state: dict, world: World) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), world.device)
 
 
-def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[int, int]:
-    """Restore a checkpoint if asked; returns (first epoch to run, optimizer steps done)."""
+def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[int, int, int]:
+    """Restore a checkpoint if asked; returns (first epoch to run, optimizer steps done,
+    this rank's batches of that epoch already trained on)."""
     path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints")
     if path is None:
         if cfg.resume == "latest":
             log.info(f"--resume latest: no checkpoint in {run_dir} yet, starting fresh")
-        return 0, 0
+        return 0, 0, 0
     state = ckpt.load_checkpoint(path)
     if "optimizer" not in state:
         raise ConfigError(f"{path} holds weights but no training state: to start from it, "
@@ -437,5 +451,9 @@ def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[i
     rng = state.get("rng") or []
     if len(rng) == world.world_size:  # the same layout of ranks: continue each one's stream
         restore_rng_state(rng[world.rank], world)
-    log.info(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}")
-    return state["epoch"], state["step"]
+    # the epoch's samples already seen, in this run's batches (exact with the same layout;
+    # the data order is one permutation per epoch, dealt out to the ranks in turn)
+    skip = state.get("epoch_samples", 0) // (cfg.batch_size * world.world_size)
+    where = f", {skip} batches into epoch {state['epoch'] + 1}" if skip else ""
+    log.info(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}{where}")
+    return state["epoch"], state["step"], skip

@@ -42,29 +42,33 @@ class EpochSampler(Sampler[int]):
     Training: a fresh permutation per (seed, epoch), repeated if ``length > size``, padded by
     wrapping around so every rank gets the same count (as DistributedSampler), then strided
     by rank. Validation: rows in order, strided by rank, no padding (no sample counted twice).
+    ``start``: this rank's first indices of the epoch to leave out (a resumed epoch).
     """
 
     def __init__(self, size: int, length: int, shuffle: bool, seed: int, rank: int, world_size: int):
         self.size, self.length, self.shuffle = size, length, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
+        return max(0, self._epoch_length() - self.start)
+
+    def _epoch_length(self) -> int:
         if self.shuffle:
             return math.ceil(self.length / self.world_size)
         return len(range(self.rank, self.length, self.world_size))
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
-            return iter(i % self.size for i in range(self.rank, self.length, self.world_size))
+            return iter(i % self.size for i in range(self.rank, self.length, self.world_size)[self.start:])
         rng = make_np_rng(self.seed, self.epoch)
         passes = math.ceil(self.length / self.size)
         order = np.concatenate([rng.permutation(self.size) for _ in range(passes)])[:self.length]
-        order = np.resize(order, len(self) * self.world_size)  # np.resize pads by wrapping around
-        return iter(order[self.rank::self.world_size].tolist())
+        order = np.resize(order, self._epoch_length() * self.world_size)  # pads by wrapping around
+        return iter(order[self.rank::self.world_size][self.start:].tolist())
 
 
 class ReplacingDataset(Dataset):
@@ -119,8 +123,9 @@ def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataI
     sampler = EpochSampler(len(source), length, spec.is_train, spec.seed, spec.rank, spec.world_size)
     dataset = ReplacingDataset(source, spec.seed, replace=spec.is_train)
 
-    def set_epoch(epoch: int) -> None:
-        sampler.set_epoch(epoch)
+    def set_epoch(epoch: int, skip_batches: int) -> None:
+        # augmentations are a function of (seed, epoch, row): leaving rows out changes no other
+        sampler.set_epoch(epoch, start=skip_batches * spec.batch_size)
         dataset.epoch.value = epoch
 
     generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # see seeding.py

@@ -61,12 +61,14 @@ class DataInfo:
     """Samples per epoch over all ranks (None only for val sets of unknown size)."""
     num_batches: int | None
     """Micro-batches per epoch on this rank (the same on every rank when training)."""
-    epoch_hook: Callable[[int], None] | None = field(default=None, repr=False)
+    epoch_hook: Callable[[int, int], None] | None = field(default=None, repr=False)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of the next pass over ``loader``; call before iterating."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the shuffle of the next pass over ``loader``; call before iterating.
+        ``skip_batches``: this rank's first batches of the epoch are left out (a run resumed
+        from a mid-epoch checkpoint); the rest are exactly those of an uninterrupted run."""
         if self.epoch_hook is not None:
-            self.epoch_hook(epoch)
+            self.epoch_hook(epoch, skip_batches)
 
 
 def expand_paths(paths: str) -> list[str]:

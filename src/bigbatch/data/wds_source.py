@@ -11,6 +11,10 @@ Training, per DataLoader worker:
    dealt out in whole batches to the workers in the DataLoader's round-robin order, so
    every rank yields the same number of batches and only the epoch's last batch is partial.
    Passes repeat (reshuffled) until the quota is filled.
+4. A resumed epoch (``skip_batches``) leaves out the rank's first batches: each worker
+   builds and drops its round-robin share of them, so that the shuffle and augmentation
+   streams continue exactly as in an uninterrupted run (it costs their loading time),
+   and the workers' roles rotate so that batches still arrive in the same order.
 
 A shard that gives no usable sample is not read again by that worker; a worker whose
 shards are all unusable reads the others', and only when no shard is usable does the
@@ -62,6 +66,7 @@ class ShardStream(IterableDataset):
         self.samples_per_rank = samples_per_rank  # None: read once (validation)
         # shared memory, so that set_epoch in the main process reaches persistent workers
         self.epoch = multiprocessing.Value("q", 0)
+        self.skip_batches = multiprocessing.Value("q", 0)
         # per process from here on: each worker has its own copy
         self.pending: Counter = Counter()  # skips not yet reported in a batch
         self.total: Counter = Counter()
@@ -69,13 +74,16 @@ class ShardStream(IterableDataset):
         self.dead: set[str] = set()  # shards that gave no usable sample
         self.warned: set[str] = set()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch.value = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch.value, self.skip_batches.value = epoch, skip_batches
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch = self.epoch.value
+        process, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, skip = self.epoch.value, self.skip_batches.value
+        # The DataLoader asks its workers in turn from the first: after `skip` batches, the
+        # first must play the stream of the worker that owns batch `skip`, and so on.
+        worker = (process + skip) % workers
         seed_worker(self.spec.seed, "augment", epoch, self.spec.rank, worker)
         if self.samples_per_rank is None:
             mine = self.shards[self.spec.rank::self.spec.world_size][worker::workers]
@@ -83,7 +91,7 @@ class ShardStream(IterableDataset):
         else:
             raw = self._shuffled(epoch, worker, workers)
             samples = islice(self._decode(raw), self._quota(worker, workers))
-        yield from self._batches(samples)
+        yield from islice(self._batches(samples), len(range(worker, skip, workers)), None)
         if self.pending:  # met after the last batch, with no batch left to carry them
             logging.warning("rank %d worker %d skipped after its last batch: %s",
                             self.spec.rank, worker, dict(self.pending))
