@@ -1096,7 +1096,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         result["phases"] = phase_times(template, args, batches)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        profile_steps(setups, out / f"profile-{short_device(device)}-{Path(args.model).stem}.txt", 0)
+        name = f"profile-{short_device(device)}-{Path(args.model).stem}-b{args.batch_size}x{args.accum_freq}.txt"
+        profile_steps(setups, out / name, 0)
     del setups
     _free_cuda()
 

@@ -166,7 +166,7 @@ def test_terms_follow_the_step():
     assert one.cached_features == 0 and one.global_batch_size == 32
     eight = estimate_memory(TINY, batch_size=32, accum_freq=8)
     per_sample = 2 * 32 * 4  # image and text features, D = 32, float32
-    assert eight.cached_features == 3 * 256 * per_sample  # outputs, leaves, gradients
+    assert eight.cached_features == 2 * 256 * per_sample  # leaves, gradients
     assert eight.inputs == 8 * one.inputs
     assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == one.inputs
     ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4)

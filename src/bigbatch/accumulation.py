@@ -147,13 +147,15 @@ def cached_backward(
     leaves = {k: _leaf(torch.cat([out[k].detach() for out in outputs])) for k in per_sample_keys}
     shared = {k: _leaf(v.detach()) if _is_model_level(v) else v
               for k, v in last_out.items() if k not in leaves and k not in sample_keys}
+    del outputs, cached  # the concatenated leaves replace the micro-batches' features
     with autocast():
         loss = loss_fn(**leaves, **shared)
     scale(loss).backward()
+    loss = loss.detach()  # its graph would keep the leaves alive through pass 2
     slices = {k: leaf.grad.split(sizes) for k, leaf in leaves.items() if leaf.grad is not None}
     shared_grads = {k: v.grad for k, v in shared.items()
                     if isinstance(v, torch.Tensor) and v.grad is not None}
-    del leaves, shared, outputs, cached  # frees the logits' and features' working set
+    del leaves, shared  # frees the logits' and features' working set
 
     # Pass 2: the kept graph first, then recompute the rest. The scalars' gradient rides
     # on the last (synchronising) backward: DDP all-reduces only buckets whose every

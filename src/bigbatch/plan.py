@@ -12,8 +12,8 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
        tokens); one micro-batch with --offload-inputs
     A  activations of ONE micro-batch: the tensors its forward saves for backward
        (autocast's low-precision weight copies included)
-    F  the rank's cached features, n = b x K rows of (D_image + D_text): the per-micro-batch
-       outputs and their concatenated leaves (2 F), and the leaves' gradients (F_grad)
+    F  the rank's cached features, n = b x K rows of (D_image + D_text): concatenated into
+       leaves (the micro-batches' outputs are freed then), and their gradients (F_grad)
     L  the loss's working set (`bigbatch.tiled.loss_working_set_bytes`): logits (blocks),
        float32 accumulators, plus the all-gathered features across ranks; a tiled loss's
        float32 accumulators become F_grad, so they are counted there, once
@@ -21,12 +21,12 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
 1. Pass 1 embeds K - 1 micro-batches without grad (a few layers' outputs at a time) and
    the last one with grad: its graph, A, stays alive through the loss.
 2. The loss runs once over the cached features. `optimizer.zero_grad(set_to_none=True)`
-   left no gradients yet:            W + O + I + A + 2 F + F_grad + L
+   left no gradients yet:            W + O + I + A + F + F_grad + L
 3. Pass 2 back-propagates the kept graph, then recomputes each micro-batch; the logits
    are gone, the gradients have arrived:   W + O + I + A + F_grad + G
 4. The step (fused AdamW, in place; clipping scales in place): W + O + I + G, below phase 3
 
-    peak = W + O + I + max(A + 2 F + F_grad + L,  A + F_grad + G)
+    peak = W + O + I + max(A + F + F_grad + L,  A + F_grad + G)
 
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
@@ -91,7 +91,7 @@ class MemoryPlan:
     optimizer_state: int       # O
     inputs: int                # I
     activations: int           # A, one micro-batch
-    cached_features: int       # 2 F + F_grad (0 when K = 1)
+    cached_features: int       # F + F_grad (0 when K = 1)
     loss_working_set: int      # L
     peak: int
     phase: str                 # where the peak is: "loss", "pass 2" or "step"
@@ -267,7 +267,7 @@ def _assemble(profile: _Profile, activations: int, b: int, K: int, o: _Options) 
     inputs = (b if o.offload_inputs else n) * profile.input_bytes_per_sample
     row = profile.feature_bytes_per_sample
     feature_grads = row * n if K > 1 else 0
-    cached = 2 * row * n + feature_grads if K > 1 else 0
+    cached = row * n + feature_grads if K > 1 else 0
     loss_ws, loss_tile = _loss_working_set(n, W, o.local_loss, profile.embed_dim, row, o.tile, o.siglip)
     if loss_tile is not None and profile.feature_element_size == FLOAT32:
         # the tiled loss's float32 gradient accumulators become the features' gradients
@@ -732,7 +732,7 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"inputs ({'1 micro-batch, offloaded' if plan.offload_inputs or K == 1 else f'{K} micro-batches'})",
          plan.inputs),
         (f"activations (1 micro-batch of {plan.batch_size})", plan.activations),
-        (f"cached features ({plan.batch_size * K} rows, + copy, + grads)", plan.cached_features),
+        (f"cached features ({plan.batch_size * K} rows, + grads)", plan.cached_features),
         (f"loss working set ({'tiles of ' + str(plan.loss_tile) if plan.loss_tile else 'plain logits'})",
          plan.loss_working_set),
     ]
