@@ -142,6 +142,24 @@ def count_syncs(case: Case, world: World) -> dict:
     return {"plain": step(1), "cached": step(3)}
 
 
+def validation_metrics(case: Case, world: World) -> dict:
+    """Each rank evaluates its share of a synthetic validation set (37 samples: the ranks'
+    shares differ); evaluate gathers them. One process: world None, the whole set."""
+    from bigbatch.data import DataSpec, make_data
+    from bigbatch.data.shapes import CLASSNAMES, TEMPLATES
+    from bigbatch.evaluate import evaluate
+    from bigbatch.model import create_model
+
+    torch.manual_seed(INIT_SEED)
+    bundle = create_model(str(Path(__file__).parent / "assets" / "test-clip.json"))
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    spec = DataSpec(None, "synthetic", 5, num_samples=37, workers=0, is_train=False, rank=rank,
+                    world_size=size)
+    data = make_data(spec, bundle.preprocess_val, bundle.tokenizer)
+    return evaluate(bundle.model, data.loader, loss_fn=ClipLoss(), tokenizer=bundle.tokenizer,
+                    classnames=CLASSNAMES, templates=TEMPLATES[:2], across_ranks=world is not None)
+
+
 def _worker(rank: int, world_size: int, port: int, tasks: list, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -267,7 +285,7 @@ THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),)
          for w in ("ddp", "average")]
 
 two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED, *COCA]]
-                    + [(count_syncs, SYNCS)], world_size=2)
+                    + [(count_syncs, SYNCS), (validation_metrics, Case())], world_size=2)
 three_ranks = spawned([(step_grads, c) for c in THREE], world_size=3)
 
 
@@ -303,6 +321,22 @@ def test_coca_caption_loss_equals_one_process_on_the_global_batch(two_ranks, cas
 def test_fsdp2_cached_step_equals_one_process_on_the_global_batch(two_ranks):
     """The same reference DDP is held to; logit_scale is (1,) here: fully_shard needs >= 1 dim."""
     assert_matches_reference(two_ranks(step_grads, FSDP2), FSDP2)
+
+
+def test_validation_split_across_ranks_equals_one_process(two_ranks):
+    """Recall and zero-shot accuracy of the whole set. (val_loss, the mean of per-batch
+    losses, depends on which samples share a batch, as in open_clip_train.)"""
+    expected = validation_metrics(Case(), None)
+    assert expected["num_samples"] == 37 and "zeroshot_top1" in expected
+    for metrics in two_ranks(validation_metrics, Case()):
+        assert metrics.keys() == expected.keys() and metrics.pop("val_loss") > 0
+        for name, value in expected.items():
+            if name == "val_loss":
+                continue
+            if isinstance(value, float):
+                assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
+            else:
+                assert metrics[name] == value, name
 
 
 def test_ddp_all_reduces_once_per_optimizer_step(two_ranks):

@@ -184,6 +184,7 @@ def evaluate(
     templates: Sequence[Template] | None = None,
     device: str | torch.device = "cpu",
     autocast: AutocastFactory = contextlib.nullcontext,
+    across_ranks: bool = False,
 ) -> dict:
     """One no-grad pass over `batches` in eval mode; the model's modes are restored after.
 
@@ -193,6 +194,10 @@ def evaluate(
     samples, as open_clip_train reports it); retrieval recall over the whole set; zero-shot
     metrics if every batch has labels and `classnames` is given; and `skipped`, the
     batches' skip counters summed.
+
+    across_ranks: `batches` are this rank's share of the set (torch.distributed is
+    initialised); the features, labels, losses and skip counts of every rank are gathered,
+    once, and every rank returns the metrics of the whole set.
     """
     if classnames is not None and (tokenizer is None or not templates):
         raise ValueError("zero-shot evaluation needs classnames, templates and a tokenizer: pass all three")
@@ -216,6 +221,9 @@ def evaluate(
             if len(batch) > 3 and batch[3]:
                 skipped.update(batch[3])
 
+        if across_ranks:
+            image_chunks, text_chunks, label_chunks, loss_sum, skipped = _gather_from_ranks(
+                image_chunks, text_chunks, label_chunks, loss_sum, skipped)
         if not image_chunks:
             raise ValueError("evaluate got no batches: is the validation data empty?")
         # scoring runs on the device (fast), still chunked; the features are only (N, D)
@@ -239,6 +247,25 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- I/O helpers
+
+
+def _gather_from_ranks(image_chunks: list, text_chunks: list, label_chunks: list,
+                       loss_sum: float, skipped: Counter) -> tuple:
+    """Every rank's host-side results, rank-major (one all_gather_object; a rank with no
+    batches contributes empty lists)."""
+    import torch.distributed as dist
+
+    mine = (image_chunks, text_chunks, label_chunks, loss_sum, skipped)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    images, texts, labels, loss, skips = [], [], [], 0.0, Counter()
+    for rank_images, rank_texts, rank_labels, rank_loss, rank_skips in every:
+        images += rank_images
+        texts += rank_texts
+        labels += rank_labels
+        loss += rank_loss
+        skips.update(rank_skips)
+    return images, texts, labels, loss, skips
 
 
 def load_lines(path: str | Path) -> list[str]:

@@ -267,7 +267,8 @@ def seed_everything(seed: int) -> None:
 
 
 def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
-    """Training data is split across ranks; every rank evaluates the whole validation set."""
+    """Training and validation data are split across ranks (validation without padding:
+    no sample is counted twice; evaluate gathers the ranks' features)."""
     return DataSpec(
         paths=cfg.train_data if train else cfg.val_data,
         dataset_type=cfg.dataset_type, batch_size=cfg.batch_size,
@@ -275,7 +276,7 @@ def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
-        rank=world.rank if train else 0, world_size=world.world_size if train else 1)
+        rank=world.rank, world_size=world.world_size)
 
 
 def open_data(spec: DataSpec, preprocess, tokenizer):
@@ -356,7 +357,7 @@ def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, z
     with unsharded(model):
         metrics = evaluate(unwrap(model), val_data.loader, loss_fn=loss_fn, tokenizer=tokenizer,
                            classnames=classnames, templates=templates, device=device,
-                           autocast=autocast)
+                           autocast=autocast, across_ranks=torch.distributed.is_initialized())
     if classnames and "zeroshot_top1" not in metrics:
         log.warning("zero-shot skipped: --val-data has no labels (webdataset 'cls' or --csv-label-key)")
     log.info("validation: " + format_metrics(metrics))
