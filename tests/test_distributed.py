@@ -160,6 +160,28 @@ def validation_metrics(case: Case, world: World) -> dict:
                     classnames=CLASSNAMES, templates=TEMPLATES[:2], across_ranks=world is not None)
 
 
+def validation_failure(case: Case, world: World) -> dict:
+    """Rank 1's data fails mid-way; every rank must raise its error, none hang in the gather."""
+    from bigbatch.data import DataError
+    from bigbatch.evaluate import evaluate
+
+    def batches():
+        yield from batches_of(4)
+        if world.rank == 1:
+            raise DataError("shard 7 is unreadable")
+        yield from batches_of(4)
+
+    def batches_of(n):
+        for images, texts in rank_batches(case, world.rank)[:1]:
+            yield images[:n], texts[:n]
+
+    try:
+        evaluate(make_model(case), batches(), across_ranks=True)
+    except DataError as error:
+        return {"raised": str(error)}
+    return {"raised": None}
+
+
 def _worker(rank: int, world_size: int, port: int, tasks: list, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -285,7 +307,8 @@ THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),)
          for w in ("ddp", "average")]
 
 two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED, *COCA]]
-                    + [(count_syncs, SYNCS), (validation_metrics, Case())], world_size=2)
+                    + [(count_syncs, SYNCS), (validation_metrics, Case()), (validation_failure, Case())],
+                    world_size=2)
 three_ranks = spawned([(step_grads, c) for c in THREE], world_size=3)
 
 
@@ -337,6 +360,10 @@ def test_validation_split_across_ranks_equals_one_process(two_ranks):
                 assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
             else:
                 assert metrics[name] == value, name
+
+
+def test_a_validation_error_on_one_rank_is_raised_on_every_rank(two_ranks):
+    assert [r["raised"] for r in two_ranks(validation_failure, Case())] == ["shard 7 is unreadable"] * 2
 
 
 def test_ddp_all_reduces_once_per_optimizer_step(two_ranks):

@@ -161,6 +161,28 @@ def test_resumed_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monk
         assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def test_mid_epoch_resume_with_another_data_layout_warns_and_ends_a_finished_epoch(tmp_path, monkeypatch,
+                                                                                  capsys):
+    args = ["--dataset-type", "synthetic", "--batch-size", "4", "--accum-freq", "2", "--epochs", "2",
+            "--save-every-n-steps", "2"]
+    save = bigbatch.train.save
+
+    def crash_at_step_4(*a, **kw):  # 4 of 5 steps into epoch 1: 32 samples
+        save(*a, **kw)
+        if a[7] == 4:
+            raise Crash
+
+    monkeypatch.setattr(bigbatch.train, "save", crash_at_step_4)
+    with pytest.raises(Crash):
+        run(tmp_path, *args, "--train-num-samples", "40")
+    monkeypatch.setattr(bigbatch.train, "save", save)
+    capsys.readouterr()
+    resumed = run(tmp_path, *args, "--train-num-samples", "24", "--resume", "latest")  # 3 steps/epoch
+    assert "only approximate those already trained on" in capsys.readouterr().out
+    state = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (2, 4 + 3)  # epoch 1 was over: epoch 2 in full
+
+
 def test_existing_run_without_resume_is_refused(tmp_path, capsys):
     args = ["--dataset-type", "synthetic", "--train-num-samples", "8", "--batch-size", "4",
             "--epochs", "1"]
@@ -252,8 +274,9 @@ def test_batch_size_auto_needs_a_gpu(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--precision", "amp"], "on CPU use --precision fp32 or amp_bf16"),
     (["--fsdp"], "--fsdp shards the model across ranks"),
+    (["--lock-image", "--lock-text"], "leave only the logit scale to train"),  # a CLIP; CoCa's decoder trains
 ])
-def test_flags_that_need_a_gpu_or_ranks_are_one_clear_error(tmp_path, capsys, flags, message):
+def test_flags_that_cannot_work_here_are_one_clear_error(tmp_path, capsys, flags, message):
     code = main(["train", *FAST, "--dataset-type", "synthetic", "--logs", str(tmp_path), *flags])
     assert code == 2 and message in capsys.readouterr().err
 
@@ -305,9 +328,24 @@ def test_coca_trains_on_contrastive_plus_caption_loss_and_evaluates(tmp_path, ca
     assert any(k.startswith("text_decoder.") for k in state)
 
 
-def test_coca_with_a_locked_image_tower_recomputes_it(tmp_path, capsys):
-    run_dir = run(tmp_path, "--model", str(Path(__file__).parent / "assets" / "test-coca.json"),
-                  "--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4",
-                  "--accum-freq", "2", "--epochs", "1", "--lock-image")
+def test_coca_with_locked_towers_trains_its_decoder_only(tmp_path, capsys, monkeypatch):
+    modes = []  # the image tower's mode at each forward: locked towers run in eval mode
+    forward = bigbatch.train.cached_backward
+
+    def spy(model, *args, **kwargs):
+        modes.append(bigbatch.train.unwrap(model).visual.training)
+        return forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(bigbatch.train, "cached_backward", spy)
+    args = ["--model", str(Path(__file__).parent / "assets" / "test-coca.json"), "--dataset-type", "synthetic",
+            "--train-num-samples", "16", "--batch-size", "4", "--accum-freq", "2", "--epochs", "1"]
+    start = torch.load(run(tmp_path, *args) / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    tuned = run(tmp_path, *args, "--lock-image", "--lock-text", "--pretrained",
+                str(tmp_path / "logs" / "run" / "checkpoints" / "epoch_latest.pt"), name="tuned")
     assert "recomputed in pass 2" in capsys.readouterr().out
-    assert records(run_dir, "train")
+    assert modes[-1] is False
+    end = torch.load(tuned / "checkpoints" / "epoch_latest.pt", weights_only=True)["state_dict"]
+    for key, value in start["state_dict"].items():
+        if key.startswith(("visual.", "text.")):
+            assert torch.equal(end[key], value), key
+    assert not torch.equal(end["text_decoder.text_projection"], start["state_dict"]["text_decoder.text_projection"])

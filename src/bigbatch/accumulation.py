@@ -181,8 +181,8 @@ def cached_backward(
                 backward_slice(out, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     if sample_loss is not None:  # the global batch's value is the mean of the ranks' sums
-        loss = loss.detach() + _mean_over_ranks(torch.stack(sample_terms).sum())
-    return loss.detach()
+        loss = loss + _mean_over_ranks(torch.stack(sample_terms).sum())
+    return loss
 
 
 def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict,

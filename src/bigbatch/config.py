@@ -159,10 +159,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("lr_image", "lr_text"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be 0 or more")
-    if cfg.lock_image and cfg.lock_text and not (cfg.lock_image_unlocked_groups or cfg.lock_text_unlocked_layers):
-        raise ConfigError("--lock-image and --lock-text together leave only the logit scale to "
-                          "train: unlock some layers (--lock-image-unlocked-groups / "
-                          "--lock-text-unlocked-layers) or lock one tower")
     if cfg.local_loss and not cfg.gather_with_grad:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")

@@ -207,19 +207,20 @@ def evaluate(
     loss_sum, skipped = 0.0, Counter()
 
     with _eval_mode(model), torch.no_grad():
-        for batch in batches:
-            images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
-            texts = batch[1].to(device=device, non_blocking=True)
-            with autocast():
-                out = _forward(model, images, texts)
-                if loss_fn is not None:
-                    loss_sum += _batch_loss(loss_fn, out) * len(images)
-            # kept on the host in fp32: the device only ever holds one batch
-            image_chunks.append(out["image_features"].float().cpu())  # (B, D)
-            text_chunks.append(out["text_features"].float().cpu())  # (B, D)
-            label_chunks.append(batch[2] if len(batch) > 2 else None)
-            if len(batch) > 3 and batch[3]:
-                skipped.update(batch[3])
+        with _failing_together(across_ranks):
+            for batch in batches:
+                images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
+                texts = batch[1].to(device=device, non_blocking=True)
+                with autocast():
+                    out = _forward(model, images, texts)
+                    if loss_fn is not None:
+                        loss_sum += _batch_loss(loss_fn, out) * len(images)
+                # kept on the host in fp32: the device only ever holds one batch
+                image_chunks.append(out["image_features"].float().cpu())  # (B, D)
+                text_chunks.append(out["text_features"].float().cpu())  # (B, D)
+                label_chunks.append(batch[2] if len(batch) > 2 else None)
+                if len(batch) > 3 and batch[3]:
+                    skipped.update(batch[3])
 
         if across_ranks:
             image_chunks, text_chunks, label_chunks, loss_sum, skipped = _gather_from_ranks(
@@ -247,6 +248,27 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- I/O helpers
+
+
+@contextlib.contextmanager
+def _failing_together(across_ranks: bool) -> Iterator[None]:
+    """Across ranks, an error on one (its shards are unreadable, say) is raised on every
+    rank, instead of leaving the others waiting in the gather until a timeout."""
+    if not across_ranks:
+        yield
+        return
+    import torch.distributed as dist
+
+    error = None
+    try:
+        yield
+    except Exception as exc:  # re-raised below, on every rank
+        error = exc
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def _gather_from_ranks(image_chunks: list, text_chunks: list, label_chunks: list,

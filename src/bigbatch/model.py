@@ -99,11 +99,12 @@ def lock_towers(model: nn.Module, *, image: bool, image_unlocked_groups: int = 0
     1 texts) of towers left with no trainable parameter, which pass 2 need not recompute."""
     if image:  # what CLIP's lock_image_tower does; CoCa has no such method
         model.visual.lock(unlocked_groups=image_unlocked_groups, freeze_bn_stats=image_freeze_bn_stats)
-    if text:
-        if isinstance(getattr(model, "text", None), nn.Module):  # CustomTextCLIP, CoCa (not its decoder)
-            model.text.lock(unlocked_layers=text_unlocked_layers, freeze_layer_norm=text_freeze_layer_norm)
-        else:  # open_clip's CLIP locks LayerNorm with its layers
-            model.lock_text_tower(unlocked_layers=text_unlocked_layers, freeze_layer_norm=True)
+    if text:  # CustomTextCLIP and CoCa (not its decoder) lock through their text module
+        lock = model.text.lock if isinstance(getattr(model, "text", None), nn.Module) else model.lock_text_tower
+        try:
+            lock(unlocked_layers=text_unlocked_layers, freeze_layer_norm=text_freeze_layer_norm)
+        except AssertionError:  # open_clip's own text tower locks LayerNorm with its layers
+            lock(unlocked_layers=text_unlocked_layers, freeze_layer_norm=True)
     towers = _tower_parameters(model)
     return tuple(i for i, params in enumerate(towers) if params and not any(p.requires_grad for p in params))
 

@@ -94,7 +94,7 @@ class MemoryPlan:
     cached_features: int       # F + F_grad (0 when K = 1)
     loss_working_set: int      # L
     peak: int
-    phase: str                 # where the peak is: "loss", "pass 2" or "step"
+    phase: str                 # where the peak is: "loss" or "pass 2"
     source: str                # "meta estimate" or "probe on cuda"
     target: str = "cuda"       # the device type modelled
     offload_inputs: bool = False
@@ -557,7 +557,8 @@ def _saved_bytes(model: nn.Module, inputs: tuple) -> _Saved:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outputs = model(*inputs)
             caption = CaptionLoss()
-            if set(caption.keys) <= outputs.keys():  # CoCa: its caption loss saves (B, T, vocab) log-probs
+            if set(caption.keys) <= outputs.keys():  # CoCa: its caption logits (B, T, vocab) live
+                pack(outputs["logits"])  # until their loss's backward, which saves log-probs too
                 caption(outputs, caption.count(outputs))
     finally:
         for handle in handles:

@@ -60,6 +60,10 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
     loss_fn, caption_loss = build_losses(cfg, world, loss_name, bundle.model)
+    not_recomputed = frozen_inputs  # frozen towers pass 2 skips: none for CoCa, whose decoder reads both
+    if frozen_inputs and caption_loss is not None:
+        log.info("CoCa's caption decoder reads both towers: the locked tower is recomputed in pass 2")
+        not_recomputed = ()
     train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
     val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
@@ -71,6 +75,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     autocast = autocast_factory(precision, device)
     start_epoch, step, skip_batches = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
+    if skip_batches >= train_data.num_batches:  # saved mid-epoch, now a shorter epoch: it is over
+        start_epoch, skip_batches = start_epoch + 1, 0
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
@@ -80,8 +86,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
-        train_data.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
-        batches_done = skip_batches if epoch == start_epoch else 0
+        batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
+        train_data.set_epoch(epoch, batches_done)
         model.train()
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
         for micro_batches, data_seconds in group_micro_batches(train_data.loader, cfg.accum_freq):
@@ -90,7 +96,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             if not cfg.offload_inputs:  # all of the step's inputs on the device at once
                 inputs = [to_device(mb) for mb in inputs]
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
-                                   frozen_inputs=frozen_inputs, to_device=to_device,
+                                   frozen_inputs=not_recomputed, to_device=to_device,
                                    sample_loss=caption_loss)
             grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip_norm)
             if ema:
@@ -156,9 +162,11 @@ def build_model(cfg: TrainConfig, world: World):
         image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
         text_unlocked_layers=cfg.lock_text_unlocked_layers,
         text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
-    if frozen_inputs and is_coca(bundle.model):
-        log.info("CoCa's caption decoder reads both towers: the locked tower is recomputed in pass 2")
-        frozen_inputs = ()
+    trainable = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
+    if all(n.startswith("logit_") for n in trainable):  # CoCa's decoder would still train
+        raise ConfigError("--lock-image and --lock-text together leave only the logit scale to "
+                          "train: unlock some layers (--lock-image-unlocked-groups / "
+                          "--lock-text-unlocked-layers) or lock one tower")
     return bundle, wrap_model(bundle.model, world, fsdp=cfg.fsdp), frozen_inputs
 
 
@@ -390,7 +398,7 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
         "state_dict": model_state, "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
         "model": model_name, "config": to_dict(cfg), "rng": rng_states,
-        "epoch_samples": epoch_samples,
+        "epoch_samples": epoch_samples, "data_layout": data_layout(cfg, world),
     }
     if ema:
         state["ema_state_dict"] = ema.state_dict()
@@ -403,6 +411,13 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
     if cfg.save_frequency and epoch % cfg.save_frequency == 0:
         ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
+
+
+def data_layout(cfg: TrainConfig, world: World) -> dict:
+    """What decides which batches an epoch's first steps took."""
+    return {"train_data": cfg.train_data, "train_num_samples": cfg.train_num_samples,
+            "batch_size": cfg.batch_size, "world_size": world.world_size, "workers": cfg.workers,
+            "seed": cfg.seed}
 
 
 def all_rng_states(world: World) -> list[dict]:
@@ -452,9 +467,14 @@ def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[i
     rng = state.get("rng") or []
     if len(rng) == world.world_size:  # the same layout of ranks: continue each one's stream
         restore_rng_state(rng[world.rank], world)
-    # the epoch's samples already seen, in this run's batches (exact with the same layout;
-    # the data order is one permutation per epoch, dealt out to the ranks in turn)
+    # the epoch's samples already seen, in this run's batches: exact with the same data
+    # layout; CSV and synthetic data also when only batch-size or world-size changed
+    # (one permutation per epoch, dealt out to the ranks in turn), shards only roughly
     skip = state.get("epoch_samples", 0) // (cfg.batch_size * world.world_size)
+    if skip and state.get("data_layout") != data_layout(cfg, world):
+        log.warning(f"{path} was saved mid-epoch with another data layout "
+                    f"({state.get('data_layout')}, now {data_layout(cfg, world)}): the batches "
+                    "left out of this epoch only approximate those already trained on")
     where = f", {skip} batches into epoch {state['epoch'] + 1}" if skip else ""
     log.info(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}{where}")
     return state["epoch"], state["step"], skip
