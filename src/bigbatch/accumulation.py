@@ -41,8 +41,9 @@ import contextlib
 from typing import Any, Callable, Collection, ContextManager, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from bigbatch.distributed import mean_over_ranks
 
 MicroBatch = Sequence[Any]  # positional model inputs, e.g. (images, texts)
 LossFn = Callable[..., torch.Tensor]
@@ -114,9 +115,9 @@ def cached_backward(
                 out = model(*move(micro_batches[0]))
                 loss = loss_fn(**_drop(out, sample_keys))
                 if sample_loss is not None:
-                    term = sample_loss(out, _mean_over_ranks(sample_loss.count(out)))
+                    term = sample_loss(out, mean_over_ranks(sample_loss.count(out).float()))
             scale(loss if sample_loss is None else loss + term).backward()
-        return loss.detach() if sample_loss is None else loss.detach() + _mean_over_ranks(term)
+        return loss.detach() if sample_loss is None else loss.detach() + mean_over_ranks(term)
 
     *cached_inputs, last_inputs = micro_batches
     cuda_devices = _cuda_devices(model, micro_batches)
@@ -137,7 +138,7 @@ def cached_backward(
     if sample_loss is not None:
         with torch.no_grad():
             counts.append(sample_loss.count(last_out))
-        sample_total = _mean_over_ranks(torch.stack(counts).sum())
+        sample_total = mean_over_ranks(torch.stack(counts).sum().float())
     sample_terms = []  # this rank's, detached
 
     # Loss once over the global batch; backward stops at the cached features.
@@ -181,7 +182,7 @@ def cached_backward(
                 backward_slice(out, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     if sample_loss is not None:  # the global batch's value is the mean of the ranks' sums
-        loss = loss + _mean_over_ranks(torch.stack(sample_terms).sum())
+        loss = loss + mean_over_ranks(torch.stack(sample_terms).sum())
     return loss
 
 
@@ -201,15 +202,6 @@ def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict,
 
 def _drop(outputs: dict, keys: set[str]) -> dict:
     return {k: v for k, v in outputs.items() if k not in keys}
-
-
-def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """A scalar's mean over the ranks (one tiny all-reduce; itself in one process)."""
-    value = value.detach().float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
 
 
 def _without(inputs: MicroBatch, frozen: Sequence[int]) -> list:

@@ -247,6 +247,24 @@ def _shape_like(model: torch.nn.Module, state: dict) -> dict:
             else v for k, v in state.items()}
 
 
+def gather_objects(obj) -> list:
+    """Every rank's Python object, in rank order ([obj] for one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A tensor's mean over the ranks, detached (itself for one process)."""
+    value = value.detach().clone()
+    if _world_size() > 1:
+        dist.all_reduce(value)
+        value /= _world_size()
+    return value
+
+
 def broadcast_object(obj, src: int = 0):
     """rank `src`'s Python object on every rank (identity for one process)."""
     if not dist.is_initialized():

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bigbatch.distributed import gather_objects
+
 log = logging.getLogger(__name__)
 
 Template = str | Callable[[str], str]
@@ -257,16 +259,12 @@ def _failing_together(across_ranks: bool) -> Iterator[None]:
     if not across_ranks:
         yield
         return
-    import torch.distributed as dist
-
     error = None
     try:
         yield
     except Exception as exc:  # re-raised below, on every rank
         error = exc
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
+    first = next((e for e in gather_objects(error) if e is not None), None)
     if first is not None:
         raise first
 
@@ -275,12 +273,8 @@ def _gather_from_ranks(image_chunks: list, text_chunks: list, label_chunks: list
                        loss_sum: float, skipped: Counter) -> tuple:
     """Every rank's host-side results, rank-major (one all_gather_object; a rank with no
     batches contributes empty lists)."""
-    import torch.distributed as dist
-
-    mine = (image_chunks, text_chunks, label_chunks, loss_sum, skipped)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
     images, texts, labels, loss, skips = [], [], [], 0.0, Counter()
+    every = gather_objects((image_chunks, text_chunks, label_chunks, loss_sum, skipped))
     for rank_images, rank_texts, rank_labels, rank_loss, rank_skips in every:
         images += rank_images
         texts += rank_texts

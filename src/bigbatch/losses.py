@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch import tiled
-from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes
+from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, mean_over_ranks
 from bigbatch.tiled import loss_working_set_bytes  # noqa: F401  (for the planner and benchmarks)
 
 
@@ -91,9 +91,7 @@ class _GlobalBatchLoss(nn.Module):
 
     def global_value(self, term: torch.Tensor) -> torch.Tensor:
         """This rank's term, its value replaced by the ranks' mean (the global loss) for logs."""
-        mean = term.detach().clone()
-        dist.all_reduce(mean)
-        return term + (mean / self.world_size - term.detach())
+        return term + (mean_over_ranks(term) - term.detach())
 
     def _check_process_group(self) -> None:
         if not dist.is_initialized() or dist.get_world_size() != self.world_size:

@@ -25,7 +25,7 @@ from bigbatch.accumulation import cached_backward
 from bigbatch.config import ConfigError, TrainConfig, to_dict
 from bigbatch.data import DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
-from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state,
+from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state, gather_objects,
                                   init_distributed, load_full_model_state,
                                   load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
@@ -239,10 +239,7 @@ def choose_batch_layout(cfg: TrainConfig, world: World, precision: str) -> None:
 
 
 def smallest_over_ranks(value: int, world: World) -> int:
-    values = [value] * world.world_size
-    if world.world_size > 1:
-        torch.distributed.all_gather_object(values, value)
-    return min(values)
+    return min(gather_objects(value))
 
 
 def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:
@@ -425,10 +422,7 @@ def all_rng_states(world: World) -> list[dict]:
     mine = {"cpu": torch.get_rng_state()}
     if world.device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(world.device)
-    states = [mine] * world.world_size
-    if world.world_size > 1:
-        torch.distributed.all_gather_object(states, mine)
-    return states
+    return gather_objects(mine)
 
 
 def restore_rng_state(state: dict, world: World) -> None:
