@@ -204,29 +204,12 @@ def evaluate(
     if classnames is not None and (tokenizer is None or not templates):
         raise ValueError("zero-shot evaluation needs classnames, templates and a tokenizer: pass all three")
     device = torch.device(device)
-    dtype = next(model.parameters()).dtype  # pure fp16/bf16 models want inputs in their dtype
-    image_chunks, text_chunks, label_chunks = [], [], []
-    loss_sum, skipped = 0.0, Counter()
-
     with _eval_mode(model), torch.no_grad():
         with _failing_together(across_ranks):
-            for batch in batches:
-                images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
-                texts = batch[1].to(device=device, non_blocking=True)
-                with autocast():
-                    out = _forward(model, images, texts)
-                    if loss_fn is not None:
-                        loss_sum += _batch_loss(loss_fn, out) * len(images)
-                # kept on the host in fp32: the device only ever holds one batch
-                image_chunks.append(out["image_features"].float().cpu())  # (B, D)
-                text_chunks.append(out["text_features"].float().cpu())  # (B, D)
-                label_chunks.append(batch[2] if len(batch) > 2 else None)
-                if len(batch) > 3 and batch[3]:
-                    skipped.update(batch[3])
-
+            parts = _embed_batches(model, batches, loss_fn, device, autocast)
         if across_ranks:
-            image_chunks, text_chunks, label_chunks, loss_sum, skipped = _gather_from_ranks(
-                image_chunks, text_chunks, label_chunks, loss_sum, skipped)
+            parts = _gather_from_ranks(*parts)
+        image_chunks, text_chunks, label_chunks, loss_sum, skipped = parts
         if not image_chunks:
             raise ValueError("evaluate got no batches: is the validation data empty?")
         # scoring runs on the device (fast), still chunked; the features are only (N, D)
@@ -249,7 +232,26 @@ def evaluate(
     return metrics
 
 
-# --------------------------------------------------------------------------- I/O helpers
+def _embed_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[..., Tensor] | None,
+                   device: torch.device, autocast: AutocastFactory) -> tuple:
+    """Per batch: image and text features (on the host, fp32: the device only ever holds
+    one batch) and labels; the summed per-batch loss x batch size; the skip counts."""
+    dtype = next(model.parameters()).dtype  # pure fp16/bf16 models want inputs in their dtype
+    image_chunks, text_chunks, label_chunks = [], [], []
+    loss_sum, skipped = 0.0, Counter()
+    for batch in batches:
+        images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
+        texts = batch[1].to(device=device, non_blocking=True)
+        with autocast():
+            out = _forward(model, images, texts)
+            if loss_fn is not None:
+                loss_sum += _batch_loss(loss_fn, out) * len(images)
+        image_chunks.append(out["image_features"].float().cpu())  # (B, D)
+        text_chunks.append(out["text_features"].float().cpu())  # (B, D)
+        label_chunks.append(batch[2] if len(batch) > 2 else None)
+        if len(batch) > 3 and batch[3]:
+            skipped.update(batch[3])
+    return image_chunks, text_chunks, label_chunks, loss_sum, skipped
 
 
 @contextlib.contextmanager
@@ -282,6 +284,9 @@ def _gather_from_ranks(image_chunks: list, text_chunks: list, label_chunks: list
         loss += rank_loss
         skips.update(rank_skips)
     return images, texts, labels, loss, skips
+
+
+# --------------------------------------------------------------------------- I/O helpers
 
 
 def load_lines(path: str | Path) -> list[str]:
