@@ -21,36 +21,35 @@ def test_flags_keep_open_clip_train_names_and_meanings():
     assert cfg.effective_batch(world_size=4) == 32 * 8 * 4
 
 
-def test_yaml_sets_options_and_flags_override(tmp_path):
+def from_yaml(tmp_path, text: str, *flags: str):
+    """parse_config of a YAML file holding `text` (then `flags`)."""
     path = tmp_path / "run.yaml"
-    path.write_text("dataset_type: synthetic\nbatch-size: 16\nlr: 1e-3\naccum_freq: 2\n")
-    cfg = parse_config(["--config", str(path), "--accum-freq", "4"])
+    path.write_text(text)
+    return parse_config(["--config", str(path), *flags])
+
+
+def test_yaml_sets_options_and_flags_override(tmp_path):
+    cfg = from_yaml(tmp_path, "dataset_type: synthetic\nbatch-size: 16\nlr: 1e-3\naccum_freq: 2\n",
+                    "--accum-freq", "4")
     assert (cfg.batch_size, cfg.lr, cfg.accum_freq) == (16, 1e-3, 4)
     assert isinstance(cfg.lr, float)
 
 
 def test_yaml_unknown_key_suggests_the_right_one(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("dataset_type: synthetic\naccum_frequency: 4\n")
     with pytest.raises(ConfigError, match="unknown option 'accum_frequency'.*accum_freq"):
-        parse_config(["--config", str(path)])
+        from_yaml(tmp_path, "dataset_type: synthetic\naccum_frequency: 4\n")
 
 
 def test_yaml_booleans_quoted_or_not(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text('dataset_type: synthetic\nsiglip: "no"\nlocal_loss: "Yes"\ngather_with_grad: on\n')
-    cfg = parse_config(["--config", str(path)])
+    cfg = from_yaml(tmp_path, 'dataset_type: synthetic\nsiglip: "no"\nlocal_loss: "Yes"\ngather_with_grad: on\n')
     assert (cfg.siglip, cfg.local_loss, cfg.gather_with_grad) == (False, True, True)
-    path.write_text("dataset_type: synthetic\nsiglip: maybe\n")
     with pytest.raises(ConfigError, match="'siglip' expects true or false, got 'maybe'"):
-        parse_config(["--config", str(path)])
+        from_yaml(tmp_path, "dataset_type: synthetic\nsiglip: maybe\n")
 
 
 def test_yaml_choice_is_checked(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("dataset_type: synthetic\nprecision: fp8\n")
     with pytest.raises(ConfigError, match="--precision 'fp8': choose one of"):
-        parse_config(["--config", str(path)])
+        from_yaml(tmp_path, "dataset_type: synthetic\nprecision: fp8\n")
 
 
 @pytest.mark.parametrize("argv, message", [
