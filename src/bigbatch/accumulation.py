@@ -129,7 +129,8 @@ def cached_backward(
         rng_states.append(_RngState.capture(cuda_devices))
         with torch.no_grad(), autocast():
             out = model(*move(inputs))
-            counts.append(sample_loss.count(out) if sample_loss is not None else None)
+            if sample_loss is not None:
+                counts.append(sample_loss.count(out))
             cached.append(_drop(out, sample_keys))
             del out
     with _gradient_sync(model, enabled=False), autocast():
@@ -161,7 +162,8 @@ def cached_backward(
     # Pass 2: the kept graph first, then recompute the rest. The scalars' gradient rides
     # on the last (synchronising) backward: DDP all-reduces only buckets whose every
     # parameter got a gradient in that backward.
-    def backward_slice(out: dict, j: int, shared_grads: dict) -> None:
+    def backward_micro_batch(out: dict, j: int, shared_grads: dict) -> None:
+        """Its feature-gradient slice, plus its own sample-loss term if there is one."""
         term = None
         if sample_loss is not None:
             with autocast():
@@ -170,7 +172,7 @@ def cached_backward(
         _backward_slice(out, slices, j, shared_grads, scale(term) if term is not None else None)
 
     with _gradient_sync(model, enabled=False):
-        backward_slice(last_out, len(micro_batches) - 1, {})
+        backward_micro_batch(last_out, len(micro_batches) - 1, {})
     del last_out
     with _frozen_norm_statistics(model):
         for j, inputs in enumerate(cached_inputs):
@@ -179,7 +181,7 @@ def cached_backward(
             with _gradient_sync(model, enabled=is_last):
                 with autocast():
                     out = model(*move(_without(inputs, frozen_inputs)))  # frozen stay put
-                backward_slice(out, j, shared_grads if is_last else {})
+                backward_micro_batch(out, j, shared_grads if is_last else {})
     rng_after_pass1.restore()  # randomness continues as if nothing was replayed
     if sample_loss is not None:  # the global batch's value is the mean of the ranks' sums
         loss = loss + mean_over_ranks(torch.stack(sample_terms).sum())
