@@ -58,18 +58,16 @@ import sys
 import time
 import traceback
 import types
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from bigbatch import losses as bb_losses
 from bigbatch.accumulation import cached_backward
 from bigbatch.device import autocast_factory
+from bigbatch.memory import MemoryMeter, storage_keys, tensor_bytes
 from bigbatch.model import create_model, parameter_groups
 from bigbatch.train import adamw, optimizer_step  # the trainer's own optimizer and step
 
@@ -195,174 +193,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --------------------------------------------------------------------------- memory meters
-
-class _Box:
-    """What autograd keeps instead of a saved tensor; its death frees the tensor."""
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
-class MemoryMeter(TorchDispatchMode):
-    """Peak bytes saved for backward and (optionally) peak live bytes created inside `with`.
-
-    Both count storages, each once, by address: a storage enters when the first tensor or
-    saved box referring to it is registered and leaves when the last one dies (weakref
-    finalizers). Storages alive before the meter started (pass `exclude`: weights,
-    optimizer state, inputs) are never counted, not even through views of them.
-
-    - saved: autograd's saved tensors, via `torch.autograd.graph.saved_tensors_hooks`. Not
-      machine-dependent; what activation memory is made of.
-    - live (track_live=True): every op's outputs, via this TorchDispatchMode, plus the saved
-      boxes; the peak is what the allocator would have to hold at once for tensors made in
-      the step (temporaries, gradients, cached features, logits), the CPU analogue of
-      `torch.cuda.max_memory_allocated` over a baseline. Slow (Python per op): never timed.
-    """
-
-    def __init__(self, exclude: set[int] = frozenset(), track_live: bool = True):
-        super().__init__()
-        self.exclude = set(exclude)
-        self.track_live = track_live
-        self.saved = _Tally()
-        self.live = _Tally()
-        self.largest_tensor_bytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        if self.track_live:
-            super().__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.track_live:
-            super().__exit__(*exc)
-        return self._hooks.__exit__(*exc)
-
-    def _pack(self, tensor: torch.Tensor):
-        key, nbytes = _storage_key(tensor)
-        if key is None or key in self.exclude:
-            return tensor
-        box = _Box(tensor)
-        self.saved.add(key, nbytes, box)
-        if self.track_live:
-            self.live.add(key, nbytes, box)
-        return box
-
-    @staticmethod
-    def _unpack(packed):
-        return packed.tensor if isinstance(packed, _Box) else packed
-
-    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                key, nbytes = _storage_key(t)
-                if key is not None and key not in self.exclude:
-                    self.live.add(key, nbytes, t)
-                    self.largest_tensor_bytes = max(self.largest_tensor_bytes, nbytes)
-        return out
-
-    def result(self) -> dict:
-        out = {"saved_peak_bytes": self.saved.peak}
-        if self.track_live:
-            out.update(live_peak_bytes=self.live.peak, largest_tensor_bytes=self.largest_tensor_bytes)
-        return out
-
-
-class _Tally:
-    """Live storages (address -> [holders, bytes]) and the peak of their sum."""
-
-    def __init__(self):
-        self.entries: dict[int, list[int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def add(self, key: int, nbytes: int, holder: object) -> None:
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = [0, nbytes]
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        entry[0] += 1
-        weakref.finalize(holder, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.entries[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self.entries[key]
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[int | None, int]:
-    try:
-        storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, meta, fake: nothing real to count
-        return None, 0
-    nbytes = storage.nbytes()
-    return (storage.data_ptr() if nbytes else None), nbytes
-
-
-def storage_keys(*objects) -> set[int]:
-    """Addresses of every storage reachable from tensors, modules, optimizers, nested lists."""
-    keys: set[int] = set()
-
-    def visit(obj) -> None:
-        if isinstance(obj, torch.Tensor):
-            key, _ = _storage_key(obj)
-            if key is not None:
-                keys.add(key)
-            if obj.grad is not None:
-                visit(obj.grad)
-        elif isinstance(obj, torch.nn.Module):
-            for t in list(obj.parameters()) + list(obj.buffers()):
-                visit(t)
-        elif isinstance(obj, torch.optim.Optimizer):
-            for state in obj.state.values():
-                for value in state.values():
-                    visit(value)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                visit(value)
-        elif isinstance(obj, (list, tuple, set)):
-            for value in obj:
-                visit(value)
-        elif obj is not None and hasattr(obj, "__dict__"):
-            for value in vars(obj).values():
-                if isinstance(value, (torch.Tensor, dict, list, tuple)):
-                    visit(value)
-
-    for obj in objects:
-        visit(obj)
-    return keys
-
-
-def tensor_bytes(*objects) -> int:
-    """Bytes of the distinct storages of parameters / optimizer state (for the CUDA peak)."""
-    seen, total = set(), 0
-    for obj in objects:
-        tensors = (list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module)
-                   else [v for s in obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
-        for t in tensors:
-            key, nbytes = _storage_key(t)
-            if key is not None and key not in seen:
-                seen.add(key)
-                total += nbytes
-    return total
-
-
 # --------------------------------------------------------------------------- data and setups
 
 def make_batches(count: int, global_batch: int, image_size: tuple[int, int], context_length: int,
                  vocab_size: int, device: torch.device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` global batches of random images (N, 3, H, W) and token ids (N, L), made once."""
+    """`count` global batches of random uint8 images (N, 3, H, W) and token ids (N, L), made
+    once: what bigbatch's loader yields (the model normalises them; the peer gets floats)."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        images = torch.randn(global_batch, 3, *image_size, generator=g)
+        images = torch.randint(0, 256, (global_batch, 3, *image_size), dtype=torch.uint8, generator=g)
         texts = torch.randint(1, vocab_size, (global_batch, context_length), generator=g)
         batches.append((images.to(device), texts.to(device)))
     return batches
@@ -429,6 +269,11 @@ def peer_args(args) -> types.SimpleNamespace:
         wandb=False, distributed=False)
 
 
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """What open_clip_train's loader yields: float32 images, normalised (CLIP's mean and std)."""
+    return images.float().div(255).sub(0.45).div(0.27)
+
+
 def peer_setup(model, args, batches) -> Setup:
     """open_clip_train's own train_one_epoch and ClipLoss; one call = one optimizer step."""
     import open_clip
@@ -439,7 +284,7 @@ def peer_setup(model, args, batches) -> Setup:
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
     loss = open_clip.ClipLoss(cache_labels=True)
     b = args.batch_size
-    data = [{"train": _PeerData(_PeerLoader(list(zip(images.split(b), texts.split(b)))))}
+    data = [{"train": _PeerData(_PeerLoader(list(zip(as_float(images).split(b), texts.split(b)))))}
             for images, texts in batches]
     pargs = peer_args(args)
     epoch = [0]
@@ -816,7 +661,7 @@ def _one_big_step(kind, model, n, size, context, vocab, args, support) -> float:
     b = args.batch_size
     micro = n if kind == PLAIN else b
     g = torch.Generator().manual_seed(n)
-    images = torch.randn(micro, 3, *size, generator=g).to(device)
+    images = torch.randint(0, 256, (micro, 3, *size), dtype=torch.uint8, generator=g).to(device)
     texts = torch.randint(1, vocab, (micro, context), generator=g).to(device)
     search_args = copy.copy(args)
     search_args.accum_freq = n // micro
@@ -827,7 +672,7 @@ def _one_big_step(kind, model, n, size, context, vocab, args, support) -> float:
         import open_clip
         optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" else None
-        data = {"train": _PeerData(_PeerLoader([(images, texts)] * search_args.accum_freq))}
+        data = {"train": _PeerData(_PeerLoader([(as_float(images), texts)] * search_args.accum_freq))}
         train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, scaler, None, None,
                         peer_args(search_args))
     else:
@@ -1043,8 +888,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     config = {k_: v for k_, v in vars(args).items()}
     config.update(global_batch=global_batch, image_size=list(size), context_length=context,
                   n_parameters=sum(p.numel() for p in template.parameters()),
-                  data="2 global batches of random images N(0,1) and random token ids, made once, "
-                       "alternating by round; the same for every configuration")
+                  data="2 global batches of random uint8 images and random token ids, made once, "
+                       "alternating by round; the same for every configuration (open_clip_train "
+                       "gets them as normalised float32, as its loader gives them)")
     log(f"bench: {args.model} ({config['n_parameters'] / 1e6:.1f} M params) on {env['device_name']}, "
         f"{args.precision}, b={b} x K={k}; load {env['load_average_start']}")
 

@@ -14,7 +14,7 @@ import torch
 from bigbatch import plan
 from bigbatch.config import ConfigError
 from bigbatch.losses import CaptionLoss
-from bigbatch.model import register_model_config
+from bigbatch.model import create_model, register_model_config
 from bigbatch.plan import (MemoryPlan, derive_accum_freq, estimate_memory, find_max_batch_size,
                            format_plan, main, parse_memory)
 
@@ -60,7 +60,7 @@ def test_parse_memory():
 @pytest.fixture(scope="module")
 def real_tiny():
     torch.manual_seed(0)
-    return open_clip.create_model(register_model_config(TINY), output_dict=True).train()
+    return create_model(TINY).model.train()  # as training builds it: uint8 images normalised inside
 
 
 def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpointing: bool = False,
@@ -69,7 +69,7 @@ def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpoi
     buffers and the inputs left out (the planner counts them as weights and inputs).
     caption: a CoCa's caption loss too, as pass 2 takes it."""
     model.set_grad_checkpointing(checkpointing)
-    images = torch.randn(batch_size, 3, 32, 32)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
     texts = torch.randint(1, 1000, (batch_size, 16))
     known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), images, texts]}
     seen: dict[int, int] = {}
@@ -110,7 +110,7 @@ def test_coca_activations_include_its_caption_loss():
     """The caption logits and the log-probabilities their loss keeps, (B, T, vocab) each: a
     CoCa's largest tensors."""
     torch.manual_seed(0)
-    model = open_clip.create_model(register_model_config(COCA), output_dict=True).train()
+    model = create_model(COCA).model.train()
     real = real_saved_bytes(model, 8, None, caption=True)
     estimate = estimate_memory(COCA, batch_size=8, accum_freq=1, precision="fp32", target="cpu")
     assert estimate.activations == pytest.approx(real, rel=0.10)
@@ -170,7 +170,9 @@ def test_terms_follow_the_step():
     per_sample = 2 * 32 * 4  # image and text features, D = 32, float32
     assert eight.cached_features == 2 * 256 * per_sample  # leaves, gradients
     assert eight.inputs == 8 * one.inputs
-    assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == one.inputs
+    assert one.inputs == 32 * (3 * 32 * 32 * 1 + 16 * 8)  # uint8 images, int64 tokens
+    # offloaded: the micro-batch computing and the next one, its copy overlapping
+    assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == 2 * one.inputs
     ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4)
     assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024  # bucket views
     assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(

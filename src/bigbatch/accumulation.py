@@ -206,7 +206,9 @@ def _drop(outputs: dict, keys: set[str]) -> dict:
     return {k: v for k, v in outputs.items() if k not in keys}
 
 
-def _without(inputs: MicroBatch, frozen: Sequence[int]) -> list:
+def _without(inputs: MicroBatch, frozen: Sequence[int]) -> MicroBatch:
+    if not frozen:  # the same object: a device copier may have prefetched it
+        return inputs
     return [None if i in frozen else x for i, x in enumerate(inputs)]
 
 

@@ -184,7 +184,6 @@ def zeroshot_eval(bundle: ModelBundle, loader: Iterable, classnames: list[str], 
                   device: torch.device, autocast, name: str = "--zeroshot-data") -> dict:
     """Top-1/top-5/per-class accuracy of the images of `loader` against the class names."""
     model = bundle.model
-    dtype = next(model.parameters()).dtype  # pure fp16/bf16 models want inputs in their dtype
     features, labels, skipped = [], [], Counter()
     for batch in _progress(loader, "zero-shot"):
         if batch[2] is None:
@@ -194,7 +193,7 @@ def zeroshot_eval(bundle: ModelBundle, loader: Iterable, classnames: list[str], 
             raise ConfigError(f"{name} has label {batch[2].max().item()} but --classnames gives only "
                               f"{len(classnames)} classes: labels count from 0 in the order of the class names")
         with autocast():
-            embedded = model.encode_image(batch[0].to(device=device, dtype=dtype, non_blocking=True), normalize=True)
+            embedded = model.encode_image(batch[0].to(device=device, non_blocking=True), normalize=True)
         features.append(embedded.float().cpu())  # (B, D); the device holds one batch at a time
         labels.append(batch[2])
         if len(batch) > 3 and batch[3]:

@@ -236,11 +236,10 @@ def _embed_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[..., T
                    device: torch.device, autocast: AutocastFactory) -> tuple:
     """Per batch: image and text features (on the host, fp32: the device only ever holds
     one batch) and labels; the summed per-batch loss x batch size; the skip counts."""
-    dtype = next(model.parameters()).dtype  # pure fp16/bf16 models want inputs in their dtype
     image_chunks, text_chunks, label_chunks = [], [], []
     loss_sum, skipped = 0.0, Counter()
     for batch in batches:
-        images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
+        images = batch[0].to(device=device, non_blocking=True)  # uint8: the model normalises
         texts = batch[1].to(device=device, non_blocking=True)
         with autocast():
             out = _forward(model, images, texts)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bigbatch.config import ConfigError
+from bigbatch.inputs import normalize_on_device, uint8_transform
 
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(PACKAGED_CONFIGS)
@@ -27,8 +28,8 @@ open_clip.add_model_config(PACKAGED_CONFIGS)
 @dataclass
 class ModelBundle:
     model: nn.Module                 # returns open_clip's output dict
-    preprocess_train: Callable       # PIL image -> (3, H, W) tensor, with augmentation
-    preprocess_val: Callable
+    preprocess_train: Callable       # PIL image -> (3, H, W) uint8 tensor, with augmentation
+    preprocess_val: Callable         # (the model normalises uint8 images itself: bigbatch.inputs)
     tokenizer: Callable              # list[str] -> (n, context_length) long
     name: str                        # the open_clip config name
 
@@ -36,7 +37,8 @@ class ModelBundle:
 def create_model(model: str, *, pretrained: str | None = None, siglip: bool = False,
                  force_patch_dropout: float | None = None, grad_checkpointing: bool = False,
                  device: torch.device | str = "cpu") -> ModelBundle:
-    """Build an open_clip model (random init unless `pretrained` names a local checkpoint)."""
+    """Build an open_clip model (random init unless `pretrained` names a local checkpoint)
+    whose transforms end in uint8 images and whose image tower normalises them."""
     name = register_model_config(model)
     kwargs = {}
     if siglip:  # SigLIP's initialisation: t = 10, b = -10 (Zhai et al. 2023)
@@ -54,6 +56,10 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
         init_caption_projection(net)
     if grad_checkpointing:
         net.set_grad_checkpointing(True)
+    preprocess_train, mean, std = uint8_transform(preprocess_train)
+    preprocess_val, _, _ = uint8_transform(preprocess_val)
+    if mean is not None:
+        normalize_on_device(net.visual, mean, std)
     tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(net, preprocess_train, preprocess_val, tokenizer, name)
 

@@ -8,8 +8,9 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
     G  gradients, fp32 per trainable parameter (under DDP they are views into its
        all-reduce buckets: gradient_as_bucket_view, no second copy)
     O  AdamW state, two fp32 moments per trainable parameter (frozen ones have none)
-    I  the step's inputs on the device: all K micro-batches (float32 images, int64
-       tokens); one micro-batch with --offload-inputs
+    I  the step's inputs on the device: all K micro-batches (uint8 images, normalised
+       by the image tower's first op; int64 tokens); one micro-batch with --offload-inputs
+       (two while the next one's copy overlaps the forward)
     A  activations of ONE micro-batch: the tensors its forward saves for backward
        (autocast's low-precision weight copies included)
     F  the rank's cached features, n = b x K rows of (D_image + D_text): concatenated into
@@ -65,6 +66,7 @@ import torch
 from torch import nn
 
 from bigbatch.config import ConfigError
+from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss, create_loss
 from bigbatch.tiled import loss_working_set_bytes
 
@@ -186,7 +188,7 @@ class _Profile:
     param_bytes: int
     buffer_bytes: int
     trainable_params: int
-    input_bytes_per_sample: int    # float32 images + int64 tokens
+    input_bytes_per_sample: int    # uint8 images + int64 tokens
     feature_bytes_per_sample: int  # (D_image + D_text) x the features' element size
     feature_element_size: int      # 4: float32 features (open_clip normalises them in fp32)
     embed_dim: int
@@ -264,7 +266,7 @@ def _assemble(profile: _Profile, activations: int, b: int, K: int, o: _Options) 
     weights = profile.param_bytes + profile.buffer_bytes
     gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
     optimizer_state = 2 * FLOAT32 * trainable
-    inputs = (b if o.offload_inputs else n) * profile.input_bytes_per_sample
+    inputs = (min(2 * b, n) if o.offload_inputs else n) * profile.input_bytes_per_sample
     row = profile.feature_bytes_per_sample
     feature_grads = row * n if K > 1 else 0
     cached = row * n + feature_grads if K > 1 else 0
@@ -455,9 +457,12 @@ def _build(key: tuple, device: torch.device | str) -> nn.Module:
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns that a random init has no pretrained weights
     try:
-        return open_clip.create_model(name, device=device, **kwargs).train()
+        net = open_clip.create_model(name, device=device, **kwargs).train()
     finally:
         root.setLevel(level)
+    preprocess = open_clip.get_model_preprocess_cfg(net)
+    normalize_on_device(net.visual, preprocess["mean"], preprocess["std"])  # uint8 inputs
+    return net
 
 
 def _input_shapes(key: tuple) -> tuple[tuple[int, int], int]:
@@ -489,7 +494,7 @@ def _fake_profile(key: tuple, target: str, dtype: torch.dtype | None, batch_size
     mode, net = _fake_model(key, target)
     (height, width), context = _input_shapes(key)
     with mode:
-        images = torch.empty(batch_size, 3, height, width, device=target)
+        images = torch.empty(batch_size, 3, height, width, dtype=torch.uint8, device=target)
         texts = torch.zeros(batch_size, context, dtype=torch.long, device=target)
         with _fused_attention(target == "cuda"), _autocast(target, dtype):
             saved = _saved_bytes(net, (images, texts))
@@ -685,7 +690,7 @@ def _probe_cuda(key: tuple, batch_size: int, dtype: torch.dtype | None, grad_che
         for p in net.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
-        images = torch.randn(batch_size, 3, height, width, device=device)
+        images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, device=device)
         texts = torch.randint(1, 1000, (batch_size, context), device=device)
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
@@ -730,7 +735,7 @@ def format_plan(plan: MemoryPlan) -> str:
         ("weights", plan.weights),
         ("gradients (fp32)", plan.gradients),
         ("optimizer state (AdamW, 2 fp32 moments)", plan.optimizer_state),
-        (f"inputs ({'1 micro-batch, offloaded' if plan.offload_inputs or K == 1 else f'{K} micro-batches'})",
+        (f"inputs ({'offloaded: 2 micro-batches at most' if plan.offload_inputs and K > 1 else '1 micro-batch' if K == 1 else f'{K} micro-batches'})",
          plan.inputs),
         (f"activations (1 micro-batch of {plan.batch_size})", plan.activations),
         (f"cached features ({plan.batch_size * K} rows, + grads)", plan.cached_features),

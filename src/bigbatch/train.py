@@ -30,6 +30,7 @@ from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, fu
                                   load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.ema import ModelEMA
+from bigbatch.inputs import DeviceCopier
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_model_config,
                             set_frozen_towers_to_eval, unwrap)
@@ -81,9 +82,6 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                     tensorboard=cfg.report_to == "tensorboard")
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
 
-    def to_device(inputs):  # a no-op for inputs already there; None: a frozen tower's
-        return tuple(None if t is None else t.to(device, non_blocking=True) for t in inputs)
-
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
@@ -92,9 +90,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
         for micro_batches, data_seconds in group_micro_batches(train_data.loader, cfg.accum_freq):
             lr = set_learning_rate(optimizer, learning_rate(step, cfg, total_steps))
-            inputs = [(b.images, b.texts) for b in micro_batches]
-            if not cfg.offload_inputs:  # all of the step's inputs on the device at once
-                inputs = [to_device(mb) for mb in inputs]
+            inputs, to_device = step_inputs(micro_batches, device, cfg.offload_inputs)
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
                                    frozen_inputs=not_recomputed, to_device=to_device,
                                    sample_loss=caption_loss)
@@ -311,6 +307,18 @@ def group_micro_batches(loader: Iterable, accum_freq: int) -> Iterator[tuple[lis
             group, waited = [], 0.0
     if group:
         yield group, waited
+
+
+def step_inputs(micro_batches: list, device: torch.device, offload: bool):
+    """The step's (images, texts) micro-batches, uint8 images from pinned memory, and the
+    move cached_backward applies before each forward. All on the device at once; or, with
+    --offload-inputs, left on the host and copied one ahead of the forward that needs it
+    (pass 1 in order, then pass 2's recomputes: all but the last)."""
+    inputs = [(b.images, b.texts) for b in micro_batches]
+    if offload:
+        return inputs, DeviceCopier(device, order=inputs + inputs[:-1])
+    copier = DeviceCopier(device)
+    return [copier(mb) for mb in inputs], copier  # the copier is a no-op on device tensors
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -13,7 +13,7 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (B, 3, H, W) float, preprocessed
+    images: torch.Tensor  # (B, 3, H, W) uint8 (the model normalises them), or float if preprocessed so
     texts: torch.Tensor  # (B, L) long token ids
     labels: torch.Tensor | None  # (B,) long class ids when every sample has one, else None
     skipped: dict[str, int]  # bad samples dropped while building THIS batch, by reason (a delta)

@@ -25,7 +25,7 @@ Preprocess = Callable[[Image.Image], torch.Tensor]
 
 
 class Sample(NamedTuple):
-    image: torch.Tensor  # (3, H, W), preprocessed
+    image: torch.Tensor  # (3, H, W), preprocessed: uint8 (see bigbatch.inputs)
     caption: str
     label: int | None
 

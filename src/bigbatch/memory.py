@@ -1,0 +1,172 @@
+"""The one meter of bytes: what a step saves for backward and holds alive, counted exactly.
+
+Used by the benchmark, the planner's CPU check and the tests. Counting storages (not
+tensors) by address, each once, with weakref finalizers to see them freed, gives numbers
+that do not depend on the machine or the allocator: on CPU the peak of live bytes is the
+analogue of `torch.cuda.max_memory_allocated` over a baseline.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class _Box:
+    """What autograd keeps instead of a saved tensor; its death frees the tensor."""
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class MemoryMeter(TorchDispatchMode):
+    """Peak bytes saved for backward and (optionally) peak live bytes created inside `with`.
+
+    Both count storages, each once, by address: a storage enters when the first tensor or
+    saved box referring to it is registered and leaves when the last one dies (weakref
+    finalizers). Storages alive before the meter started (pass `exclude`: weights,
+    optimizer state, inputs) are never counted, not even through views of them.
+
+    - saved: autograd's saved tensors, via `torch.autograd.graph.saved_tensors_hooks`. Not
+      machine-dependent; what activation memory is made of.
+    - live (track_live=True): every op's outputs, via this TorchDispatchMode, plus the saved
+      boxes; the peak is what the allocator would have to hold at once for tensors made in
+      the step (temporaries, gradients, cached features, logits), the CPU analogue of
+      `torch.cuda.max_memory_allocated` over a baseline. Slow (Python per op): never timed.
+    """
+
+    def __init__(self, exclude: set[int] = frozenset(), track_live: bool = True):
+        super().__init__()
+        self.exclude = set(exclude)
+        self.track_live = track_live
+        self.saved = _Tally()
+        self.live = _Tally()
+        self.largest_tensor_bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        if self.track_live:
+            super().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.track_live:
+            super().__exit__(*exc)
+        return self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor):
+        key, nbytes = _storage_key(tensor)
+        if key is None or key in self.exclude:
+            return tensor
+        box = _Box(tensor)
+        self.saved.add(key, nbytes, box)
+        if self.track_live:
+            self.live.add(key, nbytes, box)
+        return box
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Box) else packed
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key, nbytes = _storage_key(t)
+                if key is not None and key not in self.exclude:
+                    self.live.add(key, nbytes, t)
+                    self.largest_tensor_bytes = max(self.largest_tensor_bytes, nbytes)
+        return out
+
+    def result(self) -> dict:
+        out = {"saved_peak_bytes": self.saved.peak}
+        if self.track_live:
+            out.update(live_peak_bytes=self.live.peak, largest_tensor_bytes=self.largest_tensor_bytes)
+        return out
+
+
+class _Tally:
+    """Live storages (address -> [holders, bytes]) and the peak of their sum."""
+
+    def __init__(self):
+        self.entries: dict[int, list[int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def add(self, key: int, nbytes: int, holder: object) -> None:
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = [0, nbytes]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        weakref.finalize(holder, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.entries[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self.entries[key]
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int | None, int]:
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, meta, fake: nothing real to count
+        return None, 0
+    nbytes = storage.nbytes()
+    return (storage.data_ptr() if nbytes else None), nbytes
+
+
+def storage_keys(*objects) -> set[int]:
+    """Addresses of every storage reachable from tensors, modules, optimizers, nested lists."""
+    keys: set[int] = set()
+
+    def visit(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            key, _ = _storage_key(obj)
+            if key is not None:
+                keys.add(key)
+            if obj.grad is not None:
+                visit(obj.grad)
+        elif isinstance(obj, torch.nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                visit(t)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for value in state.values():
+                    visit(value)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple, set)):
+            for value in obj:
+                visit(value)
+        elif obj is not None and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                if isinstance(value, (torch.Tensor, dict, list, tuple)):
+                    visit(value)
+
+    for obj in objects:
+        visit(obj)
+    return keys
+
+
+def tensor_bytes(*objects) -> int:
+    """Bytes of the distinct storages of parameters / optimizer state (for the CUDA peak)."""
+    seen, total = set(), 0
+    for obj in objects:
+        tensors = (list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module)
+                   else [v for s in obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
+        for t in tensors:
+            key, nbytes = _storage_key(t)
+            if key is not None and key not in seen:
+                seen.add(key)
+                total += nbytes
+    return total
