@@ -75,3 +75,11 @@ def padded_batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, 
         lengths = torch.randint(3, texts.shape[1], (len(texts), 1), generator=g)
         out.append((images, texts.masked_fill(torch.arange(texts.shape[1]) >= lengths, 0)))
     return out
+
+
+def uint8_batches(sizes: list[int], seed: int = 0, image_size: int = 32,
+                  context_length: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Like `batches`, with uint8 images as bigbatch's loaders give them."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+             torch.randint(1, 1000, (n, context_length), generator=g)) for n in sizes]

@@ -1,0 +1,544 @@
+#!/usr/bin/env python
+"""The one GPU check: the figures bigbatch claims for a GPU, measured in one short run.
+
+    bash scripts/gpu_check.sh OUT_DIR            # one H100/H200, about 8 minutes
+    bash scripts/gpu_check.sh OUT_DIR --smoke    # CPU, a tiny model, well under a minute
+
+Each part runs in a process of its own under its own time budget, and writes its JSON
+after every measurement: a part that fails, runs out of memory in a way it did not
+expect, or runs out of time leaves what it had measured, and the other parts still run.
+
+  env       the device and the versions
+  tests     `pytest -m cuda`: the engine's exactness on CUDA (bf16 autocast, fp16 scaling,
+            dropout), fused attention kernels, pinned offload, a one-GPU DDP step
+  bench     bigbatch plain / accumulated / open_clip_train accumulated, side by side
+            (samples/s, max_memory_allocated): ViT-B-32, bf16, micro-batch 256 x K = 4, 16
+  plan      `bigbatch plan`'s predicted peak (meta estimate and CUDA probe) against the
+            peak measured over a real training step, for five configurations
+  largest   the largest global batch one step completes for ViT-B-32 (doubling; inputs
+            offloaded), and where open_clip_train's accumulation stops on the same work
+  capped    ViT-L-14 at a global batch of 32,768 under a 24 GiB cap
+            (`torch.cuda.set_per_process_memory_fraction`), micro-batch from the planner
+
+Writes OUT_DIR/gpu-check.{json,md,png} (plus the benchmark's own files) and prints the
+summary. --smoke runs every line on CPU with a tiny model: the test suite does so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "assets" / "test-clip.json")
+GiB = 1024 ** 3
+PARTS = ("env", "tests", "bench", "plan", "largest", "capped")
+
+
+# --------------------------------------------------------------------------- settings
+
+def settings(smoke: bool) -> dict:
+    """Everything a part needs to know; --smoke shrinks models, batches and budgets."""
+    if smoke:
+        return dict(device="cpu", precision="fp32", bench_model=TINY, bench_batch=4, bench_ks=[2],
+                    bench_steps=1, plan_configs=[(TINY, 4, 2, False, False), (TINY, 4, 3, True, True)],
+                    largest_model=TINY, largest_micro=8, largest_start=16, largest_cap=32,
+                    capped_model=TINY, capped_global=64, capped_gib=1.0,
+                    budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180))
+    return dict(device="cuda", precision="amp_bf16", bench_model="ViT-B-32", bench_batch=256,
+                bench_ks=[4, 16], bench_steps=5,
+                # (model, micro-batch, K, grad checkpointing, offload inputs)
+                plan_configs=[("ViT-B-32", 256, 4, False, False), ("ViT-B-32", 256, 4, True, False),
+                              ("ViT-B-32", 256, 16, False, True), ("ViT-L-14", 64, 4, False, False),
+                              ("ViT-L-14", 64, 8, True, True)],
+                largest_model="ViT-B-32", largest_micro=2048, largest_start=65536,
+                largest_cap=1 << 20, capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
+                budgets=dict(env=60, tests=75, bench=110, plan=90, largest=150, capped=110))
+
+
+class Recorder:
+    """A part's results, rewritten to its JSON file after every measurement."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, {"started": time.time()}
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        self.save()
+
+    def append(self, key, value):
+        self.data.setdefault(key, []).append(value)
+        self.save()
+
+    def save(self):
+        self.data["seconds"] = round(time.time() - self.data["started"], 1)
+        self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- parts
+
+def part_env(cfg: dict, rec: Recorder) -> None:
+    import torch
+
+    rec["torch"] = torch.__version__
+    rec["python"] = platform.python_version()
+    rec["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    rec["cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        rec["device_name"] = props.name
+        rec["device_memory_gib"] = round(props.total_memory / GiB, 1)
+        rec["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
+    else:
+        rec["device_name"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    for name in ("open_clip_torch", "timm", "webdataset", "numpy"):
+        try:
+            from importlib.metadata import version
+            rec[name] = version(name)
+        except Exception as error:  # a missing package is a finding, not a failure
+            rec[name] = f"missing ({type(error).__name__})"
+
+
+def part_tests(cfg: dict, rec: Recorder) -> None:
+    """The CUDA tests (on CPU they are skipped, which proves they collect and run)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+               str(ROOT / "tests" / "test_cuda.py")]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          timeout=cfg["budgets"]["tests"] - 10)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    rec["returncode"] = proc.returncode
+    rec["summary"] = tail[-1] if tail else ""
+    rec["output_tail"] = "\n".join(tail[-40:])
+
+
+def part_bench(cfg: dict, rec: Recorder) -> None:
+    bench = _load_script("bench")
+    for k in cfg["bench_ks"]:
+        argv = ["--device", cfg["device"], "--model", cfg["bench_model"], "--precision", cfg["precision"],
+                "--batch-size", str(cfg["bench_batch"]), "--accum-freq", str(k),
+                "--steps", str(cfg["bench_steps"]), "--warmup-steps", "1", "--loss-sizes", "",
+                "--skip-max-batch", "--threads", "0", "--out", str(rec.path.parent)]
+        result = bench.run(bench.parse_args(argv), log=lambda line: print(line, flush=True))
+        rec.append("runs", {"accum_freq": k, "batch_size": cfg["bench_batch"],
+                            "configs": _bench_summary(result["configs"]), "targets": result.get("targets")})
+        _free()
+
+
+def _bench_summary(configs: dict) -> dict:
+    keep = ("batch", "ratio_to_plain", "speedup_vs_peer", "error")
+    out = {}
+    for name, c in configs.items():
+        row = {k: c[k] for k in keep if k in c}
+        row["samples_per_s"] = c.get("median_samples_per_s")
+        memory = c.get("memory", {})
+        row["peak_bytes"] = memory.get("cuda_peak_bytes", memory.get("live_peak_bytes"))
+        out[name] = row
+    return out
+
+
+def part_plan(cfg: dict, rec: Recorder) -> None:
+    from bigbatch import plan
+
+    for model, b, k, checkpointing, offload in cfg["plan_configs"]:
+        row = {"model": Path(model).stem, "batch_size": b, "accum_freq": k,
+               "grad_checkpointing": checkpointing, "offload_inputs": offload}
+        try:
+            row["measured_bytes"], row["step_seconds"] = measure_step_peak(cfg, model, b, k, checkpointing, offload)
+            row["step_seconds"] = round(row["step_seconds"], 2)
+            common = dict(batch_size=b, accum_freq=k, precision=cfg["precision"],
+                          grad_checkpointing=checkpointing, offload_inputs=offload)
+            meta = plan.estimate_memory(model, device="cpu", target=cfg["device"], **common)
+            row["meta_estimate_bytes"] = meta.peak
+            row["meta_error_percent"] = _percent(meta.peak, row["measured_bytes"])
+            if cfg["device"] == "cuda":
+                probe = plan.estimate_memory(model, device="cuda", **common)
+                row["probe_bytes"] = probe.peak
+                row["probe_error_percent"] = _percent(probe.peak, row["measured_bytes"])
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        rec.append("configs", row)
+        _free()
+
+
+def _percent(predicted: int, measured: int) -> float:
+    return round(100 * (predicted - measured) / measured, 1)
+
+
+def measure_step_peak(cfg: dict, model_name: str, b: int, k: int, checkpointing: bool,
+                      offload: bool) -> tuple[int, float]:
+    """Peak bytes over the second of two real training steps (the optimizer state exists by
+    then), weights, gradients, moments and the step's inputs included (on CUDA
+    max_memory_allocated, on CPU the library's meter over what was alive before), and the
+    seconds of that step."""
+    import torch
+    from bigbatch.accumulation import cached_backward
+    from bigbatch.device import autocast_factory
+    from bigbatch.losses import create_loss
+    from bigbatch.memory import MemoryMeter, storage_keys, tensor_bytes
+    from bigbatch.model import create_model, parameter_groups
+    from bigbatch.train import adamw, optimizer_step, step_inputs
+
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    net = create_model(model_name, grad_checkpointing=checkpointing, device=device).model
+    optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
+    autocast = autocast_factory(cfg["precision"], device)
+    loss_fn = create_loss("clip")
+
+    def step(seed: int) -> None:
+        batches = host_micro_batches(net, b, k, seed, pin=device.type == "cuda")
+        inputs, to_device = step_inputs(batches, device, offload)
+        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
+        optimizer_step(net, optimizer, None, clip_norm=1.0)
+
+    step(0)
+    gc.collect()
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        step(1)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), time.perf_counter() - start
+    resident = tensor_bytes(net, optimizer)
+    with MemoryMeter(storage_keys(net, optimizer)) as meter:
+        step(1)  # the inputs are made inside: the meter counts them
+    return resident + meter.live.peak, time.perf_counter() - start
+
+
+class _Micro:
+    """A micro-batch as the loader gives it: .images (uint8) and .texts."""
+
+    def __init__(self, images, texts):
+        self.images, self.texts = images, texts
+
+
+def host_micro_batches(net, b: int, k: int, seed: int, pin: bool, distinct: bool = True) -> list:
+    """K micro-batches of random uint8 images and token ids in host memory (pinned on CUDA);
+    distinct=False reuses one micro-batch K times (huge K: host memory is finite)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    size = net.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    context, vocab = int(net.context_length), int(net.vocab_size)
+
+    def one():
+        images = torch.randint(0, 256, (b, 3, *size), dtype=torch.uint8, generator=g)
+        texts = torch.randint(1, vocab, (b, context), generator=g)
+        return _Micro(images.pin_memory() if pin else images, texts.pin_memory() if pin else texts)
+    if distinct:
+        return [one() for _ in range(k)]
+    shared = one()
+    return [shared] * k
+
+
+def part_largest(cfg: dict, rec: Recorder) -> None:
+    """Doubling the global batch until a step fails or the next would overrun the budget;
+    bigbatch first, then open_clip_train on what time is left."""
+    deadline = time.time() + cfg["budgets"]["largest"] - 15
+    results: dict = {}
+    for kind in (BIGBATCH_OFFLOADED, PEER):
+        n, last, result = cfg["largest_start"], None, {"trials": []}
+        results[kind] = result
+        while True:
+            if n > cfg["largest_cap"]:
+                result["stopped"] = f"reached the cap {cfg['largest_cap']}"
+                break
+            if last is not None and time.time() + 2.5 * last > deadline:
+                result["stopped"] = f"time budget (the next step would take about {2.2 * last:.0f}s)"
+                break
+            try:
+                last = one_big_step(cfg, kind, n)
+                result["trials"].append({"global_batch": n, "seconds": round(last, 2)})
+                result["largest_global_batch"] = n
+            except Exception as error:  # running out of memory is the expected end
+                oom = "out of memory" in str(error).lower()
+                result["trials"].append({"global_batch": n, "error": "out of memory" if oom
+                                         else f"{type(error).__name__}: {str(error)[:200]}"})
+                result["stopped"] = f"{'out of memory' if oom else 'error'} at {n}"
+                break
+            finally:
+                _free()
+                rec["results"] = results
+            n *= 2
+        rec["results"] = results
+
+
+BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
+PEER = "open_clip_train accumulated"
+
+
+def one_big_step(cfg: dict, kind: str, n: int) -> float:
+    import torch
+    from bigbatch.accumulation import cached_backward
+    from bigbatch.device import autocast_factory
+    from bigbatch.losses import create_loss
+    from bigbatch.model import create_model, parameter_groups
+    from bigbatch.train import adamw, optimizer_step, step_inputs
+
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    net = create_model(cfg["largest_model"], device=device).model
+    b = min(cfg["largest_micro"], n)
+    batches = host_micro_batches(net, b, n // b, seed=n, pin=device.type == "cuda", distinct=False)
+    _sync(device)
+    start = time.perf_counter()
+    if kind == BIGBATCH_OFFLOADED:
+        optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
+        inputs, to_device = step_inputs(batches, device, offload=True)
+        cached_backward(net, inputs, create_loss("clip"), autocast=autocast_factory(cfg["precision"], device),
+                        to_device=to_device)
+        optimizer_step(net, optimizer, None, clip_norm=1.0)
+    else:
+        peer_step(cfg, net, batches)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def peer_step(cfg: dict, net, batches) -> None:
+    """One optimizer step of open_clip_train's own accumulation; its loader gives float32
+    normalised images, which it moves to the device and keeps for all K micro-batches."""
+    import types
+
+    import open_clip
+    import torch
+    from open_clip_train.train import train_one_epoch
+
+    bench = _load_script("bench")
+    floats = bench.as_float(batches[0].images)  # host memory: one, reused K times
+    micro = [(floats, batches[0].texts)] * len(batches)
+    data = {"train": bench._PeerData(bench._PeerLoader(micro))}
+    args = bench.peer_args(types.SimpleNamespace(
+        device=cfg["device"], precision=cfg["precision"], accum_freq=len(batches),
+        batch_size=len(floats)))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    train_one_epoch(net, data, open_clip.ClipLoss(), 0, optimizer, None, None, None, args)
+
+
+def part_capped(cfg: dict, rec: Recorder) -> None:
+    """ViT-L-14 at 32,768 under a 24 GiB cap, at the micro-batch `--batch-size auto` picks."""
+    import torch
+    from bigbatch import plan
+
+    device = torch.device(cfg["device"])
+    cap = int(cfg["capped_gib"] * GiB)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    rec["cap_bytes"] = cap
+    b = plan.find_max_batch_size(cfg["capped_model"], gpu_memory_bytes=cap,
+                                 global_batch_size=cfg["capped_global"], precision=cfg["precision"],
+                                 grad_checkpointing=True, target=cfg["device"], max_batch_size=1024)
+    rec["planned_batch_size"] = b
+    for _ in range(2):  # the planner's micro-batch, then half of it if that one failed
+        k = cfg["capped_global"] // b
+        try:
+            peak, seconds = measure_step_peak(cfg, cfg["capped_model"], b, k, True, offload=False)
+            rec["result"] = {"batch_size": b, "accum_freq": k, "global_batch": b * k,
+                             "peak_bytes": peak, "under_cap": peak <= cap, "step_seconds": round(seconds, 1)}
+            return
+        except Exception as error:
+            rec.append("failures", {"batch_size": b, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+            _free()
+            b //= 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _load_script(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free() -> None:
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------- driver and report
+
+def run_part(name: str, cfg: dict, out: Path) -> None:
+    """In this process: one part, its JSON rewritten as it goes; a failure is recorded."""
+    rec = Recorder(out / f"part-{name}.json")
+    try:
+        globals()[f"part_{name}"](cfg, rec)
+        rec["status"] = "done"
+    except Exception as error:
+        rec["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        rec["traceback"] = traceback.format_exc(limit=8)
+
+
+def run_all(parts: list[str], smoke: bool, out: Path) -> dict:
+    """Each part in a child process under its budget; then one report of all of them."""
+    cfg = settings(smoke)
+    results = {}
+    for name in parts:
+        budget = cfg["budgets"][name]
+        print(f"== {name} (budget {budget}s)", flush=True)
+        command = [sys.executable, __file__, str(out), "--part", name] + (["--smoke"] if smoke else [])
+        start = time.time()
+        try:
+            subprocess.run(command, timeout=budget, cwd=ROOT)
+            status = None
+        except subprocess.TimeoutExpired:
+            status = f"stopped at its {budget}s budget"
+        path = out / f"part-{name}.json"
+        results[name] = json.loads(path.read_text()) if path.is_file() else {}
+        if status or "status" not in results[name]:
+            results[name]["status"] = status or "died without a word (see the output above)"
+        results[name]["wall_seconds"] = round(time.time() - start, 1)
+        print(f"   {name}: {results[name]['status']} in {results[name]['wall_seconds']}s", flush=True)
+    report = {"smoke": smoke, "settings": {k: v for k, v in cfg.items() if k != "budgets"},
+              "budgets": cfg["budgets"], "parts": results}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "gpu-check.md").write_text(markdown(report))
+    plot(report, out / "gpu-check.png")
+    return report
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / GiB:.2f}"
+
+
+def markdown(report: dict) -> str:
+    parts = report["parts"]
+    env = parts.get("env", {})
+    lines = [f"# GPU check{' (smoke, CPU)' if report['smoke'] else ''}", "",
+             f"Device: {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
+             f"CUDA {env.get('cuda', '-')}, open_clip {env.get('open_clip_torch', '?')}; {env.get('date', '')}",
+             "", "| part | status | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {p.get('status', '?')} | {p.get('wall_seconds', '-')} |" for name, p in parts.items()]
+    tests = parts.get("tests", {})
+    if tests:
+        lines += ["", f"CUDA tests: `{tests.get('summary', '-')}`"]
+    for run in parts.get("bench", {}).get("runs", []):
+        lines += ["", f"## Step benchmark, micro-batch {run['batch_size']} x K = {run['accum_freq']}", "",
+                  "| configuration | batch | samples/s | ratio to plain | speed-up vs open_clip_train | peak GiB |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in run["configs"].items():
+            lines.append(f"| {name} | {c.get('batch', '')} | {_num(c.get('samples_per_s'))} | "
+                         f"{_num(c.get('ratio_to_plain'))} | {_num(c.get('speedup_vs_peer'))} | "
+                         f"{_gib(c.get('peak_bytes'))} |"
+                         + (f" {c['error'][:80]}" if c.get("error") else ""))
+    plans = parts.get("plan", {}).get("configs", [])
+    if plans:
+        lines += ["", "## Planner against measured peak", "",
+                  "| model | b x K | grad ckpt | offload | measured GiB | meta GiB (err %) | probe GiB (err %) | step s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in plans:
+            lines.append(f"| {r['model']} | {r['batch_size']} x {r['accum_freq']} | {r['grad_checkpointing']} | "
+                         f"{r['offload_inputs']} | {_gib(r.get('measured_bytes'))} | "
+                         f"{_gib(r.get('meta_estimate_bytes'))} ({r.get('meta_error_percent', '-')}) | "
+                         f"{_gib(r.get('probe_bytes'))} ({r.get('probe_error_percent', '-')}) | "
+                         f"{r.get('step_seconds', r.get('error', '-'))} |")
+    largest = parts.get("largest", {}).get("results", {})
+    if largest:
+        lines += ["", "## Largest global batch in one step", "", "| configuration | largest | stopped | trials |",
+                  "|---|---|---|---|"]
+        for kind, r in largest.items():
+            trials = ", ".join(f"{t['global_batch']}: {t.get('seconds', t.get('error'))}" for t in r["trials"])
+            lines.append(f"| {kind} | {r.get('largest_global_batch', '-')} | {r.get('stopped', '-')} | {trials} |")
+    capped = parts.get("capped", {})
+    if capped.get("result") or capped.get("failures"):
+        r = capped.get("result", {})
+        lines += ["", "## Under a memory cap", "",
+                  f"Cap {_gib(capped.get('cap_bytes'))} GiB; planner's micro-batch {capped.get('planned_batch_size')}; "
+                  + (f"ran {r['batch_size']} x {r['accum_freq']} = {r['global_batch']} with grad checkpointing, "
+                     f"peak {_gib(r['peak_bytes'])} GiB (under the cap: {r['under_cap']}), step {r['step_seconds']} s"
+                     if r else "no step completed")
+                  + "".join(f"; failed at {f['batch_size']}: {f['error'][:100]}" for f in capped.get("failures", []))]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Samples/s and peak memory of the three configurations; planner against measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["parts"].get("bench", {}).get("runs", [])
+    plans = [r for r in report["parts"].get("plan", {}).get("configs", []) if "measured_bytes" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.25
+    for i, run in enumerate(runs):
+        for j, (name, c) in enumerate(run["configs"].items()):
+            x = i + (j - 1) * width
+            axes[0].bar(x, c.get("samples_per_s") or 0, width, color=f"C{j}", label=name if i == 0 else None)
+            axes[1].bar(x, (c.get("peak_bytes") or 0) / GiB, width, color=f"C{j}", label=name if i == 0 else None)
+    for ax, title in ((axes[0], "samples/s"), (axes[1], "peak memory (GiB)")):
+        ax.set_xticks(range(len(runs)), [f"{r['batch_size']} x {r['accum_freq']}" for r in runs])
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    labels = [f"{r['model']}\n{r['batch_size']}x{r['accum_freq']}{' gc' if r['grad_checkpointing'] else ''}"
+              f"{' off' if r['offload_inputs'] else ''}" for r in plans]
+    axes[2].bar([i - 0.2 for i in range(len(plans))], [r["measured_bytes"] / GiB for r in plans], 0.4, label="measured")
+    axes[2].bar([i + 0.2 for i in range(len(plans))], [r["meta_estimate_bytes"] / GiB for r in plans], 0.4,
+                label="bigbatch plan")
+    axes[2].set_xticks(range(len(plans)), labels, fontsize=7)
+    axes[2].set_title("planned vs measured peak (GiB)")
+    axes[2].legend(fontsize=7)
+    device = report["parts"].get("env", {}).get("device_name", "?")
+    fig.suptitle(f"bigbatch GPU check on {device}{' (smoke)' if report['smoke'] else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="bigbatch's one GPU check (see the module docstring).")
+    parser.add_argument("out", type=Path, help="folder for gpu-check.{json,md,png}")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: every line runs in seconds")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part:
+        run_part(args.part, settings(args.smoke), args.out)
+        return 0
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}: choose from {','.join(PARTS)}")
+    report = run_all(parts, args.smoke, args.out)
+    print()
+    print(markdown(report))
+    print(f"written to {args.out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
