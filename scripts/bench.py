@@ -894,21 +894,27 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     log(f"bench: {args.model} ({config['n_parameters'] / 1e6:.1f} M params) on {env['device_name']}, "
         f"{args.precision}, b={b} x K={k}; load {env['load_average_start']}")
 
-    setups = [bigbatch_setup(PLAIN, copy.deepcopy(template), args, batches, micro=False),
-              bigbatch_setup(ACCUM, copy.deepcopy(template), args, batches, micro=True)]
     configs: dict[str, dict] = {}
+    setups = []
+    makers = [(PLAIN, f"{global_batch}", lambda: bigbatch_setup(PLAIN, copy.deepcopy(template), args, batches, micro=False)),
+              (ACCUM, f"{b} x {k}", lambda: bigbatch_setup(ACCUM, copy.deepcopy(template), args, batches, micro=True))]
     if not args.skip_peer:
-        try:
-            setups.append(peer_setup(copy.deepcopy(template), args, batches))
-            setups[-1].step(0)  # fail here, not in the middle of the timing, if it cannot run
-        except Exception as error:
-            reason = f"{type(error).__name__}: {error}"
-            log(f"  open_clip_train cannot run here: {reason}")
-            configs[PEER] = {"batch": f"{b} x {k}", "error": reason,
-                             "traceback": traceback.format_exc(limit=5)}
-            setups = setups[:2]
+        makers.append((PEER, f"{b} x {k}", lambda: peer_setup(copy.deepcopy(template), args, batches)))
     else:
         configs[PEER] = {"batch": f"{b} x {k}", "error": "skipped (--skip-peer)"}
+    for name, label, make in makers:
+        try:  # fail here, not in the middle of the timing: the peer may not run, a batch not fit
+            setup = make()
+            setup.step(0)
+            setups.append(setup)
+        except Exception as error:
+            oom = isinstance(error, torch.OutOfMemoryError)
+            reason = "out of memory" if oom else f"{type(error).__name__}: {error}"
+            log(f"  {name} cannot run here: {reason}")
+            configs[name] = {"batch": label, "error": reason,
+                             **({} if oom else {"traceback": traceback.format_exc(limit=5)})}
+        setup = None
+        _free_cuda()  # what a failed configuration allocated
 
     log(f"timing {args.warmup_steps} warm-up + {args.steps} rounds of {', '.join(s.name for s in setups)}")
     times = time_interleaved(setups, args.steps, args.warmup_steps, device, log)

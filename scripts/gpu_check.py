@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "assets" / "test-clip.json")
 GiB = 1024 ** 3
 PARTS = ("env", "tests", "bench", "plan", "largest", "capped")
+BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
+PEER = "open_clip_train accumulated"
 
 
 # --------------------------------------------------------------------------- settings
@@ -53,7 +55,8 @@ def settings(smoke: bool) -> dict:
     if smoke:
         return dict(device="cpu", precision="fp32", bench_model=TINY, bench_batch=4, bench_ks=[2],
                     bench_steps=1, plan_configs=[(TINY, 4, 2, False, False), (TINY, 4, 3, True, True)],
-                    largest_model=TINY, largest_micro=8, largest_start=16, largest_cap=32,
+                    largest_model=TINY, largest_micro=8, largest_start={PEER: 16, BIGBATCH_OFFLOADED: 16},
+                    largest_cap=32,
                     capped_model=TINY, capped_global=64, capped_gib=1.0,
                     budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180))
     return dict(device="cuda", precision="amp_bf16", bench_model="ViT-B-32", bench_batch=256,
@@ -62,9 +65,10 @@ def settings(smoke: bool) -> dict:
                 plan_configs=[("ViT-B-32", 256, 4, False, False), ("ViT-B-32", 256, 4, True, False),
                               ("ViT-B-32", 256, 16, False, True), ("ViT-L-14", 64, 4, False, False),
                               ("ViT-L-14", 64, 8, True, True)],
-                largest_model="ViT-B-32", largest_micro=2048, largest_start=65536,
-                largest_cap=1 << 20, capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
-                budgets=dict(env=60, tests=75, bench=110, plan=90, largest=150, capped=110))
+                largest_model="ViT-B-32", largest_micro=1024,
+                largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 524288}, largest_cap=1 << 20,
+                capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
+                budgets=dict(env=40, tests=90, bench=120, plan=100, largest=210, capped=120))
 
 
 class Recorder:
@@ -177,46 +181,11 @@ def _percent(predicted: int, measured: int) -> float:
 
 def measure_step_peak(cfg: dict, model_name: str, b: int, k: int, checkpointing: bool,
                       offload: bool) -> tuple[int, float]:
-    """Peak bytes over the second of two real training steps (the optimizer state exists by
-    then), weights, gradients, moments and the step's inputs included (on CUDA
-    max_memory_allocated, on CPU the library's meter over what was alive before), and the
-    seconds of that step."""
-    import torch
-    from bigbatch.accumulation import cached_backward
-    from bigbatch.device import autocast_factory
-    from bigbatch.losses import create_loss
-    from bigbatch.memory import MemoryMeter, storage_keys, tensor_bytes
-    from bigbatch.model import create_model, parameter_groups
-    from bigbatch.train import adamw, optimizer_step, step_inputs
+    from bigbatch import plan
 
-    device = torch.device(cfg["device"])
-    torch.manual_seed(0)
-    net = create_model(model_name, grad_checkpointing=checkpointing, device=device).model
-    optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
-    autocast = autocast_factory(cfg["precision"], device)
-    loss_fn = create_loss("clip")
-
-    def step(seed: int) -> None:
-        batches = host_micro_batches(net, b, k, seed, pin=device.type == "cuda")
-        inputs, to_device = step_inputs(batches, device, offload)
-        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
-        optimizer_step(net, optimizer, None, clip_norm=1.0)
-
-    step(0)
-    gc.collect()
-    start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        step(1)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(), time.perf_counter() - start
-    resident = tensor_bytes(net, optimizer)
-    with MemoryMeter(storage_keys(net, optimizer)) as meter:
-        step(1)  # the inputs are made inside: the meter counts them
-    return resident + meter.live.peak, time.perf_counter() - start
+    return plan.measure_peak(model_name, batch_size=b, accum_freq=k, precision=cfg["precision"],
+                             grad_checkpointing=checkpointing, offload_inputs=offload,
+                             device=cfg["device"])
 
 
 class _Micro:
@@ -247,12 +216,14 @@ def host_micro_batches(net, b: int, k: int, seed: int, pin: bool, distinct: bool
 
 
 def part_largest(cfg: dict, rec: Recorder) -> None:
-    """Doubling the global batch until a step fails or the next would overrun the budget;
-    bigbatch first, then open_clip_train on what time is left."""
-    deadline = time.time() + cfg["budgets"]["largest"] - 15
+    """Doubling the global batch until a step fails or the next would overrun the budget:
+    open_clip_train's accumulation (it runs out of memory early), then bigbatch's with the
+    inputs offloaded, from a start chosen so that one step fits the budget."""
+    end = time.time() + cfg["budgets"]["largest"] - 15
     results: dict = {}
-    for kind in (BIGBATCH_OFFLOADED, PEER):
-        n, last, result = cfg["largest_start"], None, {"trials": []}
+    for kind in (PEER, BIGBATCH_OFFLOADED):  # the peer's end (memory) comes fast
+        deadline = min(end, time.time() + cfg["budgets"]["largest"] / 4) if kind == PEER else end
+        n, last, result = cfg["largest_start"][kind], None, {"trials": []}
         results[kind] = result
         while True:
             if n > cfg["largest_cap"]:
@@ -276,10 +247,6 @@ def part_largest(cfg: dict, rec: Recorder) -> None:
                 rec["results"] = results
             n *= 2
         rec["results"] = results
-
-
-BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
-PEER = "open_clip_train accumulated"
 
 
 def one_big_step(cfg: dict, kind: str, n: int) -> float:

@@ -177,7 +177,8 @@ def test_terms_follow_the_step():
     assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024  # bucket views
     assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
         ddp.activations + ddp.cached_features + ddp.loss_working_set,
-        ddp.activations + 256 * per_sample + ddp.gradients)
+        ddp.activations + 256 * per_sample + ddp.gradients + ddp.gradient_transient)
+    assert ddp.gradient_transient == 4 * 49408 * 32  # the token embedding's gradient
 
 
 def test_large_global_batches_use_a_tiled_loss():
@@ -273,3 +274,26 @@ def test_memory_plan_is_a_dataclass_with_the_breakdown():
     assert {"batch_size", "accum_freq", "world_size", "global_batch_size", "weights", "gradients",
             "optimizer_state", "activations", "cached_features", "loss_working_set", "peak",
             "source"} <= fields
+
+
+# --- the plan against a real step, measured (bigbatch.memory's meter on CPU)
+
+@pytest.mark.parametrize("model, batch_size, accum_freq, checkpointing", [
+    (TINY, 1, 1, False), (TINY, 4, 2, False), (TINY, 8, 3, True),
+    ("bigbatch-tiny", 8, 1, False), ("bigbatch-tiny", 2, 4, False), ("bigbatch-small", 4, 2, True),
+])
+def test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq, checkpointing):
+    measured, _ = plan.measure_peak(model, batch_size=batch_size, accum_freq=accum_freq,
+                                    grad_checkpointing=checkpointing)
+    planned = estimate_memory(model, batch_size=batch_size, accum_freq=accum_freq, precision="fp32",
+                              grad_checkpointing=checkpointing, target="cpu")
+    assert planned.peak == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, batch_size, accum_freq, checkpointing", [
+    ("ViT-B-32", 1, 2, False), ("ViT-B-32", 8, 1, False), ("ViT-B-32", 4, 2, True),
+    ("ViT-L-14", 1, 2, False), ("ViT-L-14", 2, 1, True),
+])
+def test_plan_within_10_percent_of_a_measured_step_on_real_sizes(model, batch_size, accum_freq, checkpointing):
+    test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq, checkpointing)

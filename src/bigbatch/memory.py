@@ -9,6 +9,7 @@ analogue of `torch.cuda.max_memory_allocated` over a baseline.
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -170,3 +171,23 @@ def tensor_bytes(*objects) -> int:
                 seen.add(key)
                 total += nbytes
     return total
+
+
+def step_peak_bytes(step: Callable[[], object], *resident, device: torch.device) -> int:
+    """Peak bytes while `step()` runs, what `resident` holds (weights, optimizer state)
+    included: on CUDA the allocator's `max_memory_allocated` (everything this process has
+    on the device), on CPU the bytes of `resident` plus the meter's peak of the tensors the
+    step makes. The number `bigbatch plan` predicts, measured."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    with MemoryMeter(storage_keys(*resident)) as meter:
+        step()
+    return tensor_bytes(*resident) + meter.live.peak

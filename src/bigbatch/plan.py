@@ -24,10 +24,13 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
 2. The loss runs once over the cached features. `optimizer.zero_grad(set_to_none=True)`
    left no gradients yet:            W + O + I + A + F + F_grad + L
 3. Pass 2 back-propagates the kept graph, then recomputes each micro-batch; the logits
-   are gone, the gradients have arrived:   W + O + I + A + F_grad + G
+   are gone, the gradients have arrived:   W + O + I + A + F_grad + G + T
+   where T is the largest parameter's gradient, made apart before it is added to .grad
+   (K = 1 on one process: backward frees the activations as the gradients arrive, one
+   tower after the other: W + O + I + max(A, G + A / 2))
 4. The step (fused AdamW, in place; clipping scales in place): W + O + I + G, below phase 3
 
-    peak = W + O + I + max(A + F + F_grad + L,  A + F_grad + G)
+    peak = W + O + I + max(A + F + F_grad + L,  A + F_grad + G + T)
 
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
@@ -90,6 +93,7 @@ class MemoryPlan:
     grad_checkpointing: bool
     weights: int               # W
     gradients: int             # G
+    gradient_transient: int    # T: the largest gradient, made apart before it joins .grad
     optimizer_state: int       # O
     inputs: int                # I
     activations: int           # A, one micro-batch
@@ -188,6 +192,7 @@ class _Profile:
     param_bytes: int
     buffer_bytes: int
     trainable_params: int
+    largest_trainable_param: int   # elements of the largest trainable tensor (T = its gradient)
     input_bytes_per_sample: int    # uint8 images + int64 tokens
     feature_bytes_per_sample: int  # (D_image + D_text) x the features' element size
     feature_element_size: int      # 4: float32 features (open_clip normalises them in fp32)
@@ -274,13 +279,23 @@ def _assemble(profile: _Profile, activations: int, b: int, K: int, o: _Options) 
     if loss_tile is not None and profile.feature_element_size == FLOAT32:
         # the tiled loss's float32 gradient accumulators become the features' gradients
         loss_ws = max(0, loss_ws - feature_grads)
-    phases = {"loss": activations + cached + loss_ws,
-              "pass 2": activations + feature_grads + gradients}
+    # pass 2: the gradients arrive while the activations are freed. With K > 1 they are all
+    # there while later micro-batches are recomputed, each new gradient made apart before it
+    # is added to .grad (the largest: T); DDP's buckets exist from the start. A plain step on
+    # one process: the towers run backward one after the other, so about one tower's
+    # activations can outlive the other's gradients
+    transient = 0 if K == 1 and W == 1 else FLOAT32 * profile.largest_trainable_param
+    if K == 1 and W == 1:
+        pass_2 = max(activations, gradients + activations // 2)
+    else:
+        pass_2 = activations + gradients + transient
+    phases = {"loss": activations + cached + loss_ws, "pass 2": pass_2 + feature_grads}
     phase = max(phases, key=phases.get)
     return MemoryPlan(
         model=o.model, batch_size=b, accum_freq=K, world_size=W, global_batch_size=n * W,
         precision=o.precision, grad_checkpointing=o.grad_checkpointing, weights=weights,
-        gradients=gradients, optimizer_state=optimizer_state, inputs=inputs, activations=activations,
+        gradients=gradients, gradient_transient=transient, optimizer_state=optimizer_state,
+        inputs=inputs, activations=activations,
         cached_features=cached, loss_working_set=loss_ws,
         peak=weights + optimizer_state + inputs + phases[phase], phase=phase, source=o.source,
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
@@ -509,6 +524,7 @@ def _profile(net: nn.Module, batch_size: int, inputs, outputs: dict, **measured)
         param_bytes=sum(p.numel() * p.element_size() for p in net.parameters()),
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
         trainable_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
+        largest_trainable_param=max((p.numel() for p in net.parameters() if p.requires_grad), default=0),
         input_bytes_per_sample=sum(t[0].numel() * t.element_size() for t in inputs),
         feature_bytes_per_sample=sum(f.shape[-1] * f.element_size() for f in features),
         feature_element_size=max(f.element_size() for f in features),
@@ -714,6 +730,53 @@ def _probe_cuda(key: tuple, batch_size: int, dtype: torch.dtype | None, grad_che
         torch.cuda.empty_cache()
 
 
+def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision: str = "fp32",
+                 grad_checkpointing: bool = False, offload_inputs: bool = False,
+                 device: str = "cpu", seed: int = 0) -> tuple[int, float]:
+    """The peak a plan predicts, measured: bytes over one real training step (the trainer's
+    inputs, engine, loss and fused AdamW step, on random uint8 images and token ids), after
+    a one-micro-batch step that made the optimizer state; and that step's seconds.
+    CUDA: max_memory_allocated; CPU: bigbatch.memory's meter (see step_peak_bytes)."""
+    import time
+
+    from bigbatch.accumulation import cached_backward
+    from bigbatch.device import autocast_factory
+    from bigbatch.memory import step_peak_bytes
+    from bigbatch.model import create_model, parameter_groups
+    from bigbatch.train import adamw, optimizer_step, step_inputs
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device).model
+    optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
+    autocast = autocast_factory(precision, device)
+    loss_fn = create_loss("clip")
+    (height, width), context = _input_shapes(_model_key(model_name, False, None))
+    generator = torch.Generator().manual_seed(seed)
+
+    def micro_batch():  # as the loader gives it: uint8 images, pinned for a GPU
+        images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator)
+        texts = torch.randint(1, 1000, (batch_size, context), generator=generator)
+        pin = device.type == "cuda"
+        return _MicroBatch(images.pin_memory() if pin else images, texts.pin_memory() if pin else texts)
+
+    def step(k: int) -> None:
+        inputs, to_device = step_inputs([micro_batch() for _ in range(k)], device, offload_inputs)
+        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
+        optimizer_step(net, optimizer, None, clip_norm=1.0)
+
+    step(1)
+    start = time.perf_counter()
+    peak = step_peak_bytes(lambda: step(accum_freq), net, optimizer, device=device)
+    return peak, time.perf_counter() - start
+
+
+@dataclass
+class _MicroBatch:
+    images: torch.Tensor
+    texts: torch.Tensor
+
+
 # --- output and command line
 
 def _gib(n: int | float | None) -> str:
@@ -734,6 +797,7 @@ def format_plan(plan: MemoryPlan) -> str:
     rows = [
         ("weights", plan.weights),
         ("gradients (fp32)", plan.gradients),
+        ("a new gradient before it joins .grad (the largest)", plan.gradient_transient),
         ("optimizer state (AdamW, 2 fp32 moments)", plan.optimizer_state),
         (f"inputs ({'offloaded: 2 micro-batches at most' if plan.offload_inputs and K > 1 else '1 micro-batch' if K == 1 else f'{K} micro-batches'})",
          plan.inputs),
