@@ -313,10 +313,19 @@ def time_interleaved(setups: list[Setup], rounds: int, warmup: int, device: torc
     for r in range(warmup + rounds):
         order = setups[r % len(setups):] + setups[:r % len(setups)]
         for setup in order:
+            if setup.extra.get("error"):
+                continue
             gc.collect()
             synchronize(device)
             start = time.perf_counter()
-            setup.step(r)
+            try:
+                setup.step(r)
+            except torch.OutOfMemoryError:  # it fit alone, not beside the others' copies
+                setup.extra["error"] = "out of memory beside the other configurations"
+                log(f"  {setup.name}: {setup.extra['error']}")
+                setup.model = setup.optimizer = setup.step = None
+                _free_cuda()
+                continue
             synchronize(device)
             elapsed = time.perf_counter() - start
             if r >= warmup:
@@ -918,6 +927,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
 
     log(f"timing {args.warmup_steps} warm-up + {args.steps} rounds of {', '.join(s.name for s in setups)}")
     times = time_interleaved(setups, args.steps, args.warmup_steps, device, log)
+    for failed in [s for s in setups if s.extra.get("error")]:
+        configs[failed.name] = {"batch": failed.batch_label, **failed.extra}
+    setups = [s for s in setups if not s.extra.get("error")]
+    times = {s.name: times[s.name] for s in setups}
     summary = summarize(times, global_batch)
     for setup in setups:
         configs[setup.name] = {"batch": setup.batch_label, **summary[setup.name], **setup.extra}

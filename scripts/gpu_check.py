@@ -68,7 +68,7 @@ def settings(smoke: bool) -> dict:
                 largest_model="ViT-B-32", largest_micro=1024,
                 largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 524288}, largest_cap=1 << 20,
                 capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
-                budgets=dict(env=20, tests=60, bench=90, plan=80, capped=140, largest=160))
+                budgets=dict(env=15, tests=45, bench=70, plan=80, capped=170, largest=130))
 
 
 class Recorder:
@@ -180,12 +180,12 @@ def _percent(predicted: int, measured: int) -> float:
 
 
 def measure_step_peak(cfg: dict, model_name: str, b: int, k: int, checkpointing: bool,
-                      offload: bool) -> tuple[int, float]:
+                      offload: bool, reuse_inputs: bool = False) -> tuple[int, float]:
     from bigbatch import plan
 
     return plan.measure_peak(model_name, batch_size=b, accum_freq=k, precision=cfg["precision"],
                              grad_checkpointing=checkpointing, offload_inputs=offload,
-                             device=cfg["device"])
+                             device=cfg["device"], reuse_inputs=reuse_inputs)
 
 
 class _Micro:
@@ -232,8 +232,8 @@ def part_largest(cfg: dict, rec: Recorder) -> None:
                 result["stopped"] = f"time budget (the next step would take about {2.2 * last:.0f}s)"
                 break
             try:
-                last = one_big_step(cfg, kind, n)
-                result["trials"].append({"global_batch": n, "seconds": round(last, 2)})
+                last, peak = one_big_step(cfg, kind, n)
+                result["trials"].append({"global_batch": n, "seconds": round(last, 2), "peak_bytes": peak})
                 result["largest_global_batch"] = n
             except Exception as error:  # running out of memory is the expected end
                 oom = "out of memory" in str(error).lower()
@@ -248,7 +248,8 @@ def part_largest(cfg: dict, rec: Recorder) -> None:
         rec["results"] = results
 
 
-def one_big_step(cfg: dict, kind: str, n: int) -> float:
+def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
+    """Seconds of one optimizer step over a global batch of n, and its CUDA peak bytes."""
     import torch
     from bigbatch.accumulation import cached_backward
     from bigbatch.device import autocast_factory
@@ -262,6 +263,8 @@ def one_big_step(cfg: dict, kind: str, n: int) -> float:
     b = min(cfg["largest_micro"], n)
     batches = host_micro_batches(net, b, n // b, seed=n, pin=device.type == "cuda", distinct=False)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     if kind == BIGBATCH_OFFLOADED:
         optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
@@ -272,7 +275,8 @@ def one_big_step(cfg: dict, kind: str, n: int) -> float:
     else:
         peer_step(cfg, net, batches)
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def peer_step(cfg: dict, net, batches) -> None:
@@ -304,7 +308,7 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
     cap = int(cfg["capped_gib"] * GiB)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        torch.cuda.set_per_process_memory_fraction(cap / total, torch.cuda.current_device())
     rec["cap_bytes"] = cap
     b = plan.find_max_batch_size(cfg["capped_model"], gpu_memory_bytes=cap,
                                  global_batch_size=cfg["capped_global"], precision=cfg["precision"],
@@ -313,7 +317,8 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
     for _ in range(2):  # the planner's micro-batch, then half of it if that one failed
         k = cfg["capped_global"] // b
         try:
-            peak, seconds = measure_step_peak(cfg, cfg["capped_model"], b, k, True, offload=False)
+            peak, seconds = measure_step_peak(cfg, cfg["capped_model"], b, k, True, offload=False,
+                                              reuse_inputs=True)
             rec["result"] = {"batch_size": b, "accum_freq": k, "global_batch": b * k,
                              "peak_bytes": peak, "under_cap": peak <= cap, "step_seconds": round(seconds, 1)}
             return
@@ -364,14 +369,24 @@ def run_part(name: str, cfg: dict, out: Path) -> None:
         rec["traceback"] = traceback.format_exc(limit=8)
 
 
-def run_all(parts: list[str], smoke: bool, out: Path) -> dict:
+def configure(args: argparse.Namespace) -> dict:
+    """The settings, with the command line's overrides."""
+    cfg = settings(args.smoke)
+    if args.bench_ks:
+        cfg["bench_ks"] = [int(k) for k in args.bench_ks.split(",")]
+    if args.largest_start:
+        cfg["largest_start"] = {**cfg["largest_start"], BIGBATCH_OFFLOADED: args.largest_start}
+    return cfg
+
+
+def run_all(parts: list[str], args: argparse.Namespace, out: Path, overrides: list[str]) -> dict:
     """Each part in a child process under its budget; then one report of all of them."""
-    cfg = settings(smoke)
+    smoke, cfg = args.smoke, configure(args)
     results = {}
     for name in parts:
         budget = cfg["budgets"][name]
         print(f"== {name} (budget {budget}s)", flush=True)
-        command = [sys.executable, __file__, str(out), "--part", name] + (["--smoke"] if smoke else [])
+        command = [sys.executable, __file__, str(out), "--part", name, *overrides] + (["--smoke"] if smoke else [])
         start = time.time()
         try:
             subprocess.run(command, timeout=budget, cwd=ROOT)
@@ -439,7 +454,8 @@ def markdown(report: dict) -> str:
         lines += ["", "## Largest global batch in one step", "", "| configuration | largest | stopped | trials |",
                   "|---|---|---|---|"]
         for kind, r in largest.items():
-            trials = ", ".join(f"{t['global_batch']}: {t.get('seconds', t.get('error'))}" for t in r["trials"])
+            trials = ", ".join(f"{t['global_batch']}: " + (f"{t['seconds']} s, {_gib(t.get('peak_bytes'))} GiB"
+                                                            if "seconds" in t else t["error"]) for t in r["trials"])
             lines.append(f"| {kind} | {r.get('largest_global_batch', '-')} | {r.get('stopped', '-')} | {trials} |")
     capped = parts.get("capped", {})
     if capped.get("result") or capped.get("failures"):
@@ -496,17 +512,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for gpu-check.{json,md,png}")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: every line runs in seconds")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--bench-ks", help="accum-freqs of the step benchmark, e.g. 4,16 (default: the settings')")
+    parser.add_argument("--largest-start", type=int, help="bigbatch's first global batch in the largest-batch search")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part:
-        run_part(args.part, settings(args.smoke), args.out)
+        run_part(args.part, configure(args), args.out)
         return 0
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}: choose from {','.join(PARTS)}")
-    report = run_all(parts, args.smoke, args.out)
+    overrides = [f"--{k.replace('_', '-')}={v}" for k, v in (("bench_ks", args.bench_ks),
+                                                              ("largest_start", args.largest_start)) if v]
+    report = run_all(parts, args, args.out, overrides)
     print()
     print(markdown(report))
     print(f"written to {args.out.resolve()}")

@@ -95,13 +95,24 @@ def test_fp16_scaling_gives_the_unscaled_gradient():
         assert_grad_close(q.grad, p.grad, name, rtol=1e-2)
 
 
+class Patches(nn.Module):
+    """(B, 3, 32, 32) images -> (B, 16, dim) tokens of 8 x 8 patches."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(3 * 8 * 8, dim)
+
+    def forward(self, images):
+        return self.proj(images.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2))
+
+
 class SdpaTower(nn.Module):
     """A tiny CLIP whose attention is F.scaled_dot_product_attention with dropout: the fused
     kernels draw their masks from the CUDA generator, which pass 2 must replay."""
 
     def __init__(self, dim: int = 64):
         super().__init__()
-        self.visual = nn.Linear(3 * 8 * 8, dim)  # 16 patches of 8 x 8 from a 32 px image
+        self.visual = Patches(dim)
         self.token = nn.Embedding(1000, dim)
         self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)])
         self.logit_scale = nn.Parameter(torch.tensor(2.0))
@@ -111,8 +122,7 @@ class SdpaTower(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.3).mean(dim=(1, 2))
 
     def forward(self, images, texts):
-        patches = images.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
-        return {"image_features": F.normalize(self.attend(self.visual(patches), 0), dim=-1),
+        return {"image_features": F.normalize(self.attend(self.visual(images), 0), dim=-1),
                 "text_features": F.normalize(self.attend(self.token(texts), 1), dim=-1),
                 "logit_scale": self.logit_scale}
 
@@ -147,7 +157,7 @@ def test_one_gpu_ddp_step_equals_the_bare_model():
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:
         ref, bare = pair(lambda: open_clip_vit(dropout=0.1))
         ddp = nn.parallel.DistributedDataParallel(bare, device_ids=[0])

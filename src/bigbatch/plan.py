@@ -732,15 +732,18 @@ def _probe_cuda(key: tuple, batch_size: int, dtype: torch.dtype | None, grad_che
 
 def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision: str = "fp32",
                  grad_checkpointing: bool = False, offload_inputs: bool = False,
-                 device: str = "cpu", seed: int = 0) -> tuple[int, float]:
+                 device: str = "cpu", seed: int = 0, reuse_inputs: bool = False) -> tuple[int, float]:
     """The peak a plan predicts, measured: bytes over one real training step (the trainer's
     inputs, engine, loss and fused AdamW step, on random uint8 images and token ids), after
     a one-micro-batch step that made the optimizer state; and that step's seconds.
-    CUDA: max_memory_allocated; CPU: bigbatch.memory's meter (see step_peak_bytes)."""
+    CUDA: max_memory_allocated; CPU: bigbatch.memory's meter (see step_peak_bytes).
+    reuse_inputs: one host micro-batch K times (huge K: host memory and time to make them);
+    the device still holds K copies."""
     import time
 
     from bigbatch.accumulation import cached_backward
     from bigbatch.device import autocast_factory
+    from bigbatch.inputs import input_bytes
     from bigbatch.memory import step_peak_bytes
     from bigbatch.model import create_model, parameter_groups
     from bigbatch.train import adamw, optimizer_step, step_inputs
@@ -760,15 +763,19 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         pin = device.type == "cuda"
         return _MicroBatch(images.pin_memory() if pin else images, texts.pin_memory() if pin else texts)
 
-    def step(k: int) -> None:
-        inputs, to_device = step_inputs([micro_batch() for _ in range(k)], device, offload_inputs)
+    def step(batches: list) -> None:
+        inputs, to_device = step_inputs(batches, device, offload_inputs)
         cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
         optimizer_step(net, optimizer, None, clip_norm=1.0)
 
-    step(1)
+    step([micro_batch()])
+    # made before the step: not in its time
+    batches = [micro_batch()] * accum_freq if reuse_inputs else [micro_batch() for _ in range(accum_freq)]
     start = time.perf_counter()
-    peak = step_peak_bytes(lambda: step(accum_freq), net, optimizer, device=device)
-    return peak, time.perf_counter() - start
+    peak = step_peak_bytes(lambda: step(batches), net, optimizer, device=device)
+    seconds = time.perf_counter() - start
+    on_host = device.type == "cpu"  # then the inputs are "on the device" all along: count them
+    return peak + (input_bytes([(b.images, b.texts) for b in batches]) if on_host else 0), seconds
 
 
 @dataclass
