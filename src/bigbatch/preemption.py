@@ -6,9 +6,13 @@ agree on it with the step's all-reduce), saves epoch_latest.pt and raises Preemp
 which the command turns into one line with the command that resumes and exit status
 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT 130). A second signal of the
 same kind acts as it would without bigbatch (SIGINT: KeyboardInterrupt, SIGTERM: the
-process ends), for when even the save must be cut short. Loader worker processes forked
-while the handlers are installed inherit them, so a signal sent to the whole process
-group (SLURM signals every process of the step) does not kill them.
+process ends), for when even the save must be cut short.
+
+SLURM signals every process of a job step, loader workers too, and a worker that dies
+makes the main process raise mid-step. Workers forked while the handlers are installed
+inherit them, but torch's worker loop then sets its own SIGTERM handler, which exits:
+`shield_loader_worker` as the loader's worker_init_fn leaves the decision to the main
+process.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ class SignalWatch:
     def _note(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
         signal.signal(signum, self._previous[signum])  # the next one acts as usual
+
+
+def shield_loader_worker(worker_id: int | None = None) -> None:
+    """A DataLoader worker_init_fn: the worker ignores the stop signals; the main process
+    saves, stops, and ends its workers itself."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def resume_command(argv: list[str], name: str) -> str:
