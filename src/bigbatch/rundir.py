@@ -27,8 +27,7 @@ def claimed(run_dir: Path, logs: str) -> Iterator[Path]:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / LOCK, "a+")
     except OSError as error:
-        raise ConfigError(f"--logs {logs}: cannot write the run folder {run_dir} "
-                          f"({error.strerror}): pass --logs a writable folder with free space") from None
+        raise unwritable(run_dir, logs, error) from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -37,11 +36,19 @@ def claimed(run_dir: Path, logs: str) -> Iterator[Path]:
             raise ConfigError(f"run folder {run_dir} is in use by another training process "
                               f"({lock.read().strip() or 'pid unknown'}): wait for it to end, "
                               f"or choose another --name") from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
-        remove_stale_temporaries(run_dir / "checkpoints")
+        try:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()}\n")
+            lock.flush()
+            remove_stale_temporaries(run_dir / "checkpoints")
+        except OSError as error:
+            raise unwritable(run_dir, logs, error) from None
         yield run_dir
+
+
+def unwritable(run_dir: Path, logs: str, error: OSError) -> ConfigError:
+    return ConfigError(f"--logs {logs}: cannot write the run folder {run_dir} ({error.strerror}): "
+                       f"pass --logs a writable folder with free space")
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
