@@ -163,12 +163,14 @@ def test_sigterm_from_outside_then_resume_equals_the_uninterrupted_run(tmp_path)
     assert_same_weights(checkpoint(tmp_path, "whole"), checkpoint(tmp_path))
 
 
-def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("last_step", [4, pytest.param(5, marks=pytest.mark.slow)])
+def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, last_step):
+    """Stopped inside the first epoch (step 4 of 5) or at its last step."""
     assert main(train_args(tmp_path, *SYNTH, name="whole")) == 0
     with monkeypatch.context() as patch:
-        send_after_step(patch, signal.SIGTERM, at_step=3)  # stops after step 4 of 5
+        send_after_step(patch, signal.SIGTERM, at_step=last_step - 1)
         assert main(train_args(tmp_path, *SYNTH)) == 143
-    assert checkpoint(tmp_path)["epoch_samples"] == 32
+    assert checkpoint(tmp_path)["epoch_samples"] == last_step * 8
     assert main(train_args(tmp_path, *SYNTH, "--resume", "latest")) == 0
     assert_same_weights(checkpoint(tmp_path, "whole"), checkpoint(tmp_path))
 
@@ -257,3 +259,22 @@ def test_a_checkpoint_that_pickles_code_is_refused_in_one_line(tmp_path, capsys)
                                name=flag.strip("-"))) == 2
         err = one_error_line(capsys)
         assert str(pickled) in err and "pickled Python objects" in err and "re-save" in err
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Under torchrun, SIGUSR1 to rank 1 only: the ranks agree, rank 0 saves, all exit 138."""
+    from test_launch import _children, torchrun
+
+    cmd = torchrun(tmp_path, "--name", "ddp", "--train-num-samples", "100000", "--epochs", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in agent.stdout:
+        if "step 2/" in line:
+            break
+    os.kill(_children(agent.pid)[1], signal.SIGUSR1)
+    out, _ = agent.communicate(timeout=300)
+    assert agent.returncode != 0 and "exitcode  : 138" in out, out[-3000:]
+    assert out.count("bigbatch: stopped by SIGUSR1 after step") == 1, out[-3000:]
+    state = torch.load(tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert state["epoch_samples"] == state["step"] * 4 * 2

@@ -452,11 +452,13 @@ def refuse_nonfinite_weights(model, ema, directory: Path, step: int, world: Worl
 
 def preempted(signum: int | None, cfg: TrainConfig, run_dir: Path, step: int,
               world: World) -> Preempted:
-    """The exception that ends a run stopped by a signal, its checkpoint saved."""
-    signum = signum or signal.SIGTERM  # a rank that did not get the signal itself
+    """The exception that ends a run stopped by a signal, its checkpoint saved. The ranks
+    wait for rank 0 to have written it (a launcher ends them all once one exits non-zero)
+    and take the signal that some rank received."""
+    signum = next(s for s in gather_objects(signum) if s)
     summary = (f"stopped by {signal.Signals(signum).name} after step {step}, saved "
-               f"{run_dir / 'checkpoints' / ckpt.LATEST}" if world.is_main else None)
-    return Preempted(signum, summary, cfg.name)
+               f"{run_dir / 'checkpoints' / ckpt.LATEST}")
+    return Preempted(signum, summary if world.is_main else None, cfg.name)
 
 
 def data_layout(cfg: TrainConfig, world: World) -> dict:
