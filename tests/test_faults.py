@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bigbatch.train
-from bigbatch import rundir
+from bigbatch import faults, rundir
 from bigbatch.cli import main
 from bigbatch.config import ConfigError
 from bigbatch.preemption import resume_command, shield_loader_worker
@@ -100,6 +100,24 @@ def test_a_checkpoint_is_never_written_with_nonfinite_weights(tmp_path, monkeypa
     assert "not writing a checkpoint" in err and "text_projection" in err
     assert checkpoint(tmp_path)["step"] == 1 and all_finite(checkpoint(tmp_path))
     assert not list((tmp_path / "logs" / "run" / "checkpoints").glob(".*"))
+
+
+def test_a_skipped_step_under_the_grad_scaler_leaves_it_ready_for_the_next_step():
+    """fp16: the scaler still lowers its scale after a skipped step, and unscales again."""
+    model = torch.nn.Linear(2, 1)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = model.weight.detach().clone()
+    for factor in (float("nan"), 1.0):
+        loss = model(torch.ones(1, 2)).sum() * factor
+        scaler.scale(loss).backward()
+        grad_norm = bigbatch.train.unscale_and_clip(model, optimizer, scaler, None)
+        skip = bool(faults.nonfinite(loss.detach(), None))  # gradient overflow is the scaler's business
+        bigbatch.train.optimizer_step(model, optimizer, scaler, apply=not skip)
+        assert torch.equal(model.weight, before) == skip and model.weight.grad is None
+        before = model.weight.detach().clone()
+    assert scaler.get_scale() == 512.0 and torch.isfinite(grad_norm)
 
 
 # --- preemption
