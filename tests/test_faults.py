@@ -234,6 +234,17 @@ def test_logs_that_cannot_hold_a_run_folder_is_one_line(tmp_path, capsys):
     assert f"--logs {tmp_path / 'logs'}: cannot write the run folder" in err and "writable folder" in err
 
 
+def test_a_read_only_logs_folder_is_one_line(tmp_path, monkeypatch):
+    def read_only(self, *a, **kw):  # as root, chmod cannot make a folder read-only
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ConfigError, match=r"--logs /mnt/ro: cannot write the run folder "
+                                          r"/mnt/ro/run \(Read-only file system\): pass --logs"):
+        with rundir.claimed(Path("/mnt/ro/run"), "/mnt/ro"):
+            pass
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch,
                                                                             capsys):
     save, calls = torch.save, []
