@@ -69,7 +69,7 @@ from bigbatch.accumulation import cached_backward
 from bigbatch.device import autocast_factory
 from bigbatch.memory import MemoryMeter, storage_keys, tensor_bytes
 from bigbatch.model import create_model, parameter_groups
-from bigbatch.train import adamw, optimizer_step  # the trainer's own optimizer and step
+from bigbatch.train import adamw, optimizer_step, unscale_and_clip  # the trainer's own optimizer and step
 
 MiB = 2**20
 PLAIN, ACCUM, PEER = "bigbatch plain", "bigbatch accumulated", "open_clip_train accumulated"
@@ -237,7 +237,8 @@ def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None) -
 
     def step(i: int) -> None:
         cached_backward(model, inputs[i % len(inputs)], loss_fn, autocast=autocast, grad_scaler=scaler)
-        optimizer_step(model, optimizer, scaler, clip_norm=None)
+        unscale_and_clip(model, optimizer, scaler, None)  # its norm: the non-finite check's
+        optimizer_step(model, optimizer, scaler)
 
     label = f"{b} x {k}" if micro else f"{b * k}"
     return Setup(name, label, model, optimizer, step)
@@ -691,7 +692,8 @@ def _one_big_step(kind, model, n, size, context, vocab, args, support) -> float:
         scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" else None
         cached_backward(model, micro_batches, loss_fn,
                         autocast=autocast_factory(args.precision, device), grad_scaler=scaler)
-        optimizer_step(model, setup.optimizer, scaler, clip_norm=None)
+        unscale_and_clip(model, setup.optimizer, scaler, None)
+        optimizer_step(model, setup.optimizer, scaler)
     synchronize(device)
     return time.perf_counter() - start
 

@@ -108,3 +108,23 @@ def test_zeroshot_files_are_checked_before_training(tmp_path):
     with pytest.raises(ConfigError, match="needs '{}'"):
         parse_config(SYNTH + ["--val-data", "v.tar", "--zeroshot-classnames", str(names),
                               "--zeroshot-templates", str(templates)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: !!python/object/apply:os.system ['true']\n", "line 1, column 5: could not determine a constructor"),
+    ("lr: [1e-3,\nepochs: 2\n", "line 3, column 1: not valid YAML (expected ',' or ']'"),
+    ("lr: 1e-3\n  epochs: 2\n", "line 2, column 9: not valid YAML (mapping values are not allowed here)"),
+])
+def test_yaml_that_cannot_be_read_is_one_line_naming_the_file(tmp_path, capsys, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), *SYNTH]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bigbatch: error: --config {path}: {message}") and err.count("\n") == 1
+    assert "remove the tag" in err if "python" in text else "fix the file" in err
+
+
+def test_max_nonfinite_steps_is_a_count():
+    assert parse_config([*SYNTH]).max_nonfinite_steps == 5
+    with pytest.raises(ConfigError, match="--max-nonfinite-steps must be 0 or more"):
+        parse_config([*SYNTH, "--max-nonfinite-steps", "-1"])

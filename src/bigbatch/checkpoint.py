@@ -8,6 +8,7 @@ the step and epoch counters, the model name and the run's config.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,26 @@ LATEST = "epoch_latest.pt"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write to a temporary file, then rename: a crash mid-write never leaves a torn file."""
+    """Write to a temporary file, flush it to disk, then rename: a crash mid-write never
+    leaves a torn file. A failed write (full disk, read-only folder) removes the temporary
+    file, leaves the previous checkpoint as it was and stops with one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)  # atomic on POSIX
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):  # torch: RuntimeError for I/O
+            raise
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:200]
+        raise ConfigError(f"could not write checkpoint {path} ({reason}): free space in (or make "
+                          f"writable) {path.parent}; the previous {path.name}, if any, is "
+                          f"untouched") from None
     return path
 
 
@@ -34,6 +49,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ConfigError(f"checkpoint {path} does not exist: check --resume / --pretrained")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if refused_pickle(error):
+            raise ConfigError(refused_pickle_message(path)) from None
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}): "
+                          f"it is damaged or not a torch checkpoint; pick another file") from None
     except Exception as error:  # a torn or foreign file: say which
         raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}): "
                           f"it is damaged or not a torch checkpoint; pick another file") from None
@@ -41,6 +61,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ConfigError(f"checkpoint {path} holds no 'state_dict': it is not a bigbatch "
                           f"or open_clip training checkpoint")
     return state
+
+
+def refused_pickle(error: Exception) -> bool:
+    """torch.load(weights_only=True) met pickled Python code, which it does not run."""
+    return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
+
+
+def refused_pickle_message(path: str | Path) -> str:
+    return (f"{path} holds pickled Python objects besides tensors, which bigbatch does not "
+            f"load (they could run code): if you trust the file, re-save its weights as plain "
+            f"tensors (torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'plain.pt')) "
+            f"and pass that")
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:

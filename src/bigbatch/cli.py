@@ -36,11 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bigbatch.config import ConfigError
     from bigbatch.data import DataError
+    from bigbatch.preemption import Preempted, resume_command
     try:
         return commands[command](rest) or 0
     except (ConfigError, DataError) as error:
         print(f"bigbatch: error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:  # rank 0 says it; every rank exits 128 + the signal
+        if stop.summary:
+            print(f"bigbatch: {stop.summary}; resume with: {resume_command(rest, stop.name)}",
+                  file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("bigbatch: interrupted", file=sys.stderr)
         return 130

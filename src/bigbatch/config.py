@@ -75,6 +75,7 @@ class TrainConfig:
     offload_inputs: bool = option(False, "keep the step's cached micro-batch inputs in pinned host memory, not on the GPU (for huge --accum-freq)", "optimization")
     loss_tile_size: int | None = option(None, "compute the loss in (tile x tile) blocks, O(N x tile) memory (default: plain up to 8192^2 logits, tiles of 4096 above)", "optimization")
     grad_clip_norm: float | None = option(None, "clip the accumulated gradient to this global norm", "optimization")
+    max_nonfinite_steps: int = option(5, "a step with a non-finite loss or gradient is not applied; stop after this many in a row (0: never stop)", "optimization")
     # --- precision and device
     precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", "precision")
@@ -114,6 +115,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
     non_negative = ["workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency",
+                    "max_nonfinite_steps",
                     "zeroshot_frequency", "wd",
                     "coca_caption_loss_weight", "coca_contrastive_loss_weight"]
     for name in non_negative:
@@ -214,7 +216,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: {_yaml_problem(error)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not a text file (not UTF-8): pass a YAML file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of option names to values")
     known = {f.name: f for f in fields(TrainConfig)}
@@ -227,6 +234,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown option '{key}'{hint}")
         values[name] = _coerce(known[name], value, path)
     return values
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong where, and the fix: safe_load builds no Python objects from tags."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    if isinstance(error, yaml.constructor.ConstructorError) and "tag" in (error.problem or ""):
+        return (f"{where}{error.problem}; options are plain values (numbers, strings, "
+                f"true/false), never Python objects: remove the tag")
+    return f"{where}not valid YAML ({getattr(error, 'problem', None) or error}): fix the file"
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

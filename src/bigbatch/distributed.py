@@ -265,6 +265,15 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_over_ranks(*flags: torch.Tensor | bool, device: torch.device) -> list[bool]:
+    """For each flag (a 0-dim tensor or a bool), whether it is true on any rank: one small
+    all-reduce (none for one process) and one host sync for all of them."""
+    values = torch.stack([torch.as_tensor(f, device=device).float() for f in flags])
+    if _world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in values.tolist()]
+
+
 def broadcast_object(obj, src: int = 0):
     """rank `src`'s Python object on every rank (identity for one process)."""
     if not dist.is_initialized():

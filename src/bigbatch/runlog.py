@@ -66,11 +66,13 @@ class RunLog:
                       peak_memory_gib=peak_memory_gib(self.device), **(extra or {}))
         eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
         skipped = sum(self.skipped.values())
+        nonfinite = record.get("nonfinite_steps", 0)
         log.info(
             f"epoch {epoch} step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | "
             f"loss {loss:.4f} | lr {lr:.2e} | {rate:.0f} samples/s | batch {effective_batch} | "
             f"data {100 * record['data_fraction']:.0f}% | mem {record['peak_memory_gib']:.2f} GiB | "
-            f"ETA {format_duration(eta)}" + (f" | skipped {skipped}" if skipped else ""))
+            f"ETA {format_duration(eta)}" + (f" | skipped {skipped}" if skipped else "")
+            + (f" | non-finite steps {nonfinite}" if nonfinite else ""))
         self._write(record, step)
         self._window.clear()
         self._window_start = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,14 +21,14 @@ import numpy as np
 import torch
 
 from bigbatch import checkpoint as ckpt
-from bigbatch import plan
+from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
 from bigbatch.config import ConfigError, TrainConfig, to_dict
 from bigbatch.data import DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
-from bigbatch.distributed import (World, as_local, broadcast_object, cleanup, full_state, gather_objects,
-                                  init_distributed, load_full_model_state,
-                                  load_full_optimizer_state, wrap_model)
+from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
+                                  full_state, gather_objects, init_distributed,
+                                  load_full_model_state, load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.ema import ModelEMA
 from bigbatch.inputs import DeviceCopier
@@ -35,6 +36,7 @@ from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_model_config,
                             set_frozen_towers_to_eval, unwrap)
 from bigbatch.plots import plot_training_curves
+from bigbatch.preemption import Preempted, SignalWatch
 from bigbatch.runlog import RunLog, log, setup_console_logging
 from bigbatch.weights import load_model, resolve_weights
 
@@ -45,16 +47,20 @@ def train(cfg: TrainConfig) -> dict:
     """Train as configured on this rank; returns the last validation metrics."""
     world = start_distributed(cfg)
     try:
-        return _train(cfg, world)
+        with contextlib.ExitStack() as on_exit, rundir.disk_errors_named(cfg.logs):
+            return _train(cfg, world, on_exit)
     finally:
         cleanup()
 
 
-def _train(cfg: TrainConfig, world: World) -> dict:
+def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dict:
+    """`on_exit` holds what the run releases when it ends: its folder's lock, the signal
+    handlers (installed first, so that loader workers inherit them)."""
+    signals = on_exit.enter_context(SignalWatch())
     device = world.device
     precision = resolve_precision(cfg.precision, device)
     choose_batch_layout(cfg, world, precision)
-    run_dir = prepare_run_dir(cfg, world)
+    run_dir = prepare_run_dir(cfg, world, on_exit)
     setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     bundle, model, frozen_inputs = build_model(cfg, world)
@@ -81,6 +87,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
+    skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -94,24 +101,32 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
                                    frozen_inputs=not_recomputed, to_device=to_device,
                                    sample_loss=caption_loss)
-            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip_norm)
-            if ema:
+            grad_norm = unscale_and_clip(model, optimizer, scaler, cfg.grad_clip_norm)
+            # fp16: the scaler skips overflowing gradients itself; ranks agree on both flags
+            skip, stop = any_over_ranks(faults.nonfinite(loss, None if scaler else grad_norm),
+                                        signals.requested, device=device)
+            optimizer_step(model, optimizer, scaler, apply=not skip)
+            if ema and not skip:
                 ema.update(unwrap(model))
             step += 1
+            skipped_steps.record(skip, step)
             for b in micro_batches:
                 runlog.count_skipped(b.skipped)
             runlog.train_step(
                 step=step, epoch=epoch + 1, loss=loss.item(), lr=lr, data_seconds=data_seconds,
                 samples=sum(len(b.images) for b in micro_batches) * world.world_size,
                 effective_batch=cfg.effective_batch(world.world_size),
-                print_now=step % cfg.log_every_n_steps == 0 or step == total_steps,
+                print_now=step % cfg.log_every_n_steps == 0 or step == total_steps or skip,
                 extra={"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
-                       **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+                       "grad_norm": grad_norm.item(), "nonfinite_steps": skipped_steps.total})
+            skipped_steps.stop_if_stuck(step)
             batches_done += len(micro_batches)
-            if (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0
-                    and batches_done < train_data.num_batches):  # the epoch's end saves anyway
+            if stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0
+                        and batches_done < train_data.num_batches):  # the epoch's end saves anyway
                 save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, epoch, world,
                      epoch_samples=batches_done * cfg.batch_size * world.world_size)
+            if stop:
+                raise preempted(signals.signum, cfg, run_dir, step, world)
         runlog.report_skipped()
 
         completed = epoch + 1
@@ -238,10 +253,11 @@ def smallest_over_ranks(value: int, world: World) -> int:
     return min(gather_objects(value))
 
 
-def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:
+def prepare_run_dir(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> Path:
     """logs/NAME/ holding out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/.
 
-    Rank 0 names the run and checks it; every rank gets the same name or the same error.
+    Rank 0 names the run, checks it, creates and locks it until the run ends; every rank
+    gets the same name or the same error.
     """
     problem = None
     if world.is_main:
@@ -252,13 +268,15 @@ def prepare_run_dir(cfg: TrainConfig, world: World) -> Path:
         if (Path(cfg.logs) / cfg.name).exists() and cfg.resume is None:
             problem = (f"run '{cfg.name}' already exists in {cfg.logs}: pass --resume latest "
                        f"to continue it, or choose another --name")
+        else:
+            try:
+                on_exit.enter_context(rundir.claimed(Path(cfg.logs) / cfg.name, cfg.logs))
+            except ConfigError as error:
+                problem = str(error)
     cfg.name, problem = broadcast_object((cfg.name, problem))
     if problem:
         raise ConfigError(problem)
-    run_dir = Path(cfg.logs) / cfg.name
-    if world.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return Path(cfg.logs) / cfg.name
 
 
 def seed_everything(seed: int) -> None:
@@ -338,22 +356,28 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def optimizer_step(model, optimizer, scaler, clip_norm: float | None) -> float | None:
-    """Unscale (fp16), clip the accumulated gradient, step, zero, clamp the logit scale."""
-    grad_norm = None
+def unscale_and_clip(model, optimizer, scaler, clip_norm: float | None) -> torch.Tensor:
+    """Unscale (fp16) the accumulated gradient and clip it; its global norm before clipping
+    (a tensor on the device: no host sync)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_norm is not None:
-        grad_norm = as_local(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)).item()
+        return as_local(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return as_local(torch.nn.utils.get_total_norm(grads))
+
+
+def optimizer_step(model, optimizer, scaler, apply: bool = True) -> None:
+    """Step (unless a non-finite step is dropped), zero the gradient, clamp the logit scale."""
     if scaler is not None:
-        scaler.step(optimizer)
+        if apply:
+            scaler.step(optimizer)
         scaler.update()
-    else:
+    elif apply:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return grad_norm
 
 
 def due(completed_epochs: int, frequency: int, total_epochs: int) -> bool:
@@ -395,6 +419,8 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
          epoch_samples: int = 0) -> None:
     """Every rank takes part (FSDP2 gathers shards); rank 0 writes. `epoch` epochs are
     complete, and `epoch_samples` samples (all ranks) of the next one (mid-epoch saves)."""
+    directory = run_dir / "checkpoints"
+    refuse_nonfinite_weights(model, ema, directory, step, world)
     model_state, optimizer_state = full_state(model, optimizer)
     rng_states = all_rng_states(world)
     if not world.is_main:
@@ -407,15 +433,40 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
     }
     if ema:
         state["ema_state_dict"] = ema.state_dict()
-    directory = run_dir / "checkpoints"
-    ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     if epoch_samples:
+        ckpt.save_checkpoint(state, directory / ckpt.LATEST)
         log.info(f"checkpoint saved: {directory / ckpt.LATEST} (step {step}, {epoch_samples} "
                  f"samples into epoch {epoch + 1})")
         return
+    # epoch_N.pt first: a kill between the two leaves the older latest, whose resume
+    # trains epoch N again and rewrites epoch_N.pt, so neither goes missing
     if cfg.save_frequency and epoch % cfg.save_frequency == 0:
         ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
+    ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
+
+
+def refuse_nonfinite_weights(model, ema, directory: Path, step: int, world: World) -> None:
+    """Every rank checks its own weights (FSDP2: its shards) and all stop together."""
+    named = dict(unwrap(model).state_dict())
+    if ema:
+        named.update({f"ema {k}": v for k, v in ema.state_dict().items()})
+    bad = faults.nonfinite_tensors(named)
+    if any_over_ranks(bool(bad), device=world.device)[0]:
+        raise ConfigError(f"not writing a checkpoint to {directory} at step {step}: the weights "
+                          f"hold NaN or inf ({', '.join(bad[:3]) or 'on another rank'}); the "
+                          f"previous checkpoint is kept; {faults.LIKELY_CAUSES}")
+
+
+def preempted(signum: int | None, cfg: TrainConfig, run_dir: Path, step: int,
+              world: World) -> Preempted:
+    """The exception that ends a run stopped by a signal, its checkpoint saved. The ranks
+    wait for rank 0 to have written it (a launcher ends them all once one exits non-zero)
+    and take the signal that some rank received."""
+    signum = next(s for s in gather_objects(signum) if s)
+    summary = (f"stopped by {signal.Signals(signum).name} after step {step}, saved "
+               f"{run_dir / 'checkpoints' / ckpt.LATEST}")
+    return Preempted(signum, summary if world.is_main else None, cfg.name)
 
 
 def data_layout(cfg: TrainConfig, world: World) -> dict:

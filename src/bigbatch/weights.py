@@ -18,6 +18,7 @@ from typing import Iterator
 import open_clip
 import torch
 
+from bigbatch.checkpoint import refused_pickle, refused_pickle_message
 from bigbatch.config import ConfigError
 from bigbatch.export import plain_state_dict
 from bigbatch.model import ModelBundle, create_model
@@ -73,12 +74,14 @@ def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = Fals
 def _peek(path: Path):
     """The checkpoint's contents, memory-mapped where possible (an optimizer state several
     times the weights is then never read), or None when torch cannot read it (safetensors,
-    TorchScript, numpy: open_clip's loader handles those)."""
+    TorchScript, numpy: open_clip's loader handles those). A file that pickles Python
+    objects is refused here, in one line: open_clip's loader would refuse it too."""
     for mmap in (True, False):  # files of torch's legacy format cannot be memory-mapped
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception:  # torch raises many types for a file it does not read
-            continue
+        except Exception as error:  # torch raises many types for a file it does not read
+            if refused_pickle(error):
+                raise ConfigError(f"--pretrained {refused_pickle_message(path)}") from None
     return None
 
 
