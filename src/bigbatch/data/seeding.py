@@ -9,6 +9,7 @@ training process's random stream (its dropout masks).
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -37,3 +38,16 @@ def seed_worker(*keys: object) -> None:
 def make_np_rng(*keys: object) -> np.random.Generator:
     """``make_rng`` for numpy, for permutations of millions of indices."""
     return np.random.default_rng(make_rng(*keys).getrandbits(64))
+
+
+@contextlib.contextmanager
+def augment_stream(*keys: object):
+    """Augment one sample from ``keys`` alone: in a worker, on its global generator; in the
+    main process (--workers 0), on a fork of it, so the trainer's stream stays untouched."""
+    if get_worker_info() is not None:
+        torch.manual_seed(make_rng(*keys).getrandbits(63))
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(make_rng(*keys).getrandbits(63))
+        yield
