@@ -448,3 +448,68 @@ def test_a_resumed_epoch_gives_exactly_the_remaining_batches(demo, kind, workers
     for skip in (1, 2, 3, 7):
         info.set_epoch(3, skip_batches=skip)
         assert [ids([b]) for b in info.loader] == whole[skip:], skip
+
+
+# --- the epoch: every readable sample exactly once
+
+
+def key_tokenizer(captions: list[str]) -> torch.Tensor:
+    """Captions "sample N" -> [[N]]: batches then say which samples they hold."""
+    return torch.tensor([[int(c.split()[-1])] for c in captions])
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> tuple[str, list[int]]:
+    """Five shards of 40, 24, 7, 13 and 1 samples (keys 0..84), with a sizes.json."""
+    root, sizes, key = tmp_path_factory.mktemp("uneven"), [40, 24, 7, 13, 1], 0
+    for i, n in enumerate(sizes):
+        write_shard(root / f"{i}.tar", [good(str(k), k) for k in range(key, key + n)])
+        key += n
+    (root / "sizes.json").write_text(json.dumps({f"{i}.tar": n for i, n in enumerate(sizes)}))
+    return str(root / "{0..4}.tar"), list(range(key))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("batch_size, accum_freq", [(8, 1), (5, 3)])
+def test_an_epoch_trains_every_sample_exactly_once(uneven_shards, workers, world_size, batch_size, accum_freq):
+    from bigbatch.train import group_micro_batches
+    pattern, keys = uneven_shards
+    trained, steps = [], []
+    for rank in range(world_size):
+        spec = DataSpec(pattern, "auto", batch_size, workers=workers, rank=rank, world_size=world_size, seed=3)
+        info = make_data(spec, PRE, key_tokenizer)
+        info.set_epoch(1)
+        groups = list(group_micro_batches(info.loader, accum_freq))
+        trained += [k for group, _ in groups for b in group for k in b.texts[:, 0].tolist()]
+        steps.append([len(group) for group, _ in groups])  # micro-batches per step
+        assert sum(steps[-1]) == info.num_batches and info.num_samples == len(keys)
+        assert all(0 < len(b.images) <= batch_size for group, _ in groups for b in group)
+    assert sorted(trained) == keys  # a multiset comparison: none dropped, none repeated
+    assert all(s == steps[0] for s in steps)  # ranks step together
+
+
+def test_more_train_num_samples_than_data_trains_it_once(uneven_shards, caplog):
+    pattern, keys = uneven_shards
+    with caplog.at_level(logging.WARNING):
+        info = make_data(DataSpec(pattern, "auto", 8, num_samples=1000, workers=2), PRE, key_tokenizer)
+    assert "more than the 85 samples" in caplog.text and info.num_samples == 85
+    assert sorted(k for b in info.loader for k in b.texts[:, 0].tolist()) == keys
+    info = make_data(DataSpec(pattern, "auto", 8, num_samples=30, workers=2), PRE, key_tokenizer)
+    subset = [k for b in info.loader for k in b.texts[:, 0].tolist()]
+    assert len(subset) == len(set(subset)) == info.num_samples == 30
+
+
+def test_undecodable_caption_is_skipped_and_named(tmp_path, caplog):
+    write_shard(tmp_path / "0.tar", [good(str(k), k) for k in range(3)]
+                + [{"__key__": "x", "png": png(9), "txt": b"caf\xe9 1"}])
+    with caplog.at_level(logging.WARNING):
+        info, batches = load(str(tmp_path / "0.tar"), workers=0, is_train=False)
+    assert sum(len(b.images) for b in batches) == 3 and skipped(batches) == {"undecodable text": 1}
+    assert "0.tar:x: undecodable text" in caplog.text
+
+
+def test_a_csv_given_as_shards_fails_before_training(tmp_path):
+    (tmp_path / "val.tar").write_text("filepath\ttitle\na.png\ta cat\n")
+    with pytest.raises(DataError, match="no usable sample in any of the 1 shards of --val-data"):
+        make_data(DataSpec(str(tmp_path / "val.tar"), "webdataset", 8, is_train=False), PRE, TOKENIZER)
