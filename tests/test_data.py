@@ -513,3 +513,14 @@ def test_a_csv_given_as_shards_fails_before_training(tmp_path):
     (tmp_path / "val.tar").write_text("filepath\ttitle\na.png\ta cat\n")
     with pytest.raises(DataError, match="no usable sample in any of the 1 shards of --val-data"):
         make_data(DataSpec(str(tmp_path / "val.tar"), "webdataset", 8, is_train=False), PRE, TOKENIZER)
+
+
+def test_csv_rows_with_an_oversized_field_or_non_utf8_bytes_are_skipped_and_named(csv_data, caplog):
+    with open(csv_data, "ab") as f:
+        f.write(b"images/1.png,caf\xe9 au lait,1\n")  # latin-1, not UTF-8
+        f.write(b"images/2.png," + b"x" * 1_000_000 + b",2\n")  # a 1 MB caption
+    with caplog.at_level(logging.WARNING):
+        batches = list(make_data(csv_spec(csv_data, is_train=False, workers=0), PRE, TOKENIZER).loader)
+    assert sum(len(b.images) for b in batches) == 10
+    assert skipped(batches) == {"undecodable text": 1, "oversized field": 1}
+    assert "train.csv row 12: " in caplog.text and "train.csv row 13: " in caplog.text

@@ -110,11 +110,12 @@ class MapCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[tuple[Sample | None, BadSample | None]]) -> Batch:
-        skipped = Counter(bad.reason for _, bad in items if bad is not None)
+        bad = [b for _, b in items if b is not None]
+        skipped, named = Counter(b.reason for b in bad), tuple(str(b) for b in bad)
         samples = [sample for sample, _ in items if sample is not None]
         if not samples:  # a validation batch of bad rows only: the loader passes its count on
-            return Batch(None, None, None, dict(skipped))
-        return collate(samples, self.tokenizer, skipped)
+            return Batch(None, None, None, dict(skipped), named)
+        return collate(samples, self.tokenizer, skipped)._replace(bad=named)
 
 
 def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataInfo:
