@@ -122,7 +122,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
         assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("data", ["synthetic-workers0", "webdataset-workers2"])
+@pytest.mark.parametrize("data", ["synthetic-workers0", "webdataset-workers0", "webdataset-workers2"])
 def test_resumed_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, data):
     """The batches already trained on are left out, the rest come in the same order with
     the same augmentations, dropout masks continue: the same weights as never stopping."""

@@ -1,8 +1,8 @@
 """Deterministic random streams keyed by (seed, epoch, rank, ...).
 
-Random augmentations run in DataLoader workers on torch's global generator. Reseeded
-from (seed, epoch, ...) as each epoch (or sample) begins, they do not depend on what a
-persistent worker did before: a resumed run augments as an uninterrupted one did. The
+Random augmentations run on torch's global generator. Reseeded from (seed, epoch, sample)
+for each sample (``augment_stream``), they depend neither on what a persistent worker did
+before nor on --workers: a resumed run augments as an uninterrupted one did. The
 DataLoader's own base seed comes from a private generator, so loading never draws on the
 training process's random stream (its dropout masks).
 """
@@ -26,13 +26,6 @@ def make_rng(*keys: object) -> random.Random:
 def reseed(generator: torch.Generator, *keys: object) -> torch.Generator:
     """Set a torch generator from ``keys`` alone (63 bits: manual_seed takes a signed int64)."""
     return generator.manual_seed(make_rng(*keys).getrandbits(63))
-
-
-def seed_worker(*keys: object) -> None:
-    """Inside a DataLoader worker, seed torch's global generator from ``keys`` alone
-    (in the main process, with --workers 0, it is the trainer's and stays untouched)."""
-    if get_worker_info() is not None:
-        torch.manual_seed(make_rng(*keys).getrandbits(63))
 
 
 def make_np_rng(*keys: object) -> np.random.Generator:

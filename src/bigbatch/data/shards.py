@@ -15,6 +15,7 @@ import tarfile
 import zlib
 from typing import Iterator
 
+import torch
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
@@ -98,7 +99,8 @@ def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> N
             for raw in read_shard(url):
                 try:
                     image, _, _ = parse_sample(raw)
-                    load_image(image, preprocess)
+                    with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
+                        load_image(image, preprocess)
                     return
                 except BadSample as bad:
                     problem = f"{url}:{raw['__key__']}: {bad}"

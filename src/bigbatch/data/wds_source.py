@@ -173,9 +173,11 @@ class ShardStream(IterableDataset):
         for where, image, caption, label in parsed:
             try:
                 with augment_stream(self.spec.seed, "augment", epoch, where):
-                    yield Sample(load_image(image, self.preprocess), caption, label)
+                    tensor = load_image(image, self.preprocess)
             except BadSample as bad:
                 self._skip(bad, where)
+                continue
+            yield Sample(tensor, caption, label)  # outside the stream: the consumer draws on its own
 
     def _skip(self, bad: BadSample, where: str) -> None:
         self.pending[bad.reason] += 1
