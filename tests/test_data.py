@@ -147,11 +147,11 @@ def test_val_reads_once_in_order_with_known_length(demo):
 def test_train_epoch_length_and_partial_last_batch(demo):
     info, batches = load(demo["train"]["pattern"], num_samples=45, workers=2)
     assert (info.num_samples, info.num_batches) == (45, 6)
-    assert [len(b.images) for b in batches] == [8, 8, 8, 8, 8, 5]
+    assert [len(b.images) for b in batches] == [8, 8, 8, 7, 7, 7]  # each worker's share, evenly
     for rank in (0, 1):
         info, batches = load(demo["train"]["pattern"], num_samples=45, workers=2, rank=rank, world_size=2)
-        assert (info.num_samples, info.num_batches) == (46, 3)  # 23 per rank
-        assert [len(b.images) for b in batches] == [8, 8, 7]
+        assert (info.num_samples, info.num_batches) == (45, 4)  # 23 + 22: nothing repeated
+        assert len(batches) == 4 and sum(len(b.images) for b in batches) in (22, 23)
 
 
 def test_brace_patterns_and_joined_sources(demo):
@@ -209,19 +209,20 @@ def test_shard_order_follows_the_epoch(demo, monkeypatch):
 
 
 def test_too_few_shards_names_the_fixes(demo):
-    with pytest.raises(ValueError, match=r"8 shards, fewer than the 5 ranks x 2 workers.*"
-                                         r"add shards, lower --workers, or use --dataset-resampled"):
-        make_data(DataSpec(demo["train"]["pattern"], "auto", 8, workers=2, world_size=5), PRE, TOKENIZER)
+    with pytest.raises(ValueError, match=r"8 shards, fewer than the 9 ranks.*"
+                                         r"add shards or use --dataset-resampled"):
+        make_data(DataSpec(demo["train"]["pattern"], "auto", 8, workers=2, world_size=9), PRE, TOKENIZER)
     info, batches = load(demo["train"]["pattern"], workers=2, world_size=5, resampled=True)
     assert (info.num_samples, info.num_batches) == (50, 2) and [len(b.images) for b in batches] == [8, 2]
 
 
-def test_unknown_size_needs_num_samples(demo, tmp_path):
+def test_unknown_sizes_are_counted(demo, tmp_path):
     for shard in (Path(demo["out_dir"]) / "train").glob("*.tar"):
         shutil.copy(shard, tmp_path)
     pattern = str(tmp_path / "shard-{000000..000007}.tar")
+    assert make_data(DataSpec(pattern, "auto", 8), PRE, TOKENIZER).num_samples == 48  # no sizes.json
     with pytest.raises(ValueError, match="cannot tell how many samples.*pass --train-num-samples"):
-        make_data(DataSpec(pattern, "auto", 8), PRE, TOKENIZER)
+        make_data(DataSpec(pattern, "auto", 8, resampled=True), PRE, TOKENIZER)
     assert load(pattern, num_samples=16, workers=0)[0].num_batches == 2
     info, batches = load(pattern, is_train=False, workers=0)
     assert (info.num_samples, info.num_batches, len(ids(batches))) == (None, None, 48)
@@ -279,18 +280,16 @@ def test_bad_data_is_skipped_and_counted(bad_shards, workers, caplog):
         info, batches = load(pattern, batch_size=4, is_train=False, workers=workers)
     assert sum(len(b.images) for b in batches) == num_good
     assert skipped(batches) == EXPECTED_SKIPS
-    if workers == 0:  # worker processes log in their own process
-        warned = " ".join(r.getMessage() for r in caplog.records)
-        assert all(f"s{i}.tar" in warned for i in (2, 3, 4)) and "s1.tar" not in warned
+    warned = " ".join(r.getMessage() for r in caplog.records)  # named by the loader, any workers
+    assert all(f"s{i}.tar" in warned for i in (2, 3, 4)) and "s1.tar:b3" in warned and "s0.tar" not in warned
 
 
 def test_training_goes_on_over_bad_data(bad_shards):
-    pattern, _ = bad_shards
-    info, batches = load(pattern, batch_size=4, num_samples=40, workers=0)
-    assert [len(b.images) for b in batches] == [4] * 10
-    counts = skipped(batches)
-    # shards are re-read until the epoch is full; the garbage file (s4) only once, then it is dropped
-    assert set(counts) == set(EXPECTED_SKIPS) and counts["missing image"] >= 1
+    pattern, num_good = bad_shards
+    info, batches = load(pattern, batch_size=4, num_samples=40, workers=0)  # more than the data
+    # each shard read once: every good sample trained once, every bad one counted once
+    assert sum(len(b.images) for b in batches) == num_good and len(batches) <= info.num_batches
+    assert skipped(batches) == EXPECTED_SKIPS
 
 
 @pytest.mark.parametrize("workers, resampled", [(0, False), (2, False), (0, True)])
@@ -303,12 +302,13 @@ def test_nothing_usable_is_one_clear_error(tmp_path, workers, resampled):
     message = str(error.value)
     assert message.startswith("no usable sample in any of the 2 shards of --train-data")
     assert "unreadable image" in message and "Traceback" not in message and "\n" not in message
+    assert "1.tar:12" in message  # the last bad sample, named
 
 
 def test_val_with_nothing_usable_raises(tmp_path):
     (tmp_path / "0.tar").write_bytes(b"\0garbage" * 100)
-    with pytest.raises(DataError, match="--val-data .* gave no batch"):
-        load(str(tmp_path / "0.tar"), is_train=False, workers=0)
+    with pytest.raises(DataError, match="no usable sample in any of the 1 shards of --val-data"):
+        make_data(DataSpec(str(tmp_path / "0.tar"), "auto", 8, is_train=False, workers=0), PRE, TOKENIZER)
 
 
 # --- csv
@@ -444,7 +444,83 @@ def test_a_resumed_epoch_gives_exactly_the_remaining_batches(demo, kind, workers
     info = make_data(spec, PRE, TOKENIZER)
     info.set_epoch(3)
     whole = [ids([b]) for b in info.loader]
-    assert len(whole) == 10
+    assert len(whole) == info.num_batches
     for skip in (1, 2, 3, 7):
         info.set_epoch(3, skip_batches=skip)
         assert [ids([b]) for b in info.loader] == whole[skip:], skip
+
+
+# --- the epoch: every readable sample exactly once
+
+
+def key_tokenizer(captions: list[str]) -> torch.Tensor:
+    """Captions "sample N" -> [[N]]: batches then say which samples they hold."""
+    return torch.tensor([[int(c.split()[-1])] for c in captions])
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> tuple[str, list[int]]:
+    """Five shards of 40, 24, 7, 13 and 1 samples (keys 0..84), with a sizes.json."""
+    root, sizes, key = tmp_path_factory.mktemp("uneven"), [40, 24, 7, 13, 1], 0
+    for i, n in enumerate(sizes):
+        write_shard(root / f"{i}.tar", [good(str(k), k) for k in range(key, key + n)])
+        key += n
+    (root / "sizes.json").write_text(json.dumps({f"{i}.tar": n for i, n in enumerate(sizes)}))
+    return str(root / "{0..4}.tar"), list(range(key))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("batch_size, accum_freq", [(8, 1), (5, 3)])
+def test_an_epoch_trains_every_sample_exactly_once(uneven_shards, workers, world_size, batch_size, accum_freq):
+    from bigbatch.train import group_micro_batches
+    pattern, keys = uneven_shards
+    trained, steps = [], []
+    for rank in range(world_size):
+        spec = DataSpec(pattern, "auto", batch_size, workers=workers, rank=rank, world_size=world_size, seed=3)
+        info = make_data(spec, PRE, key_tokenizer)
+        info.set_epoch(1)
+        groups = list(group_micro_batches(info.loader, accum_freq))
+        trained += [k for group, _ in groups for b in group for k in b.texts[:, 0].tolist()]
+        steps.append([len(group) for group, _ in groups])  # micro-batches per step
+        assert sum(steps[-1]) == info.num_batches and info.num_samples == len(keys)
+        assert all(0 < len(b.images) <= batch_size for group, _ in groups for b in group)
+    assert sorted(trained) == keys  # a multiset comparison: none dropped, none repeated
+    assert all(s == steps[0] for s in steps)  # ranks step together
+
+
+def test_more_train_num_samples_than_data_trains_it_once(uneven_shards, caplog):
+    pattern, keys = uneven_shards
+    with caplog.at_level(logging.WARNING):
+        info = make_data(DataSpec(pattern, "auto", 8, num_samples=1000, workers=2), PRE, key_tokenizer)
+    assert "more than the 85 samples" in caplog.text and info.num_samples == 85
+    assert sorted(k for b in info.loader for k in b.texts[:, 0].tolist()) == keys
+    info = make_data(DataSpec(pattern, "auto", 8, num_samples=30, workers=2), PRE, key_tokenizer)
+    subset = [k for b in info.loader for k in b.texts[:, 0].tolist()]
+    assert len(subset) == len(set(subset)) == info.num_samples == 30
+
+
+def test_undecodable_caption_is_skipped_and_named(tmp_path, caplog):
+    write_shard(tmp_path / "0.tar", [good(str(k), k) for k in range(3)]
+                + [{"__key__": "x", "png": png(9), "txt": b"caf\xe9 1"}])
+    with caplog.at_level(logging.WARNING):
+        info, batches = load(str(tmp_path / "0.tar"), workers=0, is_train=False)
+    assert sum(len(b.images) for b in batches) == 3 and skipped(batches) == {"undecodable text": 1}
+    assert "0.tar:x: undecodable text" in caplog.text
+
+
+def test_a_csv_given_as_shards_fails_before_training(tmp_path):
+    (tmp_path / "val.tar").write_text("filepath\ttitle\na.png\ta cat\n")
+    with pytest.raises(DataError, match="no usable sample in any of the 1 shards of --val-data"):
+        make_data(DataSpec(str(tmp_path / "val.tar"), "webdataset", 8, is_train=False), PRE, TOKENIZER)
+
+
+def test_csv_rows_with_an_oversized_field_or_non_utf8_bytes_are_skipped_and_named(csv_data, caplog):
+    with open(csv_data, "ab") as f:
+        f.write(b"images/1.png,caf\xe9 au lait,1\n")  # latin-1, not UTF-8
+        f.write(b"images/2.png," + b"x" * 1_000_000 + b",2\n")  # a 1 MB caption
+    with caplog.at_level(logging.WARNING):
+        batches = list(make_data(csv_spec(csv_data, is_train=False, workers=0), PRE, TOKENIZER).loader)
+    assert sum(len(b.images) for b in batches) == 10
+    assert skipped(batches) == {"undecodable text": 1, "oversized field": 1}
+    assert "train.csv row 12: " in caplog.text and "train.csv row 13: " in caplog.text

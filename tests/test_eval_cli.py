@@ -246,5 +246,5 @@ def test_webdataset_shards_with_cls_labels(setup, tmp_path):
 
     # shards without captions: the data layer skips every sample; say what to add
     bare = _shard(tmp_path / "bare-000000.tar", root, captions=False)
-    with pytest.raises(ConfigError, match=r"--zeroshot-data .*gave no batch.*a \.txt caption per sample"):
+    with pytest.raises(ConfigError, match=r"no usable sample .*--zeroshot-data .*missing caption.*a \.txt caption per sample"):
         eval_cli.main(_args(root, ckpt, "--zeroshot-data", bare, *flags))

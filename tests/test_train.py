@@ -80,6 +80,8 @@ def test_csv_with_bad_rows_is_skipped_counted_and_evaluated(tmp_path, capsys):
     assert {"val_loss", "zeroshot_top1", "image_to_text_R@1"} <= val[-1].keys()
     out = capsys.readouterr().out
     assert "skipped" in out and "unreadable image" in out and "missing caption" in out
+    assert "row " in (run_dir / "out.log").read_text()  # each bad row named, in the run's log
+    assert set(records(run_dir, "train")[-1]["skipped"]) == {"unreadable image", "missing caption"}
 
 
 def test_missing_csv_column_is_one_clear_error(tmp_path, capsys):
@@ -122,7 +124,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
         assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("data", ["synthetic-workers0", "webdataset-workers2"])
+@pytest.mark.parametrize("data", ["synthetic-workers0", "webdataset-workers0", "webdataset-workers2"])
 def test_resumed_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monkeypatch, data):
     """The batches already trained on are left out, the rest come in the same order with
     the same augmentations, dropout masks continue: the same weights as never stopping."""
@@ -181,6 +183,18 @@ def test_mid_epoch_resume_with_another_data_layout_warns_and_ends_a_finished_epo
     assert "only approximate those already trained on" in capsys.readouterr().out
     state = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 4 + 3)  # epoch 1 was over: epoch 2 in full
+
+
+def test_garbage_val_data_stops_before_the_first_step(tmp_path, capsys):
+    from bigbatch.data.demo import write_demo_dataset
+    shards = write_demo_dataset(tmp_path / "shards", num_train=16, num_val=4, image_size=32,
+                                shard_size=8)["train"]["pattern"]
+    (tmp_path / "val.tar").write_text("filepath\ttitle\nimg.png\ta cat\n")  # a CSV named .tar
+    code = main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--train-data", shards,
+                 "--val-data", str(tmp_path / "val.tar"), "--batch-size", "4"])
+    assert code != 0 and not list((tmp_path / "logs").rglob("*.pt"))
+    err = capsys.readouterr().err
+    assert "--val-data" in err and "Traceback" not in err and "step 1" not in err
 
 
 def test_existing_run_without_resume_is_refused(tmp_path, capsys):

@@ -64,6 +64,8 @@ class RunLog:
                       samples_per_second=rate, effective_batch=effective_batch,
                       data_fraction=self._window["data_seconds"] / elapsed,
                       peak_memory_gib=peak_memory_gib(self.device), **(extra or {}))
+        if self.skipped:  # bad training samples so far, by reason
+            record["skipped"] = dict(self.skipped)
         eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
         skipped = sum(self.skipped.values())
         nonfinite = record.get("nonfinite_steps", 0)
@@ -98,6 +100,9 @@ class RunLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                elif isinstance(value, dict):  # skipped samples, by reason
+                    for name, count in value.items():
+                        self.writer.add_scalar(f"{prefix}/{key}/{name}", count, step)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -17,6 +17,7 @@ class Batch(NamedTuple):
     texts: torch.Tensor  # (B, L) long token ids
     labels: torch.Tensor | None  # (B,) long class ids when every sample has one, else None
     skipped: dict[str, int]  # bad samples dropped while building THIS batch, by reason (a delta)
+    bad: tuple[str, ...] = ()  # the same samples, named ("shard:key: reason", "file row N: reason")
 
 
 def collate(samples: list[Sample], tokenizer: Tokenizer, skipped: Counter | dict) -> Batch:

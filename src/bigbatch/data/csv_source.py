@@ -8,13 +8,34 @@ from __future__ import annotations
 
 import csv
 import os
+from contextlib import contextmanager
+from typing import NamedTuple
 
 from .batch import Tokenizer
 from .mapstyle import make_map_data
-from .samples import MISSING_IMAGE, BadSample, Preprocess, Sample, load_image, read_caption, read_label
+from .samples import (MISSING_IMAGE, OVERSIZED_FIELD, BadSample, Preprocess, Sample, load_image, read_caption,
+                      read_label)
 from .spec import DataInfo, DataSpec, expand_paths
 
-Row = tuple[str, str, str | None]  # (image path, caption, label)
+FIELD_LIMIT = 131072  # characters: csv's default limit; a longer field is a bad row, not a bad file
+
+
+class Row(NamedTuple):
+    image: str  # absolute path, or "" when the cell is empty
+    caption: str
+    label: str | None
+    where: str  # "file row N", for messages
+    problem: str = ""  # a row that cannot be read (oversized field), counted when its turn comes
+
+
+@contextmanager
+def _no_field_limit():
+    """Read any field whole, so that one oversized field costs its row and not the file."""
+    old = csv.field_size_limit(2**31 - 1)  # the largest a C long takes everywhere
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def _separator(spec: DataSpec) -> str:
@@ -36,7 +57,8 @@ def read_rows(path: str, spec: DataSpec) -> list[Row]:
     """The rows of one CSV, with image paths made absolute."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no CSV file at {path!r} ({spec.flag} {spec.paths!r}): check the path")
-    with open(path, newline="", encoding="utf-8") as f:
+    # undecodable bytes are kept (as surrogates) and make their row bad, not the file
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f, _no_field_limit():
         reader = csv.DictReader(f, delimiter=_separator(spec))
         columns = list(reader.fieldnames or [])
         image = _column(columns, spec.csv_img_key, "--csv-img-key", path)
@@ -44,8 +66,14 @@ def read_rows(path: str, spec: DataSpec) -> list[Row]:
         label = spec.csv_label_key and _column(columns, spec.csv_label_key, "--csv-label-key", path)
         base = os.path.dirname(os.path.abspath(path))
         # short rows leave None in missing cells: load() counts them as bad samples
-        return [(os.path.join(base, os.path.expanduser(r[image])) if r[image] else "",
-                 r[caption] or "", r[label] if label else None) for r in reader]
+        return [Row(os.path.join(base, os.path.expanduser(r[image])) if r[image] else "",
+                    r[caption] or "", r[label] if label else None, f"{path} row {reader.line_num}",
+                    _oversized(r)) for r in reader]
+
+
+def _oversized(row: dict) -> str:
+    longest = max((len(v) for v in row.values() if isinstance(v, str)), default=0)
+    return f"a field of {longest} characters (more than {FIELD_LIMIT})" if longest > FIELD_LIMIT else ""
 
 
 class CsvSource:
@@ -58,11 +86,16 @@ class CsvSource:
         return len(self.rows)
 
     def load(self, index: int) -> Sample:
-        path, caption, label = self.rows[index]
-        if not path:
-            raise BadSample(MISSING_IMAGE, f"empty image path in row {index}")
-        caption, label = read_caption(caption), read_label(label)  # cheap checks before decoding
-        return Sample(load_image(path, self.preprocess), caption, label)
+        row = self.rows[index]
+        try:
+            if row.problem:
+                raise BadSample(OVERSIZED_FIELD, row.problem)
+            if not row.image:
+                raise BadSample(MISSING_IMAGE, "empty image path")
+            caption, label = read_caption(row.caption), read_label(row.label)  # cheap checks first
+            return Sample(load_image(row.image, self.preprocess), caption, label)
+        except BadSample as bad:
+            raise BadSample(bad.reason, f"{row.where}: {bad.detail}" if bad.detail else row.where) from None
 
 
 def make_csv_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> DataInfo:

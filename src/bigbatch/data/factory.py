@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .batch import Tokenizer
 from .csv_source import make_csv_data
 from .samples import Preprocess
@@ -23,17 +25,24 @@ def make_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> D
 
 
 def resolve_type(spec: DataSpec) -> str:
-    """The dataset type, inferred from the file extensions for "auto"."""
+    """The dataset type of this source: its file extensions decide when they agree (so
+    --val-data x.csv is a CSV whatever --dataset-type says for the shards); else the flag."""
     if spec.dataset_type not in DATASET_TYPES:
         raise ValueError(f"unknown --dataset-type {spec.dataset_type!r}: use one of {', '.join(DATASET_TYPES)}")
-    if spec.dataset_type != "auto":
-        return spec.dataset_type
+    if spec.dataset_type == "synthetic":
+        return "synthetic"
     kinds = {next((k for ext, k in EXTENSIONS.items() if p.lower().endswith(ext)), None)
              for p in expand_paths(spec.paths)}
-    if len(kinds) != 1 or None in kinds:
-        raise ValueError(f"cannot tell the data type of {spec.flag} {spec.paths!r} from its extensions "
-                         "(.tar: webdataset, .csv/.tsv: csv): pass --dataset-type webdataset, csv or synthetic")
-    return kinds.pop()
+    if len(kinds) == 1 and None not in kinds:
+        kind = kinds.pop()
+        if spec.dataset_type not in ("auto", kind):
+            logging.getLogger("bigbatch").info(f"{spec.flag} {spec.paths!r} is read as {kind} data, "
+                                               f"as its extensions say (not --dataset-type {spec.dataset_type})")
+        return kind
+    if spec.dataset_type != "auto":
+        return spec.dataset_type
+    raise ValueError(f"cannot tell the data type of {spec.flag} {spec.paths!r} from its extensions "
+                     "(.tar: webdataset, .csv/.tsv: csv): pass --dataset-type webdataset, csv or synthetic")
 
 
 def _check(spec: DataSpec, kind: str) -> None:
@@ -45,5 +54,9 @@ def _check(spec: DataSpec, kind: str) -> None:
         raise ValueError(f"{spec.num_samples_flag} must be at least 1, got {spec.num_samples}")
     if not 0 <= spec.rank < spec.world_size:
         raise ValueError(f"rank {spec.rank} is outside a world of {spec.world_size} processes")
+    if kind == "webdataset" and spec.is_train and not spec.resampled and spec.paths \
+            and len(expand_paths(spec.paths)) < spec.world_size:
+        raise ValueError(f"{spec.flag} has {len(expand_paths(spec.paths))} shards, fewer than the "
+                         f"{spec.world_size} ranks that each need one: add shards or use --dataset-resampled")
     if spec.resampled and spec.is_train and kind != "webdataset":
         raise ValueError(f"--dataset-resampled applies to webdataset shards, not {kind} data: drop it")

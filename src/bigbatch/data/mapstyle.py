@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
 from .samples import BadSample, DataError, Sample
-from .seeding import make_np_rng, make_rng, reseed, seed_worker
+from .seeding import augment_stream, make_np_rng, make_rng, reseed
 from .spec import DataInfo, DataSpec
 
 MAX_REPLACEMENT_TRIES = 1000  # rows tried in place of a bad one before giving up on the data
@@ -83,11 +83,11 @@ class ReplacingDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[Sample, BadSample | None]:
-        seed_worker(self.seed, "augment", self.epoch.value, index)  # a function of the sample alone
-        try:
-            return self.source.load(index), None
-        except BadSample as bad:
-            return (self._replacement(index) if self.replace else None), bad
+        with augment_stream(self.seed, "augment", self.epoch.value, index):  # the sample's alone
+            try:
+                return self.source.load(index), None
+            except BadSample as bad:
+                return (self._replacement(index) if self.replace else None), bad
 
     def _replacement(self, index: int) -> Sample:
         n = len(self.source)
@@ -110,11 +110,12 @@ class MapCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[tuple[Sample | None, BadSample | None]]) -> Batch:
-        skipped = Counter(bad.reason for _, bad in items if bad is not None)
+        bad = [b for _, b in items if b is not None]
+        skipped, named = Counter(b.reason for b in bad), tuple(str(b) for b in bad)
         samples = [sample for sample, _ in items if sample is not None]
         if not samples:  # a validation batch of bad rows only: the loader passes its count on
-            return Batch(None, None, None, dict(skipped))
-        return collate(samples, self.tokenizer, skipped)
+            return Batch(None, None, None, dict(skipped), named)
+        return collate(samples, self.tokenizer, skipped)._replace(bad=named)
 
 
 def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataInfo:

@@ -20,6 +20,8 @@ UNREADABLE_IMAGE = "unreadable image"
 MISSING_IMAGE = "missing image"
 MISSING_CAPTION = "missing caption"
 BAD_LABEL = "bad label"
+UNDECODABLE_TEXT = "undecodable text"  # not UTF-8
+OVERSIZED_FIELD = "oversized field"
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
@@ -35,7 +37,7 @@ class BadSample(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 class DataError(ValueError):
@@ -63,9 +65,7 @@ def load_image(source: bytes | str, preprocess: Preprocess) -> torch.Tensor:
 
 def read_caption(value: bytes | str | None) -> str:
     """A stripped caption; empty or absent captions are bad samples."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    caption = (value or "").strip()
+    caption = (_text(value) or "").strip()
     if not caption:
         raise BadSample(MISSING_CAPTION)
     return caption
@@ -75,9 +75,28 @@ def read_label(value: bytes | str | None) -> int | None:
     """An integer class id, or None when the sample has none."""
     if value is None:
         return None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
+    value = _text(value)
     try:
         return int(value.strip())
     except ValueError:
         raise BadSample(BAD_LABEL, f"{value[:20]!r} is not an integer") from None
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """Text from UTF-8 bytes; a replaced character would train on a caption nobody wrote."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadSample(UNDECODABLE_TEXT, f"byte {value[error.start]:#x} at {error.start} is not UTF-8") from None
+    if value is not None and _has_surrogates(value):  # a CSV read with errors="surrogateescape"
+        raise BadSample(UNDECODABLE_TEXT, "not UTF-8")
+    return value
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True

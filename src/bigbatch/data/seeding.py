@@ -1,14 +1,15 @@
 """Deterministic random streams keyed by (seed, epoch, rank, ...).
 
-Random augmentations run in DataLoader workers on torch's global generator. Reseeded
-from (seed, epoch, ...) as each epoch (or sample) begins, they do not depend on what a
-persistent worker did before: a resumed run augments as an uninterrupted one did. The
+Random augmentations run on torch's global generator. Reseeded from (seed, epoch, sample)
+for each sample (``augment_stream``), they depend neither on what a persistent worker did
+before nor on --workers: a resumed run augments as an uninterrupted one did. The
 DataLoader's own base seed comes from a private generator, so loading never draws on the
 training process's random stream (its dropout masks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -27,13 +28,19 @@ def reseed(generator: torch.Generator, *keys: object) -> torch.Generator:
     return generator.manual_seed(make_rng(*keys).getrandbits(63))
 
 
-def seed_worker(*keys: object) -> None:
-    """Inside a DataLoader worker, seed torch's global generator from ``keys`` alone
-    (in the main process, with --workers 0, it is the trainer's and stays untouched)."""
-    if get_worker_info() is not None:
-        torch.manual_seed(make_rng(*keys).getrandbits(63))
-
-
 def make_np_rng(*keys: object) -> np.random.Generator:
     """``make_rng`` for numpy, for permutations of millions of indices."""
     return np.random.default_rng(make_rng(*keys).getrandbits(64))
+
+
+@contextlib.contextmanager
+def augment_stream(*keys: object):
+    """Augment one sample from ``keys`` alone: in a worker, on its global generator; in the
+    main process (--workers 0), on a fork of it, so the trainer's stream stays untouched."""
+    if get_worker_info() is not None:
+        torch.manual_seed(make_rng(*keys).getrandbits(63))
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(make_rng(*keys).getrandbits(63))
+        yield

@@ -15,10 +15,11 @@ import tarfile
 import zlib
 from typing import Iterator
 
+import torch
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .samples import BadSample, MISSING_IMAGE, read_caption, read_label
+from .samples import BadSample, DataError, MISSING_IMAGE, Preprocess, load_image, read_caption, read_label
 from .spec import DataSpec, is_local
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -87,6 +88,40 @@ def check_shards(shards: list[str], spec: DataSpec) -> None:
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {spec.flag} {spec.paths!r} "
                                 f"do not exist (first: {missing[0]!r}): check the brace range")
+
+
+def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> None:
+    """Fail before the first step, naming the flag, when no shard gives a readable sample
+    (garbage, a CSV given as shards); shards are tried in order up to the first good one."""
+    problem = ""
+    for url in shards:
+        try:
+            for raw in read_shard(url):
+                try:
+                    image, _, _ = parse_sample(raw)
+                    with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
+                        load_image(image, preprocess)
+                    return
+                except BadSample as bad:
+                    problem = f"{url}:{raw['__key__']}: {bad}"
+        except CorruptShard as error:
+            problem = f"{url}: {error}"
+    raise DataError(f"no usable sample in any of the {len(shards)} shards of {spec.flag} {spec.paths!r} "
+                    f"(last: {problem or 'no samples'}): check the path, or --dataset-type csv for CSV files")
+
+
+def count_samples(url: str) -> int:
+    """Samples in one local shard, from its headers alone; a damaged shard counts up to the damage."""
+    keys, last = 0, None
+    try:
+        with tarfile.open(url, "r:*", tarinfo=_StrictTarInfo) as tar:
+            for member in tar:
+                key, _ = base_plus_ext(member.name)
+                if member.isreg() and key is not None and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        pass  # reading it will count the damage
+    return keys
 
 
 def shard_sizes(shards: list[str]) -> dict[str, int]:

@@ -2,23 +2,24 @@
 
 Training, per DataLoader worker:
 
-1. Each pass shuffles the shard list with (seed, epoch, pass), identically on every rank,
-   and takes the slice ``[rank::world_size][worker::workers]``: ranks and workers never
-   overlap. With ``resampled`` a worker instead draws shards with replacement.
-2. Each pass streams through a shuffle buffer of raw bytes (seeded per rank, worker and
-   pass), then samples are decoded and preprocessed; bad ones are skipped and counted.
-3. The worker stops at its quota: the rank's ``ceil(num_samples / world_size)`` samples,
-   dealt out in whole batches to the workers in the DataLoader's round-robin order, so
-   every rank yields the same number of batches and only the epoch's last batch is partial.
-   Passes repeat (reshuffled) until the quota is filled.
-4. A resumed epoch (``skip_batches``) leaves out the rank's first batches: each worker
-   builds and drops its round-robin share of them, so that the shuffle and augmentation
-   streams continue exactly as in an uninterrupted run (it costs their loading time),
-   and the workers' roles rotate so that batches still arrive in the same order.
+1. An epoch reads every shard once: ``epochs.plan_epoch`` deals the shards (shuffled with
+   (seed, epoch), identically on every rank) to ranks and workers by their sample counts,
+   and gives each worker its batch sizes, so that every rank yields the same number of
+   batches. Nothing is dropped or repeated; a worker's last batches are simply smaller.
+   With ``resampled`` a worker instead draws shards with replacement until its quota
+   (``num_samples`` dealt out in whole batches) is filled.
+2. A worker streams its shards through a shuffle buffer of raw bytes (seeded per rank,
+   worker and epoch), then decodes and preprocesses; bad samples are skipped and counted
+   once, by reason, and named in ``Batch.bad``. Augmentations are seeded per sample
+   (seed, epoch, shard, key), in their own random stream: the same for any --workers,
+   and never drawn from the trainer's stream (--workers 0).
+3. A resumed epoch (``skip_batches``) leaves out the rank's first batches: each worker
+   builds and drops its share of them in the DataLoader's order (``epochs.delivered``),
+   so its shuffle continues exactly as in an uninterrupted run, and the workers' roles
+   rotate so that batches still arrive in the same order.
 
-A shard that gives no usable sample is not read again by that worker; a worker whose
-shards are all unusable reads the others', and only when no shard is usable does the
-loader fail, with a ``DataError``. Validation reads this rank's shards once, in order.
+Validation reads this rank's shards once, in order. With ``resampled``, a shard that gives
+no usable sample is not drawn again; when none is usable the loader fails with a ``DataError``.
 """
 
 from __future__ import annotations
@@ -35,102 +36,105 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import Batch, Tokenizer, collate
+from .epochs import WorkerPlan, delivered, plan_epoch, split
 from .loader import Loader
 from .samples import CORRUPT_SHARD, BadSample, DataError, Preprocess, Sample, load_image
-from .seeding import make_rng, reseed, seed_worker
-from .shards import CorruptShard, check_shards, parse_sample, read_shard, shard_sizes
-from .spec import DataInfo, DataSpec, expand_paths
+from .seeding import augment_stream, make_rng, reseed
+from .shards import CorruptShard, check_shards, count_samples, parse_sample, probe_shards, read_shard, shard_sizes
+from .spec import DataInfo, DataSpec, expand_paths, is_local
 
 SHUFFLE_BUFFER = 2000  # raw samples held per worker for shuffling
 SHUFFLE_INITIAL = 500  # samples buffered before the first one leaves
 
-Parsed = tuple[bytes, str, int | None]  # (encoded image, caption, label)
-
-
-def _decodes(image: bytes) -> bool:
-    try:
-        load_image(image, lambda rgb: rgb)
-        return True
-    except BadSample:
-        return False
+Parsed = tuple[str, bytes, str, int | None]  # (shard:key, encoded image, caption, label)
 
 
 class ShardStream(IterableDataset):
     """Yields the ``Batch``es of one rank's worker (see the module docstring)."""
 
-    def __init__(self, shards: list[str], spec: DataSpec, preprocess: Preprocess,
-                 tokenizer: Tokenizer, samples_per_rank: int | None):
+    def __init__(self, shards: list[str], spec: DataSpec, preprocess: Preprocess, tokenizer: Tokenizer,
+                 sizes: dict[str, int], workers: int, take: int | None = None, quota: int | None = None):
         super().__init__()
-        self.shards, self.spec = shards, spec
+        self.shards, self.spec, self.sizes, self.workers = shards, spec, sizes, max(1, workers)
         self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.samples_per_rank = samples_per_rank  # None: read once (validation)
+        self.take = take  # samples an epoch reads (--train-num-samples below the data's size)
+        self.quota = quota  # resampled: samples per rank and epoch
         # shared memory, so that set_epoch in the main process reaches persistent workers
         self.epoch = multiprocessing.Value("q", 0)
         self.skip_batches = multiprocessing.Value("q", 0)
         # per process from here on: each worker has its own copy
         self.pending: Counter = Counter()  # skips not yet reported in a batch
+        self.pending_bad: list[str] = []
         self.total: Counter = Counter()
         self.last_problem = ""
-        self.dead: set[str] = set()  # shards that gave no usable sample
-        self.warned: set[str] = set()
+        self.dead: set[str] = set()  # resampled: shards that gave no usable sample
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch.value, self.skip_batches.value = epoch, skip_batches
 
+    def plans(self, epoch: int) -> list[WorkerPlan]:
+        """This rank's workers' plans for ``epoch``."""
+        spec, workers = self.spec, self.workers
+        if not spec.is_train:
+            mine = self.shards[spec.rank::spec.world_size]
+            return [WorkerPlan(mine[w::workers], [], 0) for w in range(workers)]
+        if self.quota is not None:
+            return [WorkerPlan([], split(n, math.ceil(n / spec.batch_size)), n)
+                    for n in self._quotas(self.quota, workers)]
+        return plan_epoch(self.shards, self.sizes, epoch=epoch, seed=spec.seed, world_size=spec.world_size,
+                          workers=workers, batch_size=spec.batch_size, take=self.take)[spec.rank]
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        process, workers = (info.id, info.num_workers) if info else (0, 1)
+        process = info.id if info else 0
         epoch, skip = self.epoch.value, self.skip_batches.value
-        # The DataLoader asks its workers in turn from the first: after `skip` batches, the
-        # first must play the stream of the worker that owns batch `skip`, and so on.
-        worker = (process + skip) % workers
-        seed_worker(self.spec.seed, "augment", epoch, self.spec.rank, worker)
-        if self.samples_per_rank is None:
-            mine = self.shards[self.spec.rank::self.spec.world_size][worker::workers]
-            samples = self._decode(self._read(mine))
+        plans = self.plans(epoch)
+        taken, first = delivered([len(p.batch_sizes) for p in plans], skip)
+        worker = (process + first) % self.workers  # the DataLoader asks process 0 first
+        plan = plans[worker]
+        if not self.spec.is_train:
+            samples = self._decode(self._read(plan.shards), epoch)
+        elif self.quota is not None:
+            samples = islice(self._decode(self._resampled(epoch, worker), epoch), plan.samples)
         else:
-            raw = self._shuffled(epoch, worker, workers)
-            samples = islice(self._decode(raw), self._quota(worker, workers))
-        yield from islice(self._batches(samples), len(range(worker, skip, workers)), None)
+            rng = make_rng(self.spec.seed, epoch, self.spec.rank, worker)
+            raw = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(self._read(plan.shards))
+            samples = self._decode(raw, epoch) if self.take is None else islice(self._decode(raw, epoch), plan.samples)
+        yield from islice(self._batches(samples, plan.batch_sizes), taken[worker], None)
         if self.pending:  # met after the last batch, with no batch left to carry them
-            logging.warning("rank %d worker %d skipped after its last batch: %s",
-                            self.spec.rank, worker, dict(self.pending))
-            self.pending.clear()
+            yield Batch(None, None, None, dict(self.pending), tuple(self.pending_bad))
+            self.pending, self.pending_bad = Counter(), []
 
-    def _batches(self, samples: Iterator[Sample]) -> Iterator[Batch]:
-        """Batches that carry the skips met while they were built. A full batch leaves only
-        once the next sample exists, so the last one also carries skips met at the very end."""
+    def _batches(self, samples: Iterator[Sample], sizes: list[int]) -> Iterator[Batch]:
+        """Batches of the planned sizes, then (more samples than planned: a stale sizes.json,
+        or validation) of --batch-size, carrying the skips met while they were built."""
+        sizes = iter(sizes)
         batch: list[Sample] = []
+        size = next(sizes, self.spec.batch_size)
         for sample in samples:
-            if len(batch) == self.spec.batch_size:
-                yield self._collate(batch)
-                batch = []
             batch.append(sample)
+            if len(batch) == size:
+                yield self._collate(batch)
+                batch, size = [], next(sizes, self.spec.batch_size)
         if batch:
             yield self._collate(batch)
 
     def _collate(self, batch: list[Sample]) -> Batch:
-        skipped, self.pending = self.pending, Counter()
-        return collate(batch, self.tokenizer, skipped)
+        skipped, bad = self.pending, tuple(self.pending_bad)
+        self.pending, self.pending_bad = Counter(), []
+        return collate(batch, self.tokenizer, skipped)._replace(bad=bad)
 
-    def _quota(self, worker: int, workers: int) -> int:
-        """This worker's samples per epoch: whole batches, dealt round-robin; the worker that
-        yields the rank's last batch gives it short, so only that batch is partial."""
-        size, per_rank = self.spec.batch_size, self.samples_per_rank
+    def _quotas(self, per_rank: int, workers: int) -> list[int]:
+        """Resampled: the rank's samples in whole batches dealt round-robin to the workers;
+        the worker that yields the rank's last batch gives it short."""
+        size = self.spec.batch_size
         batches = math.ceil(per_rank / size)
-        mine = batches // workers + (worker < batches % workers)
-        short = batches * size - per_rank if worker == (batches - 1) % workers else 0
-        return mine * size - short
+        quotas = [(batches // workers + (w < batches % workers)) * size for w in range(workers)]
+        quotas[(batches - 1) % workers] -= batches * size - per_rank
+        return quotas
 
-    def _shuffled(self, epoch: int, worker: int, workers: int) -> Iterator[Parsed]:
-        """Endless passes over this worker's shards, each shuffled through its own buffer:
-        the buffer drains at the end of a pass, so an epoch of one pass sees every sample once."""
-        for n, shards in enumerate(self._passes(epoch, worker, workers)):
-            rng = make_rng(self.spec.seed, epoch, self.spec.rank, worker, n)
-            yield from wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(self._read(shards))
-
-    def _passes(self, epoch: int, worker: int, workers: int) -> Iterator[list[str]]:
-        """The shards this worker reads, one list per pass over its share of the data."""
+    def _resampled(self, epoch: int, worker: int) -> Iterator[Parsed]:
+        """Shards drawn with replacement, endlessly, each through its own shuffle buffer."""
         spec = self.spec
         rng = make_rng(spec.seed, epoch, spec.rank, worker, "shards")
         for n in count():
@@ -139,92 +143,116 @@ class ShardStream(IterableDataset):
                 raise DataError(
                     f"no usable sample in any of the {len(self.shards)} shards of {spec.flag} {spec.paths!r} "
                     f"(skipped: {dict(self.total)}; last: {self.last_problem}): fix the data or the path")
-            if spec.resampled:
-                yield [rng.choice(live) for _ in self.shards]
-                continue
-            order = list(self.shards)
-            make_rng(spec.seed, epoch, n).shuffle(order)  # the same on all ranks: a partition
-            mine = [s for s in order[spec.rank::spec.world_size][worker::workers] if s not in self.dead]
-            if not mine:  # better a few repeated samples than a worker that cannot fill its quota
-                if "others" not in self.warned:
-                    self.warned.add("others")
-                    logging.warning("rank %d worker %d: none of its shards is usable; reading the others'",
-                                    spec.rank, worker)
-                mine = live
-                rng.shuffle(mine)
-            yield mine
+            shards = [rng.choice(live) for _ in self.shards]
+            buffer_rng = make_rng(spec.seed, epoch, spec.rank, worker, n)
+            yield from wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=buffer_rng)(self._read(shards))
 
     def _read(self, shards: Iterable[str]) -> Iterator[Parsed]:
         for url in shards:
             yield from self._read_shard(url)
 
     def _read_shard(self, url: str) -> Iterator[Parsed]:
-        """The well-formed samples of one shard; counts the rest, marks the shard if none decodes."""
+        """The well-formed samples of one shard; counts the rest, marks the shard if none is."""
         usable = False
         try:
             for raw in read_shard(url):
+                where = f"{url}:{raw['__key__']}"
                 try:
                     image, caption, label = parse_sample(raw)
                 except BadSample as bad:
-                    self._skip(bad)
+                    self._skip(bad, where)
                     continue
-                usable = usable or _decodes(image)  # one decode per shard, for the check above
-                yield image, caption, label
+                usable = True
+                yield where, image, caption, label
         except CorruptShard as error:
-            self._skip(BadSample(CORRUPT_SHARD, f"{url}: {error}"))
-            if url not in self.warned:
-                self.warned.add(url)
-                logging.warning("skipping the rest of corrupt shard %s (%s)", url, error)
+            self._skip(BadSample(CORRUPT_SHARD, str(error)), url)
         if not usable:
             self.dead.add(url)
 
-    def _decode(self, parsed: Iterator[Parsed]) -> Iterator[Sample]:
-        for image, caption, label in parsed:
+    def _decode(self, parsed: Iterator[Parsed], epoch: int) -> Iterator[Sample]:
+        for where, image, caption, label in parsed:
             try:
-                yield Sample(load_image(image, self.preprocess), caption, label)
+                with augment_stream(self.spec.seed, "augment", epoch, where):
+                    tensor = load_image(image, self.preprocess)
             except BadSample as bad:
-                self._skip(bad)
+                self._skip(bad, where)
+                continue
+            yield Sample(tensor, caption, label)  # outside the stream: the consumer draws on its own
 
-    def _skip(self, bad: BadSample) -> None:
+    def _skip(self, bad: BadSample, where: str) -> None:
         self.pending[bad.reason] += 1
+        self.pending_bad.append(f"{where}: {bad}")
         self.total[bad.reason] += 1
-        self.last_problem = str(bad)
+        self.last_problem = f"{where}: {bad}"
 
 
 def make_webdataset_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> DataInfo:
     """Batches from webdataset shards (see the module docstring)."""
     shards = expand_paths(spec.paths)
     check_shards(shards, spec)
-    sizes = shard_sizes(shards) if spec.num_samples is None or not spec.is_train else {}
-    known = sum(sizes.values()) if len(sizes) == len(shards) else None
-    num_samples = spec.num_samples or known
+    probe_shards(shards, spec, preprocess)
     name = f"{spec.flag} {spec.paths!r}"
+    sizes = shard_sizes(shards)
+    if spec.is_train and not spec.resampled and len(sizes) < len(shards):
+        sizes = _count_missing(shards, sizes, spec)
+    known = sum(sizes.values()) if len(sizes) == len(shards) else None
 
-    if spec.is_train:
-        workers = spec.workers
-        if num_samples is None:
-            raise ValueError(f"cannot tell how many samples {name} holds (no sizes.json or _info.json "
-                             f"next to the shards lists them all): pass {spec.num_samples_flag}")
-        if not spec.resampled and len(shards) < spec.world_size * max(1, workers):
-            raise ValueError(f"{name} has {len(shards)} shards, fewer than the {spec.world_size} ranks x "
-                             f"{max(1, workers)} workers that each need one: add shards, lower --workers, "
-                             "or use --dataset-resampled")
-        per_rank = math.ceil(num_samples / spec.world_size)
-        num_batches = math.ceil(per_rank / spec.batch_size)
-        num_samples = per_rank * spec.world_size
-        stream = ShardStream(shards, spec, preprocess, tokenizer, per_rank)
-    else:
+    if not spec.is_train:
         mine = shards[spec.rank::spec.world_size]
         workers = min(spec.workers, len(mine))  # an idle worker would only cost start-up time
         num_batches = _val_batches(mine, sizes, spec.batch_size, max(1, workers))
-        stream = ShardStream(shards, spec, preprocess, tokenizer, None)
+        stream = ShardStream(shards, spec, preprocess, tokenizer, sizes, workers)
+        num_samples = spec.num_samples or known
+    elif spec.resampled:
+        workers = spec.workers
+        num_samples = spec.num_samples or known
+        if num_samples is None:
+            raise ValueError(f"cannot tell how many samples {name} holds (no sizes.json or _info.json "
+                             f"next to the shards lists them all): pass {spec.num_samples_flag}")
+        per_rank = math.ceil(num_samples / spec.world_size)
+        num_batches, num_samples = math.ceil(per_rank / spec.batch_size), per_rank * spec.world_size
+        stream = ShardStream(shards, spec, preprocess, tokenizer, sizes, workers, quota=per_rank)
+    else:
+        workers = spec.workers
+        take = _share(spec, known, name)
+        stream = ShardStream(shards, spec, preprocess, tokenizer, sizes, workers, take=take)
+        plans = plan_epoch(shards, sizes, epoch=0, seed=spec.seed, world_size=spec.world_size,
+                           workers=max(1, workers), batch_size=spec.batch_size, take=take)
+        num_batches = max(sum(len(p.batch_sizes) for p in rank) for rank in plans)
+        num_samples = sum(p.samples for rank in plans for p in rank)
+        if num_batches == 0:
+            raise ValueError(f"{name} holds no samples (per sizes.json): check the data")
 
-    generator = torch.Generator()
-
-    reseed(generator, spec.seed, "loader", spec.rank)  # not torch's global one (seeding.py)
+    generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # not torch's global one
     loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
                         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    return DataInfo(Loader(loader, num_batches, name), num_samples, num_batches, stream.set_epoch)
+    synced = spec.is_train and spec.world_size > 1
+    return DataInfo(Loader(loader, num_batches, name, synced=synced), num_samples, num_batches, stream.set_epoch)
+
+
+def _count_missing(shards: list[str], sizes: dict[str, int], spec: DataSpec) -> dict[str, int]:
+    """An epoch is planned by the shards' sample counts: count the local shards sizes.json does not list."""
+    remote = [s for s in shards if s not in sizes and not is_local(s)]
+    if remote:
+        raise ValueError(f"{spec.flag}: no sizes.json lists remote shard {remote[0]!r}, and an epoch that reads "
+                         "every sample once needs the counts: add a sizes.json beside the shards "
+                         "(shard name -> samples) or pass --dataset-resampled")
+    logging.getLogger("bigbatch").info(f"counting the samples of {len(shards) - len(sizes)} shards "
+                                       "(a sizes.json beside them saves this)")
+    return {s: sizes[s] if s in sizes else count_samples(s) for s in shards}
+
+
+def _share(spec: DataSpec, known: int, name: str) -> int | None:
+    """The samples an epoch reads: --train-num-samples below the data's size takes part of
+    each worker's shards; above it, the data is read once (said, not repeated)."""
+    if spec.num_samples is None or spec.num_samples == known:
+        return None
+    if spec.num_samples > known:
+        logging.getLogger("bigbatch").warning(
+            f"{spec.num_samples_flag} {spec.num_samples} is more than the {known} samples of {name}: "
+            f"an epoch trains each of the {known} once (--dataset-resampled draws with replacement)")
+        return None
+    return spec.num_samples
 
 
 def _val_batches(mine: list[str], sizes: dict[str, int], batch_size: int, workers: int) -> int | None:
