@@ -161,17 +161,18 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_sigterm_from_outside_then_resume_equals_the_uninterrupted_run(tmp_path):
-    """A real SIGTERM from another process, between two steps of the first epoch."""
-    args = [*SYNTH, "--workers", "1"]
+    """A real SIGTERM from another process to the trainer and its loader workers (as SLURM
+    signals every process of the job), between two steps of the first epoch."""
+    args = [*SYNTH, "--workers", "2"]
     assert main(train_args(tmp_path, *args, name="whole")) == 0
 
     child = subprocess.Popen([sys.executable, "-c", CHILD, *train_args(tmp_path, *args)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": SRC})
+                             text=True, env={**os.environ, "PYTHONPATH": SRC}, start_new_session=True)
     for line in child.stdout:
         if line.strip() == "READY":
             break
-    os.kill(child.pid, signal.SIGTERM)
+    os.killpg(child.pid, signal.SIGTERM)  # the trainer and its workers
     _, err = child.communicate("\n", timeout=120)
     assert child.returncode == 143, err
     assert "stopped by SIGTERM after step 2" in err and "--resume latest --name run" in err

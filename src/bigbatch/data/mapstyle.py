@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bigbatch.preemption import shield_loader_worker
+
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
 from .samples import BadSample, DataError, Sample
@@ -133,7 +135,8 @@ def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataI
     loader = DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler,
                         num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
                         generator=generator, persistent_workers=spec.workers > 0,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=shield_loader_worker)  # SLURM's SIGTERM is the trainer's
     num_batches = math.ceil(len(sampler) / spec.batch_size)
     num_samples = len(sampler) * spec.world_size if spec.is_train else length
     return DataInfo(Loader(loader, num_batches, source.name), num_samples, num_batches, set_epoch)

@@ -35,6 +35,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bigbatch.preemption import shield_loader_worker
+
 from .batch import Batch, Tokenizer, collate
 from .epochs import WorkerPlan, delivered, plan_epoch, split
 from .loader import Loader
@@ -225,7 +227,8 @@ def make_webdataset_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Toke
 
     generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # not torch's global one
     loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=shield_loader_worker)  # SLURM's SIGTERM is the trainer's
     synced = spec.is_train and spec.world_size > 1
     return DataInfo(Loader(loader, num_batches, name, synced=synced), num_samples, num_batches, stream.set_epoch)
 
