@@ -297,3 +297,15 @@ def test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq
 ])
 def test_plan_within_10_percent_of_a_measured_step_on_real_sizes(model, batch_size, accum_freq, checkpointing):
     test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq, checkpointing)
+
+
+def test_offload_is_chosen_only_when_the_inputs_alone_do_not_fit():
+    options = dict(batch_size=32, accum_freq=64, precision="amp_bf16", target="cuda")
+    on_device = estimate_memory(TINY, **options)
+    offloaded = estimate_memory(TINY, offload_inputs=True, **options)
+    assert offloaded.peak < on_device.peak  # 64 micro-batches of uint8 images against 2
+    between = int((offloaded.peak + on_device.peak) / 2 / (1 - plan.DEFAULT_RESERVE))
+    chosen = plan.inputs_must_wait_on_host(TINY, gpu_memory=between, **options)
+    assert chosen is not None and not chosen.fits
+    assert plan.inputs_must_wait_on_host(TINY, gpu_memory=2 * on_device.peak, **options) is None  # fits
+    assert plan.inputs_must_wait_on_host(TINY, gpu_memory=offloaded.peak // 2, **options) is None  # hopeless

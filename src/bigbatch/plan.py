@@ -402,6 +402,17 @@ def find_max_batch_size(model_name: str, *, gpu_memory_bytes: int, accum_freq: i
     return candidates[best]
 
 
+def inputs_must_wait_on_host(model_name: str, *, gpu_memory: int, **options) -> MemoryPlan | None:
+    """Whether --offload-inputs is needed: the plan with all K micro-batches' inputs on the GPU
+    when it does not fit in `gpu_memory` but the offloaded one does (None otherwise).
+    `options`: estimate_memory's (batch_size, accum_freq, world_size, precision, ...)."""
+    on_device = estimate_memory(model_name, gpu_memory=gpu_memory, **options)
+    if on_device.fits or on_device.accum_freq == 1:
+        return None
+    offloaded = estimate_memory(model_name, gpu_memory=gpu_memory, **{**options, "offload_inputs": True})
+    return on_device if offloaded.fits else None
+
+
 def no_fit_message(plan: MemoryPlan) -> str:
     """One message: what does not fit, and what to change."""
     what = (f"--model {plan.model} does not fit {_gib(plan.gpu_memory)} GiB "

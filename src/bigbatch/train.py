@@ -247,6 +247,24 @@ def choose_batch_layout(cfg: TrainConfig, world: World, precision: str) -> None:
     if cfg.global_batch_size is not None:
         cfg.accum_freq = plan.derive_accum_freq(cfg.global_batch_size, cfg.batch_size,
                                                 world.world_size)
+    if world.device.type == "cuda" and cfg.accum_freq > 1 and not cfg.offload_inputs:
+        cfg.offload_inputs = offload_if_needed(cfg, world, precision)
+
+
+def offload_if_needed(cfg: TrainConfig, world: World, precision: str) -> bool:
+    """--offload-inputs, chosen when bigbatch plan says the step's K micro-batches of uint8
+    images do not fit on the GPU beside the rest but one at a time would; and said so."""
+    memory = torch.cuda.get_device_properties(world.device).total_memory
+    crowded = plan.inputs_must_wait_on_host(
+        register_model_config(cfg.model), gpu_memory=memory, batch_size=cfg.batch_size,
+        accum_freq=cfg.accum_freq, world_size=world.world_size, precision=precision,
+        grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
+        tile=cfg.loss_tile_size, siglip=cfg.siglip, force_patch_dropout=cfg.force_patch_dropout)
+    if crowded is not None:
+        log.info(f"--offload-inputs chosen: the step's inputs ({crowded.inputs / 2**30:.1f} GiB) do not "
+                 f"fit on the GPU beside the rest (planned peak {crowded.peak / 2**30:.1f} of "
+                 f"{crowded.usable_memory / 2**30:.1f} GiB usable); they wait in pinned host memory")
+    return crowded is not None
 
 
 def smallest_over_ranks(value: int, world: World) -> int:
