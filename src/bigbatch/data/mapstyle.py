@@ -1,13 +1,16 @@
-"""Indexable sources (CSV, synthetic) -> ``Batch``es, with a per-epoch permutation split across ranks.
+"""Indexable sources (CSV, synthetic) -> ``Batch``es: an epoch is every row once.
 
-In training a bad row is replaced by a readable one picked at random (and counted), rather
-than dropped: every rank must yield batches of the same size, or the feature all-gather of
-the loss would fail. Each bad row is counted once per epoch, when its own turn comes. In
-validation a bad row is dropped (and counted): a stand-in would count a sample twice.
+One permutation of the rows per (seed, epoch) is dealt out to the ranks in turn, so every
+row is trained exactly once per epoch and the ranks' shares differ by one row at most;
+nothing is repeated or padded. A bad row is skipped and counted (its batch is one smaller:
+uneven micro-batches are exact), once per epoch, when its turn comes; a batch of bad rows
+only leaves its rank a step short, and the loader stops every rank together then, counting
+what the others had left (bigbatch.data.loader).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 from collections import Counter
@@ -21,11 +24,11 @@ from bigbatch.preemption import shield_loader_worker
 
 from .batch import Batch, Tokenizer, collate
 from .loader import Loader
-from .samples import BadSample, DataError, Sample
-from .seeding import augment_stream, make_np_rng, make_rng, reseed
+from .samples import BadSample, Sample
+from .seeding import augment_stream, make_np_rng, reseed
 from .spec import DataInfo, DataSpec
 
-MAX_REPLACEMENT_TRIES = 1000  # rows tried in place of a bad one before giving up on the data
+log = logging.getLogger("bigbatch")
 
 
 class Source(Protocol):
@@ -38,17 +41,20 @@ class Source(Protocol):
     def load(self, index: int) -> Sample: ...
 
 
-class EpochSampler(Sampler[int]):
-    """This rank's row indices for one epoch of ``length`` samples over ``size`` rows.
+class EpochBatches(Sampler[list[int]]):
+    """This rank's batches of row indices for one epoch of the first ``length`` rows.
 
-    Training: a fresh permutation per (seed, epoch), repeated if ``length > size``, padded by
-    wrapping around so every rank gets the same count (as DistributedSampler), then strided
-    by rank. Validation: rows in order, strided by rank, no padding (no sample counted twice).
-    ``start``: this rank's first indices of the epoch to leave out (a resumed epoch).
+    Training: a fresh permutation per (seed, epoch); rank r takes its rows r, r + W, ... and
+    cuts them into batches of ``batch_size``. Ranks must take the same number of steps: a
+    rank one batch short (its share a multiple of the batch size, another's one row more)
+    splits its last batch in two. Validation: rows in order, dealt out likewise, no split.
+    A prefix of the permutation is trained after any number of full batches, so a resumed
+    epoch stays exact when the batch size or world size changed.
+    ``start``: batches of the epoch already trained (a resumed epoch) are left out.
     """
 
-    def __init__(self, size: int, length: int, shuffle: bool, seed: int, rank: int, world_size: int):
-        self.size, self.length, self.shuffle = size, length, shuffle
+    def __init__(self, length: int, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int):
+        self.length, self.batch_size, self.shuffle = length, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.start = 0, 0
 
@@ -56,57 +62,43 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return max(0, self._epoch_length() - self.start)
+        return max(0, self._batch_count() - self.start)
 
-    def _epoch_length(self) -> int:
-        if self.shuffle:
-            return math.ceil(self.length / self.world_size)
-        return len(range(self.rank, self.length, self.world_size))
+    def _batch_count(self) -> int:
+        most = math.ceil(self.length / self.world_size)  # the largest rank's share
+        mine = len(range(self.rank, self.length, self.world_size))
+        return math.ceil((most if self.shuffle else mine) / self.batch_size)
 
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(i % self.size for i in range(self.rank, self.length, self.world_size)[self.start:])
-        rng = make_np_rng(self.seed, self.epoch)
-        passes = math.ceil(self.length / self.size)
-        order = np.concatenate([rng.permutation(self.size) for _ in range(passes)])[:self.length]
-        order = np.resize(order, self._epoch_length() * self.world_size)  # pads by wrapping around
-        return iter(order[self.rank::self.world_size][self.start:].tolist())
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = (make_np_rng(self.seed, self.epoch).permutation(self.length) if self.shuffle
+                else np.arange(self.length))[self.rank::self.world_size].tolist()
+        batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        if batches and len(batches) < self._batch_count():
+            last = batches.pop()
+            batches += [last[:len(last) // 2], last[len(last) // 2:]]
+        return iter(batches[self.start:])
 
 
-class ReplacingDataset(Dataset):
-    """Items ``(sample, why the scheduled row was skipped or None)``; bad rows are replaced
-    (``replace``) or come back as ``(None, why)``."""
+class RowDataset(Dataset):
+    """Items ``(sample, None)`` or, for a bad row, ``(None, why it was skipped)``."""
 
-    def __init__(self, source: Source, seed: int, replace: bool = True):
-        self.source, self.seed, self.replace = source, seed, replace
+    def __init__(self, source: Source, seed: int):
+        self.source, self.seed = source, seed
         self.epoch = multiprocessing.Value("q", 0)  # shared: set_epoch reaches persistent workers
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[Sample, BadSample | None]:
+    def __getitem__(self, index: int) -> tuple[Sample | None, BadSample | None]:
         with augment_stream(self.seed, "augment", self.epoch.value, index):  # the sample's alone
             try:
                 return self.source.load(index), None
             except BadSample as bad:
-                return (self._replacement(index) if self.replace else None), bad
-
-    def _replacement(self, index: int) -> Sample:
-        n = len(self.source)
-        # random rows, not the next ones: a run of bad rows (a missing folder) stays cheap
-        tries = make_rng(self.seed, "replace", index).sample(range(n), min(n, MAX_REPLACEMENT_TRIES))
-        last = None
-        for other in tries:
-            try:
-                return self.source.load(other)
-            except BadSample as bad:
-                last = bad
-        raise DataError(f"no usable row in {self.source.name}: {len(tries)} rows tried, all bad "
-                        f"(last: {last}): fix the data or the image paths")
+                return None, bad
 
 
 class MapCollate:
-    """Collate ``ReplacingDataset`` items; count the skipped rows of this batch."""
+    """Collate ``RowDataset`` items; count the skipped rows of this batch."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -115,28 +107,29 @@ class MapCollate:
         bad = [b for _, b in items if b is not None]
         skipped, named = Counter(b.reason for b in bad), tuple(str(b) for b in bad)
         samples = [sample for sample, _ in items if sample is not None]
-        if not samples:  # a validation batch of bad rows only: the loader passes its count on
+        if not samples:  # a batch of bad rows only: the loader passes its count on
             return Batch(None, None, None, dict(skipped), named)
         return collate(samples, self.tokenizer, skipped)._replace(bad=named)
 
 
 def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataInfo:
     """Batches from an indexable source; an epoch is ``num_samples`` rows (default: all)."""
-    length = spec.num_samples or len(source)
-    sampler = EpochSampler(len(source), length, spec.is_train, spec.seed, spec.rank, spec.world_size)
-    dataset = ReplacingDataset(source, spec.seed, replace=spec.is_train)
+    length = min(spec.num_samples or len(source), len(source))
+    if spec.num_samples and spec.num_samples > len(source):
+        log.warning(f"{source.name} holds {len(source)} rows, fewer than the {spec.num_samples} "
+                    f"samples asked for: an epoch trains each of them once")
+    batches = EpochBatches(length, spec.batch_size, spec.is_train, spec.seed, spec.rank, spec.world_size)
+    dataset = RowDataset(source, spec.seed)
 
     def set_epoch(epoch: int, skip_batches: int) -> None:
         # augmentations are a function of (seed, epoch, row): leaving rows out changes no other
-        sampler.set_epoch(epoch, start=skip_batches * spec.batch_size)
+        batches.set_epoch(epoch, start=skip_batches)
         dataset.epoch.value = epoch
 
     generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # see seeding.py
-    loader = DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler,
-                        num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
-                        generator=generator, persistent_workers=spec.workers > 0,
-                        pin_memory=torch.cuda.is_available(),
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=spec.workers,
+                        collate_fn=MapCollate(tokenizer), generator=generator,
+                        persistent_workers=spec.workers > 0, pin_memory=torch.cuda.is_available(),
                         worker_init_fn=shield_loader_worker)  # SLURM's SIGTERM is the trainer's
-    num_batches = math.ceil(len(sampler) / spec.batch_size)
-    num_samples = len(sampler) * spec.world_size if spec.is_train else length
-    return DataInfo(Loader(loader, num_batches, source.name), num_samples, num_batches, set_epoch)
+    synced = spec.is_train and spec.world_size > 1
+    return DataInfo(Loader(loader, len(batches), source.name, synced=synced), length, len(batches), set_epoch)
