@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; its message names the fix."""
+from bigbatch.errors import ConfigError  # noqa: F401  (re-exported: bigbatch.config.ConfigError)
 
 
 def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:

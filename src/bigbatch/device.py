@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 
 AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
 
