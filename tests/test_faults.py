@@ -78,7 +78,8 @@ def test_nonfinite_steps_are_not_applied_counted_and_stop_the_run(tmp_path, caps
     assert "stopped at step 4" in err and "--lr too high" in err and "fp16" in err
     lines = (tmp_path / "logs" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [r["nonfinite_steps"] for r in map(json.loads, lines)] == [0, 1, 2, 3]
-    assert "step not applied" in (tmp_path / "logs" / "run" / "out.log").read_text()
+    out_log = (tmp_path / "logs" / "run" / "out.log").read_text()
+    assert "step not applied" in out_log and "bigbatch: error: stopped at step 4" in out_log
     state = checkpoint(tmp_path)  # saved after each skipped step: the weights of step 1
     assert state["step"] == 3 and all_finite(state)
 

@@ -32,6 +32,20 @@ def setup_console_logging(log_file: Path | None = None, enabled: bool = True) ->
         log.addHandler(handler)
 
 
+def note_in_log_file(message: str) -> None:
+    """A line for out.log alone: how the run ended (the command line prints it itself)."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+
+
+def close_log_file() -> None:
+    """Detach out.log when a run ends, so nothing later in this process writes to it."""
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        handler.close()
+        log.removeHandler(handler)
+
+
 class RunLog:
     """Step and validation records: printed, appended to metrics.jsonl, sent to tensorboard."""
 

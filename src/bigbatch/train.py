@@ -24,7 +24,7 @@ from bigbatch import checkpoint as ckpt
 from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
 from bigbatch.config import ConfigError, TrainConfig, to_dict
-from bigbatch.data import DataSpec, make_data
+from bigbatch.data import DataError, DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
 from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
                                   full_state, gather_objects, init_distributed,
@@ -37,7 +37,7 @@ from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_mod
                             set_frozen_towers_to_eval, unwrap)
 from bigbatch.plots import plot_training_curves
 from bigbatch.preemption import Preempted, SignalWatch
-from bigbatch.runlog import RunLog, log, setup_console_logging
+from bigbatch.runlog import RunLog, close_log_file, log, note_in_log_file, setup_console_logging
 from bigbatch.weights import load_model, resolve_weights
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
@@ -49,7 +49,14 @@ def train(cfg: TrainConfig) -> dict:
     try:
         with contextlib.ExitStack() as on_exit, rundir.disk_errors_named(cfg.logs):
             return _train(cfg, world, on_exit)
+    except (ConfigError, DataError) as error:  # how the run ended, in out.log too
+        note_in_log_file(f"bigbatch: error: {error}")
+        raise
+    except Preempted as stop:
+        note_in_log_file(f"bigbatch: {stop.summary}")
+        raise
     finally:
+        close_log_file()
         cleanup()
 
 
@@ -86,6 +93,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
         start_epoch, skip_batches = start_epoch + 1, 0
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=cfg.report_to == "tensorboard")
+    on_exit.callback(runlog.close)  # however the run ends (a stop, a fault), tensorboard flushes
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
@@ -138,7 +146,6 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
         if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
-    runlog.close()
     if world.is_main and (run_dir / "metrics.jsonl").is_file():
         plot = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         log.info(f"curves saved to {plot}")
