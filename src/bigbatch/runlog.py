@@ -19,11 +19,12 @@ import torch
 log = logging.getLogger("bigbatch")
 
 
-def setup_console_logging(log_file: Path | None = None, enabled: bool = True) -> None:
+def setup_console_logging(log_file: Path | None = None, enabled: bool = True,
+                          debug: bool = False) -> None:
     """Progress to stdout (and a file in the run folder), one line per message."""
     log.handlers.clear()
     log.propagate = False
-    log.setLevel(logging.INFO if enabled else logging.WARNING)
+    log.setLevel(logging.WARNING if not enabled else logging.DEBUG if debug else logging.INFO)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))

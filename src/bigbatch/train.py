@@ -33,8 +33,8 @@ from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.ema import ModelEMA
 from bigbatch.inputs import DeviceCopier
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
-from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_model_config,
-                            set_frozen_towers_to_eval, unwrap)
+from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
+                            register_model_config, set_frozen_towers_to_eval, unwrap, use_bnb_linear)
 from bigbatch.plots import plot_training_curves
 from bigbatch.preemption import Preempted, SignalWatch
 from bigbatch.runlog import RunLog, log, setup_console_logging
@@ -61,7 +61,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     precision = resolve_precision(cfg.precision, device)
     choose_batch_layout(cfg, world, precision)
     run_dir = prepare_run_dir(cfg, world, on_exit)
-    setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
+    setup_console_logging(log_file(cfg, run_dir, world), enabled=world.is_main or
+                          (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     bundle, model, frozen_inputs = build_model(cfg, world)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
@@ -151,7 +152,8 @@ def start_distributed(cfg: TrainConfig) -> World:
     """Join torchrun's/SLURM's process group (none for one process) on this rank's device."""
     backend = None if cfg.dist_backend == "auto" else cfg.dist_backend
     try:
-        world = init_distributed(cfg.device, backend)
+        world = init_distributed(cfg.device, backend, init_method=cfg.dist_url,
+                                 set_device_rank=not cfg.no_set_device_rank)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.fsdp and world.world_size == 1:
@@ -164,10 +166,13 @@ def start_distributed(cfg: TrainConfig) -> World:
 def build_model(cfg: TrainConfig, world: World):
     """The open_clip model with its towers locked as asked, wrapped for this world; and the
     model-input positions of fully frozen towers (run once per sample)."""
-    weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model))
+    weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model), cache_dir=cfg.cache_dir)
     bundle = load_model(cfg.model, weights, world.device, siglip=cfg.siglip,
                         force_patch_dropout=cfg.force_patch_dropout,
-                        grad_checkpointing=cfg.grad_checkpointing)
+                        grad_checkpointing=cfg.grad_checkpointing, **open_clip_options(cfg))
+    if cfg.use_bnb_linear:
+        use_bnb_linear(bundle.model, cfg.use_bnb_linear)
+        bundle.model.to(world.device)
     frozen_inputs = lock_towers(
         bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
         image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
@@ -178,7 +183,10 @@ def build_model(cfg: TrainConfig, world: World):
         raise ConfigError("--lock-image and --lock-text together leave only the logit scale to "
                           "train: unlock some layers (--lock-image-unlocked-groups / "
                           "--lock-text-unlocked-layers) or lock one tower")
-    return bundle, wrap_model(bundle.model, world, fsdp=cfg.fsdp), frozen_inputs
+    if cfg.use_bn_sync and world.world_size > 1:  # BatchNorm statistics over all ranks
+        bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
+    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp, static_graph=cfg.ddp_static_graph)
+    return bundle, model, frozen_inputs
 
 
 def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn.Module):
@@ -194,12 +202,24 @@ def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW; each group's lr_scale carries --layer-decay and --lr-image/--lr-text."""
+    """--opt adamw, sgd or timm/NAME; each group's lr_scale carries --layer-decay and
+    --lr-image/--lr-text."""
     tower_lr_scale = tuple((lr if lr is not None else cfg.lr) / cfg.lr
                            for lr in (cfg.lr_image, cfg.lr_text))
     groups = parameter_groups(model, cfg.wd, layer_decay=cfg.layer_decay,
                               tower_lr_scale=tower_lr_scale)
-    return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.opt == "adamw":
+        return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
+    from timm.optim import create_optimizer_v2
+    extra = {} if cfg.momentum is None else {"momentum": cfg.momentum}
+    try:
+        return create_optimizer_v2(groups, cfg.opt.removeprefix("timm/"), lr=cfg.lr,
+                                   weight_decay=cfg.wd, **extra)
+    except (AssertionError, ValueError, TypeError) as error:
+        raise ConfigError(f"--opt {cfg.opt}: timm cannot build it ({error}); see "
+                          f"timm.optim.list_optimizers()") from None
 
 
 def adamw(groups: list[dict], **hyperparameters) -> torch.optim.AdamW:
@@ -271,12 +291,24 @@ def prepare_run_dir(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStac
         else:
             try:
                 on_exit.enter_context(rundir.claimed(Path(cfg.logs) / cfg.name, cfg.logs))
+                if cfg.copy_codebase:
+                    rundir.copy_codebase(Path(cfg.logs) / cfg.name)
             except ConfigError as error:
                 problem = str(error)
     cfg.name, problem = broadcast_object((cfg.name, problem))
     if problem:
         raise ConfigError(problem)
     return Path(cfg.logs) / cfg.name
+
+
+def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
+    """out.log of rank 0; with --log-local also out-RANK.log of each node's first process."""
+    if world.is_main:
+        return run_dir / "out.log"
+    if cfg.log_local and world.local_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)  # another node may not share the file system
+        return run_dir / f"out-{world.rank}.log"
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -340,11 +372,22 @@ def step_inputs(micro_batches: list, device: torch.device, offload: bool):
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup over `warmup` optimizer steps, then cosine to zero (or constant)."""
+    """Linear warmup over `warmup` optimizer steps, then cosine to zero, constant, or
+    constant until the last --epochs-cooldown epochs decay it polynomially to
+    --lr-cooldown-end. --skip-scheduler: --lr throughout."""
+    if cfg.skip_scheduler:
+        return cfg.lr
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.lr_scheduler == "const":
         return cfg.lr
+    if cfg.lr_scheduler == "const-cooldown":
+        cooldown = total_steps // cfg.epochs * cfg.epochs_cooldown  # steps per epoch x epochs
+        start = total_steps - cooldown
+        if step < start:
+            return cfg.lr
+        decay = (1 - (step - start) / cooldown) ** cfg.lr_cooldown_power
+        return decay * (cfg.lr - cfg.lr_cooldown_end) + cfg.lr_cooldown_end
     progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * cfg.lr
 
@@ -442,8 +485,18 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
     # trains epoch N again and rewrites epoch_N.pt, so neither goes missing
     if cfg.save_frequency and epoch % cfg.save_frequency == 0:
         ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
+        if cfg.delete_previous_checkpoint:
+            delete_older_epochs(directory, epoch)
     ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
+
+
+def delete_older_epochs(directory: Path, epoch: int) -> None:
+    """--delete-previous-checkpoint: epoch_K.pt for every K < epoch (epoch_latest.pt stays)."""
+    for path in directory.glob("epoch_*.pt"):
+        number = path.stem.removeprefix("epoch_")
+        if number.isdigit() and int(number) < epoch:
+            path.unlink(missing_ok=True)
 
 
 def refuse_nonfinite_weights(model, ema, directory: Path, step: int, world: World) -> None:

@@ -1,0 +1,115 @@
+"""open_clip_train's flags doing their job in `bigbatch train` (tiny model, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from bigbatch.cli import main
+from bigbatch.config import parse_config
+from bigbatch.model import create_model, open_clip_options
+from bigbatch.train import learning_rate
+
+MODEL = str(Path(__file__).parent / "assets" / "test-clip.json")
+FAST = ["--model", MODEL, "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--warmup", "1",
+        "--log-every-n-steps", "1", "--dataset-type", "synthetic", "--train-num-samples", "16",
+        "--batch-size", "4", "--accum-freq", "2"]
+
+
+def run(tmp_path: Path, *args: str, name: str = "run") -> Path:
+    assert main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--name", name, *args]) == 0
+    return tmp_path / "logs" / name
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def lrs(*flags: str, total: int = 10) -> list[float]:
+    cfg = parse_config(["--dataset-type", "synthetic", "--lr", "1.0", "--epochs", "5", *flags])
+    return [learning_rate(step, cfg, total) for step in range(total)]
+
+
+def test_const_cooldown_as_open_clip_train_schedules_it():
+    # 10 steps over 5 epochs, the last 2 epochs (4 steps) decay from 1 to 0.2, squared
+    got = lrs("--warmup", "2", "--lr-scheduler", "const-cooldown", "--epochs-cooldown", "2",
+              "--lr-cooldown-end", "0.2", "--lr-cooldown-power", "2")
+    expected = [0.5, 1, 1, 1, 1, 1] + [(1 - e / 4) ** 2 * 0.8 + 0.2 for e in range(4)]
+    assert_close(torch.tensor(got), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_skip_scheduler_keeps_the_lr_with_no_warmup():
+    assert lrs("--warmup", "3", "--skip-scheduler") == [1.0] * 10
+
+
+def test_pure_bf16_trains_bf16_weights_without_autocast(tmp_path):
+    run_dir = run(tmp_path, "--precision", "pure_bf16", "--epochs", "1")
+    state = torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    assert state["visual.conv1.weight"].dtype == torch.bfloat16
+    assert all(math.isfinite(r["loss"]) for r in records(run_dir))
+
+
+def test_sgd_momentum_and_checkpoint_flags(tmp_path):
+    run_dir = run(tmp_path, "--opt", "sgd", "--momentum", "0.9", "--epochs", "3",
+                  "--delete-previous-checkpoint", "--save-most-recent")
+    state = torch.load(run_dir / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["epoch_3.pt", "epoch_latest.pt"]
+
+
+def test_debug_log_local_and_copy_codebase(tmp_path):
+    run_dir = run(tmp_path, "--epochs", "1", "--debug", "--log-local", "--copy-codebase")
+    assert (run_dir / "code" / "bigbatch" / "train.py").is_file()
+    assert not list((run_dir / "code").rglob("__pycache__"))
+
+
+def test_preprocessing_flags_reach_open_clip_transforms():
+    cfg = parse_config(["--dataset-type", "synthetic", "--force-image-size", "48",
+                        "--image-mean", "0.5", "0.5", "0.5", "--image-std", "0.25", "0.25", "0.25",
+                        "--image-interpolation", "bilinear", "--image-resize-mode", "squash",
+                        "--aug-cfg", "scale=(0.5, 1.0)", "--force-context-length", "12"])
+    bundle = create_model(MODEL, **open_clip_options(cfg))
+    from PIL import Image
+    image = Image.new("RGB", (80, 40), (255, 0, 0))
+    assert bundle.preprocess_val(image).shape == (3, 48, 48)  # squashed, not cropped
+    assert bundle.preprocess_train(image).dtype == torch.uint8
+    assert bundle.tokenizer(["a red square"]).shape == (1, 12)
+    # uint8 255 in channel 0 -> (1 - 0.5) / 0.25 = 2 through the on-device normalisation
+    pixels = bundle.preprocess_val(image)[None]
+    normalised = []
+    bundle.model.visual.conv1.register_forward_hook(lambda m, args, out: normalised.append(args[0]))
+    bundle.model.encode_image(pixels)
+    assert_close(normalised[0][0, 0], torch.full((48, 48), 2.0))
+    crop = bundle.preprocess_train.transforms[0]
+    assert crop.scale == (0.5, 1.0) and crop.size == (48, 48)  # AugmentationCfg, built by open_clip
+
+
+def test_timm_augmentation_keeps_float_images_normalised():
+    cfg = parse_config(["--dataset-type", "synthetic", "--aug-cfg", "use_timm=True", "re_prob=0.25"])
+    bundle = create_model(MODEL, **open_clip_options(cfg))
+    from PIL import Image
+    train = bundle.preprocess_train(Image.new("RGB", (40, 40), (0, 255, 0)))
+    assert train.dtype == torch.float32  # timm's random erasing works on normalised floats
+    # the val transform still hands uint8, normalised on the device
+    assert bundle.preprocess_val(Image.new("RGB", (40, 40))).dtype == torch.uint8
+    assert bundle.model.visual._forward_pre_hooks
+
+
+def test_model_schemas(tmp_path):
+    from bigbatch.config import ConfigError
+    with pytest.raises(ConfigError, match="no open_clip_config.json"):
+        create_model(f"local-dir:{tmp_path}")
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        create_model("hf-hub:nobody/no-such-model-here")
+    config = json.loads(Path(MODEL).read_text())
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    source = create_model(MODEL).model
+    torch.save(source.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    loaded = create_model(f"local-dir:{tmp_path}").model
+    assert_close(loaded.state_dict()["visual.conv1.weight"], source.state_dict()["visual.conv1.weight"])
