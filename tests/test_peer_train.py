@@ -113,3 +113,27 @@ def test_model_schemas(tmp_path):
     torch.save(source.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     loaded = create_model(f"local-dir:{tmp_path}").model
     assert_close(loaded.state_dict()["visual.conv1.weight"], source.state_dict()["visual.conv1.weight"])
+
+
+def test_upsampling_factors_weight_the_sources_drawn(tmp_path):
+    import hashlib
+
+    import open_clip
+    import torchvision.transforms as T
+
+    from bigbatch.data import DataSpec, make_data
+    from bigbatch.data.demo import write_demo_dataset
+    pre, tokenizer = T.Compose([T.Resize((32, 32)), T.PILToTensor()]), open_clip.get_tokenizer("ViT-B-32")
+    sources = [write_demo_dataset(tmp_path / name, num_train=12, num_val=4, image_size=32,
+                                  shard_size=6, seed=seed)["train"]["pattern"]
+               for name, seed in (("a", 0), ("b", 1))]
+
+    def images(paths: str, **kw) -> set[str]:
+        info = make_data(DataSpec(paths, "webdataset", 4, workers=0, **kw), pre, tokenizer)
+        return {hashlib.md5(i.numpy().tobytes()).hexdigest() for b in info.loader for i in b.images}
+
+    first, second = images(sources[0], is_train=False), images(sources[1], is_train=False)
+    drawn = images("::".join(sources), resampled=True, num_samples=40, upsampling_factors="1::0")
+    assert drawn <= first and len(drawn) > 6
+    drawn = images("::".join(sources), resampled=True, num_samples=40, upsampling_factors="0::1")
+    assert drawn <= second
