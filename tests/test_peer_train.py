@@ -137,3 +137,29 @@ def test_upsampling_factors_weight_the_sources_drawn(tmp_path):
     assert drawn <= first and len(drawn) > 6
     drawn = images("::".join(sources), resampled=True, num_samples=40, upsampling_factors="0::1")
     assert drawn <= second
+
+
+def test_remote_sync_copies_the_run_folder(tmp_path):
+    remote = tmp_path / "bucket"
+    run_dir = run(tmp_path, "--epochs", "1", "--remote-sync", str(remote), "--remote-sync-frequency", "1",
+                  "--remote-sync-protocol", "fsspec")
+    copied = remote / "run"
+    for name in ("out.log", "metrics.jsonl", "checkpoints/epoch_1.pt", "checkpoints/epoch_latest.pt"):
+        assert (copied / name).read_bytes() == (run_dir / name).read_bytes()
+    assert not (copied / "train.lock").exists()
+
+
+def test_remote_sync_to_an_unwritable_place_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code = main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--remote-sync", str(tmp_path / "file")])
+    assert code == 2 and "--remote-sync" in capsys.readouterr().err
+
+
+def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = run(tmp_path, "--epochs", "1", "--report-to", "wandb,tensorboard",
+                  "--wandb-project-name", "bigbatch-test", "--wandb-notes", "offline")
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list((run_dir / "tensorboard").iterdir())

@@ -23,7 +23,7 @@ import torch
 from bigbatch import checkpoint as ckpt
 from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
-from bigbatch.config import ConfigError, TrainConfig, to_dict
+from bigbatch.config import ConfigError, TrainConfig, to_dict, wants_report
 from bigbatch.data import DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
 from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
@@ -37,7 +37,8 @@ from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_g
                             register_model_config, set_frozen_towers_to_eval, unwrap, use_bnb_linear)
 from bigbatch.plots import plot_training_curves
 from bigbatch.preemption import Preempted, SignalWatch
-from bigbatch.runlog import RunLog, log, setup_console_logging
+from bigbatch.remote_sync import remote_sync
+from bigbatch.runlog import RunLog, log, setup_console_logging, start_wandb
 from bigbatch.weights import load_model, resolve_weights
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
@@ -63,6 +64,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     run_dir = prepare_run_dir(cfg, world, on_exit)
     setup_console_logging(log_file(cfg, run_dir, world), enabled=world.is_main or
                           (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
+    if cfg.remote_sync and world.is_main:
+        on_exit.enter_context(remote_sync(run_dir, cfg.remote_sync, cfg.remote_sync_frequency))
     seed_everything(cfg.seed)  # the same initial weights on every rank
     bundle, model, frozen_inputs = build_model(cfg, world)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
@@ -86,7 +89,10 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     if skip_batches >= train_data.num_batches:  # saved mid-epoch, now a shorter epoch: it is over
         start_epoch, skip_batches = start_epoch + 1, 0
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
-                    tensorboard=cfg.report_to == "tensorboard")
+                    tensorboard=wants_report(cfg, "tensorboard"),
+                    wandb_run=start_wandb(run_dir, project=cfg.wandb_project_name, name=cfg.name,
+                                          notes=cfg.wandb_notes, config=to_dict(cfg))
+                    if world.is_main and wants_report(cfg, "wandb") else None)
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
