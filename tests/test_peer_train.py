@@ -163,3 +163,57 @@ def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
                   "--wandb-project-name", "bigbatch-test", "--wandb-notes", "offline")
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert list((run_dir / "tensorboard").iterdir())
+
+
+def imagenet_tree(root: Path, folders: list[str], images: dict[str, int]) -> Path:
+    """Class folders, `images[name]` coloured squares in some of them."""
+    from PIL import Image
+    for name in folders:
+        (root / name).mkdir(parents=True)
+    for i, (name, count) in enumerate(images.items()):
+        for j in range(count):
+            Image.new("RGB", (40, 40), (40 * i, 255 - 30 * j, 90)).save(root / name / f"{j}.png")
+    return root
+
+
+def test_imagenet_folders_map_to_imagenet_classes(tmp_path):
+    from bigbatch.config import ConfigError
+    from bigbatch.imagenet import ClassFolders
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    tree = imagenet_tree(tmp_path / "val", synsets, {synsets[3]: 1, synsets[999]: 2})
+    assert [label for _, label in ClassFolders(tree, None).samples] == [3, 999, 999]
+    # ImageNetV2's numbered folders are class numbers, not sorted text (10 < 2 as text)
+    v2 = imagenet_tree(tmp_path / "v2", ["2", "10"], {"2": 1, "10": 1})
+    assert {(Path(path).parent.name, label) for path, label in ClassFolders(v2, None).samples} == {("2", 2), ("10", 10)}
+    with pytest.raises(ConfigError, match="expected ImageNet's 1000 synset folders"):
+        ClassFolders(imagenet_tree(tmp_path / "few", ["cat", "dog"], {"cat": 1}), None)
+
+
+def test_imagenet_zeroshot_is_logged_under_the_peer_names(tmp_path, monkeypatch):
+    import bigbatch.imagenet
+    monkeypatch.setattr(bigbatch.imagenet, "TEMPLATES", "simple")  # 7 templates: a faster classifier
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    val = imagenet_tree(tmp_path / "val", synsets, {synsets[0]: 2, synsets[1]: 1})
+    v2 = imagenet_tree(tmp_path / "v2", [str(i) for i in range(1000)], {"0": 1})
+    run_dir = run(tmp_path, "--epochs", "1", "--imagenet-val", str(val), "--imagenet-v2", str(v2),
+                  "--zeroshot-frequency", "1")
+    metrics = records(run_dir, "val")[-1]
+    keys = {f"imagenet{v}-zeroshot-val-top{k}" for v in ("", "v2") for k in (1, 5)}
+    assert keys <= metrics.keys()
+    assert all(0 <= metrics[k] <= 1 for k in keys)
+    # the same numbers from the model and classifier directly
+    from bigbatch.evaluate import build_zeroshot_classifier
+    from bigbatch.imagenet import ClassFolders
+    from bigbatch.weights import load_model, resolve_weights
+    from bigbatch.zeroshot import builtin_classnames, builtin_templates
+    checkpoint = str(run_dir / "checkpoints" / "epoch_1.pt")
+    bundle = load_model(MODEL, resolve_weights(checkpoint, "test-clip"))
+    classifier = build_zeroshot_classifier(bundle.model.eval(), bundle.tokenizer, builtin_classnames("imagenet"),
+                                           builtin_templates("simple"))
+    data = ClassFolders(val, bundle.preprocess_val)
+    images = torch.stack([image for image, _ in data])
+    labels = torch.tensor([label for _, label in data])
+    with torch.no_grad():
+        scores = bundle.model.encode_image(images, normalize=True) @ classifier
+    expected_top1 = (scores.argmax(1) == labels).float().mean().item()
+    assert metrics["imagenet-zeroshot-val-top1"] == pytest.approx(expected_top1)

@@ -30,6 +30,7 @@ from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_obj
                                   full_state, gather_objects, init_distributed,
                                   load_full_model_state, load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
+from bigbatch.imagenet import imagenet_zeroshot, open_trees
 from bigbatch.ema import ModelEMA
 from bigbatch.inputs import DeviceCopier
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
@@ -78,6 +79,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
     val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
+    imagenet = open_trees({"imagenet_val": cfg.imagenet_val, "imagenet_v2": cfg.imagenet_v2},
+                          bundle.preprocess_val)
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
     total_steps = steps_per_epoch * cfg.epochs
@@ -142,6 +145,11 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer,
                                      create_loss(loss_name), device, autocast, zeroshot)
             runlog.validation(step=step, epoch=completed, metrics=metrics)
+        if imagenet and due(completed, cfg.zeroshot_frequency, cfg.epochs):
+            zeroshot = run_imagenet(cfg, ema.module if ema else model, imagenet, bundle.tokenizer,
+                                    world, autocast)
+            metrics.update(zeroshot)
+            runlog.validation(step=step, epoch=completed, metrics=zeroshot)
         if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
@@ -448,6 +456,16 @@ def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, z
     if classnames and "zeroshot_top1" not in metrics:
         log.warning("zero-shot skipped: --val-data has no labels (webdataset 'cls' or --csv-label-key)")
     log.info("validation: " + format_metrics(metrics))
+    return metrics
+
+
+def run_imagenet(cfg, model, trees, tokenizer, world: World, autocast) -> dict:
+    """--imagenet-val / --imagenet-v2, under open_clip_train's metric names."""
+    with unsharded(model):
+        metrics = imagenet_zeroshot(unwrap(model), trees, tokenizer, device=world.device,
+                                    autocast=autocast, batch_size=cfg.batch_size,
+                                    workers=cfg.workers, rank=world.rank, world_size=world.world_size)
+    log.info("zero-shot ImageNet: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics.items()))
     return metrics
 
 
