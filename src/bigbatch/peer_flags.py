@@ -83,7 +83,7 @@ TABLE: dict[str, tuple[str, str]] = {
     "--debug": ("debug-level log lines", ""),
     "--copy-codebase": ("copies the running `bigbatch` package to `RUN/code/`", "copies the package, not a repository checkout; the run does not execute from the copy"),
     "--horovod": ("refused", "launch with torchrun or srun (DDP/FSDP2)"),
-    "--ddp-static-graph": (SAME, ""),
+    "--ddp-static-graph": ("DDP(static_graph=True) with `--accum-freq 1`", "ignored, with a warning, for `--accum-freq` > 1: DDP's static graph breaks under the two passes of a cached step"),
     "--no-set-device-rank": ("every rank uses `cuda:0`", ""),
     "--seed": (SAME, "rank r draws dropout from seed + r; data order from seed alone"),
     "--grad-clip-norm": (SAME, "clips the accumulated gradient, once per step"),

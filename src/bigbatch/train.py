@@ -199,7 +199,12 @@ def build_model(cfg: TrainConfig, world: World):
                           "--lock-text-unlocked-layers) or lock one tower")
     if cfg.use_bn_sync and world.world_size > 1:  # BatchNorm statistics over all ranks
         bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
-    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp, static_graph=cfg.ddp_static_graph)
+    # DDP's static graph does not survive a cached step's two passes (its reducer asserts)
+    static_graph = cfg.ddp_static_graph and cfg.accum_freq == 1
+    if cfg.ddp_static_graph and not static_graph:
+        log.warning("--ddp-static-graph ignored: DDP's static graph does not hold for the two "
+                    "passes of feature-cached accumulation (--accum-freq > 1)")
+    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp, static_graph=static_graph)
     return bundle, model, frozen_inputs
 
 
