@@ -47,6 +47,7 @@ class Case:
     wrap: str = "ddp"  # ddp | fsdp2 | average (no wrapper: gradients averaged by hand, as DDP would)
     sizes: tuple[tuple[int, ...], ...] = EVEN
     tile_size: int | None = None  # the loss in blocks of this size (bigbatch.tiled)
+    static_graph: bool = False  # DDP(static_graph=True): --ddp-static-graph
 
     @property
     def world_size(self) -> int:
@@ -55,7 +56,8 @@ class Case:
     def __str__(self) -> str:
         flags = "-local" * self.local_loss + "-gather" * self.gather_with_grad
         tile = f"-tile{self.tile_size}" if self.tile_size else ""
-        return f"{self.loss}{flags}{tile}-{self.wrap}-" + "_".join("".join(map(str, s)) for s in self.sizes)
+        static = "-static" * self.static_graph
+        return f"{self.loss}{flags}{tile}{static}-{self.wrap}-" + "_".join("".join(map(str, s)) for s in self.sizes)
 
 
 # --- what each rank runs
@@ -89,7 +91,7 @@ def caption_loss(case: Case) -> CaptionLoss | None:
 
 def wrap(model: torch.nn.Module, case: Case, world: World, **ddp_options) -> torch.nn.Module:
     if case.wrap == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model, **ddp_options)
+        return torch.nn.parallel.DistributedDataParallel(model, static_graph=case.static_graph, **ddp_options)
     if case.wrap == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -292,7 +294,10 @@ LOSS_MODES = [Case(wrap="average"), Case(gather_with_grad=True, wrap="average"),
               Case("siglip", local_loss=True, gather_with_grad=True, wrap="average")]
 UNEVEN = Case(local_loss=True, gather_with_grad=True, wrap="average", sizes=((4, 4, 4), (4, 4, 2)))
 DDP = [Case(local_loss=True, gather_with_grad=True), Case(gather_with_grad=True),
-       Case("siglip", local_loss=True, gather_with_grad=True)]
+       Case("siglip", local_loss=True, gather_with_grad=True),
+       # --ddp-static-graph is passed to DDP only for K = 1: its static graph breaks under the
+       # two passes of a cached step (an internal assert in DDP's reducer)
+       Case(local_loss=True, gather_with_grad=True, static_graph=True, sizes=((4,), (4,)))]
 FSDP2 = Case(local_loss=True, gather_with_grad=True, wrap="fsdp2")
 SYNCS = Case(local_loss=True, gather_with_grad=True)
 # Tiled losses (5-row blocks: ragged, and straddling the ranks' boundary at row 12)

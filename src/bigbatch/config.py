@@ -8,6 +8,7 @@ combination before any work starts, with one message that names the fix.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import math
@@ -24,6 +25,9 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
 
 
+PRECISIONS = ["auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16"]
+
+
 @dataclass
 class TrainConfig:
     # --- data
@@ -33,6 +37,7 @@ class TrainConfig:
     train_num_samples: int | None = option(None, "samples per epoch (webdataset: read from sizes.json next to the shards if omitted)", "data")
     val_num_samples: int | None = option(None, "samples in the validation set (optional)", "data")
     dataset_resampled: bool = option(False, "sample shards with replacement (webdataset)", "data")
+    train_data_upsampling_factors: str | None = option(None, "with --dataset-resampled and several '::'-joined sources: how often each source's shards are drawn, '::'-joined (e.g. 1::2::0.5; default: every shard alike)", "data")
     csv_img_key: str = option("filepath", "CSV column holding image paths (relative to the CSV's folder)", "data")
     csv_caption_key: str = option("title", "CSV column holding captions", "data")
     csv_label_key: str | None = option(None, "CSV column of integer class ids, for zero-shot evaluation", "data")
@@ -40,14 +45,32 @@ class TrainConfig:
     workers: int = option(1, "data loader processes per GPU/rank", "data")
     batch_size: int | str = option(64, "micro-batch size per GPU/rank (one forward); 'auto': the largest that fits the GPU (bigbatch plan)", "data")
     seed: int = option(0, "random seed (data order, initialisation, dropout)", "data")
+    cache_dir: str | None = option(None, "where open_clip looks for pretrained weights and tokenizer files (default: its own cache; nothing is downloaded)", "data")
     # --- model
     model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()) or a path to a model config JSON", "model")
     pretrained: str | None = option(None, "weights to start from: a checkpoint file (bigbatch's or open_clip's) or an open_clip pretrained tag whose weights are in the local cache", "model")
     siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
     force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory (open_clip towers)", "model")
+    pretrained_image: bool = option(False, "start the image tower from timm's ImageNet weights (timm towers; must be in timm's local cache)", "model")
+    force_image_size: list[int] | None = option(None, "override the model's image size (one number, or height width)", "model", nargs="+")
+    force_context_length: int | None = option(None, "override the text context length (model and tokenizer)", "model")
+    force_quick_gelu: bool = option(False, "use QuickGELU activations (as OpenAI's weights need) in a non-OpenAI config", "model")
+    force_custom_text: bool = option(False, "build a CustomTextCLIP (separate text tower module)", "model")
+    use_bnb_linear: str | None = option(None, "replace the towers' MLP linear layers by this bitsandbytes class (needs bitsandbytes)", "model")
+    # --- preprocessing (open_clip's transforms)
+    image_mean: list[float] | None = option(None, "override the normalisation mean (one value per channel)", "preprocessing", nargs="+")
+    image_std: list[float] | None = option(None, "override the normalisation std (one value per channel)", "preprocessing", nargs="+")
+    image_interpolation: str | None = option(None, "resize interpolation", "preprocessing", choices=["bicubic", "bilinear", "random"])
+    image_resize_mode: str | None = option(None, "evaluation resize: 'shortest' side + centre crop, 'longest' side + pad, or 'squash'", "preprocessing", choices=["shortest", "longest", "squash"])
+    aug_cfg: dict | None = option(None, "training augmentation as key=value pairs of open_clip's AugmentationCfg (scale='(0.5, 1.0)' color_jitter=0.4 use_timm=True re_prob=0.25 ...)", "preprocessing", nargs="*")
     coca_caption_loss_weight: float = option(2.0, "CoCa models: weight of the caption loss (taken per micro-batch in pass 2, its logits never cached)", "model")
     coca_contrastive_loss_weight: float = option(1.0, "CoCa models: weight of the contrastive loss", "model")
+    distill_model: str | None = option(None, "distil from this open_clip model (not supported yet)", "model")
+    distill_pretrained: str | None = option(None, "weights of --distill-model (not supported yet)", "model")
+    torchcompile: bool = option(False, "torch.compile the model (not supported yet)", "model")
+    torchscript: bool = option(False, "refused: TorchScript is deprecated; export with `bigbatch export` instead", "model")
+    trace: bool = option(False, "refused: a traced model cannot train; export with `bigbatch export` instead", "model")
     # --- fine-tuning
     lock_image: bool = option(False, "freeze the image tower (a fully frozen tower runs in eval mode, once per sample)", "fine-tuning")
     lock_image_unlocked_groups: int = option(0, "leave the last N layer groups of a locked image tower trainable", "fine-tuning")
@@ -67,7 +90,13 @@ class TrainConfig:
     beta2: float = option(0.98, "AdamW beta2", "optimization")
     eps: float = option(1e-6, "AdamW epsilon", "optimization")
     warmup: int = option(10000, "linear warmup, in optimizer steps", "optimization")
-    lr_scheduler: str = option("cosine", "learning-rate schedule after warmup", "optimization", choices=["cosine", "const"])
+    lr_scheduler: str = option("cosine", "learning-rate schedule after warmup: cosine to 0, constant, or constant then a cooldown (--epochs-cooldown)", "optimization", choices=["cosine", "const", "const-cooldown"])
+    epochs_cooldown: int | None = option(None, "const-cooldown: the last N epochs decay the lr to --lr-cooldown-end", "optimization")
+    lr_cooldown_end: float = option(0.0, "const-cooldown: the lr at the end of the cooldown", "optimization")
+    lr_cooldown_power: float = option(1.0, "const-cooldown: the decay's power (1: linear)", "optimization")
+    skip_scheduler: bool = option(False, "no schedule, no warmup: every step at --lr", "optimization")
+    opt: str = option("adamw", "optimizer: adamw, sgd (with --momentum), or timm/NAME (timm's create_optimizer_v2)", "optimization")
+    momentum: float | None = option(None, "SGD / timm optimizers: momentum", "optimization")
     accum_freq: int = option(1, "micro-batches per optimizer step; exact feature-cached accumulation", "optimization")
     global_batch_size: int | None = option(None, "the effective batch to reach: sets --accum-freq to G / (batch-size x world-size)", "optimization")
     offload_inputs: bool = option(False, "keep the step's cached micro-batch inputs in pinned host memory, not on the GPU (for huge --accum-freq)", "optimization")
@@ -75,27 +104,45 @@ class TrainConfig:
     grad_clip_norm: float | None = option(None, "clip the accumulated gradient to this global norm", "optimization")
     max_nonfinite_steps: int = option(5, "a step with a non-finite loss or gradient is not applied; stop after this many in a row (0: never stop)", "optimization")
     # --- precision and device
-    precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])
+    precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU; amp/amp_bf16 (= amp_bfloat16): fp32 weights under autocast; pure_bf16/pure_fp16: the weights themselves in bf16/fp16, no autocast; bf16/fp16: open_clip's low-precision matmul weights", "precision", choices=PRECISIONS)
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", "precision")
     # --- distributed (launch with torchrun or srun; one process per GPU)
     local_loss: bool = option(False, "each rank takes the loss rows of its own samples against all gathered columns: O(n x N) instead of O(N x N) (needs --gather-with-grad)", "distributed")
     gather_with_grad: bool = option(False, "all-gather features with gradients flowing back to their rank", "distributed")
     dist_backend: str = option("auto", "process-group backend: nccl on GPUs, gloo on CPU", "distributed", choices=["auto", "nccl", "gloo"])
     fsdp: bool = option(False, "shard weights, gradients and optimizer state with FSDP2 (fully_shard) instead of DDP", "distributed")
+    dist_url: str | None = option(None, "init_method of the process group (default: torchrun's env://)", "distributed")
+    no_set_device_rank: bool = option(False, "every rank uses cuda:0 (one GPU visible per process)", "distributed")
+    ddp_static_graph: bool = option(False, "DDP(static_graph=True)", "distributed")
+    use_bn_sync: bool = option(False, "convert BatchNorm to SyncBatchNorm (statistics over all ranks' micro-batches)", "distributed")
+    loss_dist_impl: str | None = option(None, "SigLIP's distributed exchange in open_clip (bidir, shift, reduce, gather): accepted; bigbatch always all-gathers the features once per step, the same loss and gradient", "distributed")
+    horovod: bool = option(False, "refused: launch with torchrun or srun instead", "distributed")
     # --- logging
     logs: str = option("./logs", "where runs are written (one folder per --name)", "logging")
     name: str | None = option(None, "run name (default: date, model, lr and batch)", "logging")
     log_every_n_steps: int = option(100, "print and log progress every N optimizer steps", "logging")
-    report_to: str = option("", "'tensorboard' to also write tensorboard events", "logging", choices=["", "tensorboard"])
+    log_local: bool = option(False, "every node's first process writes its own out-RANK.log", "logging")
+    debug: bool = option(False, "log debug messages too", "logging")
+    copy_codebase: bool = option(False, "copy the bigbatch package that runs into the run folder (code/)", "logging")
+    report_to: str = option("", "'tensorboard', 'wandb' or both comma-separated ('all': both)", "logging")
+    wandb_project_name: str = option("open-clip", "Weights & Biases project", "logging")
+    wandb_notes: str = option("", "Weights & Biases run notes", "logging")
+    remote_sync: str | None = option(None, "also copy the run folder to this fsspec URL or path (under its --name), every --remote-sync-frequency seconds and at the end", "logging")
+    remote_sync_frequency: int = option(300, "seconds between remote syncs", "logging")
+    remote_sync_protocol: str = option("fsspec", "both copy with fsspec (s3:// needs s3fs)", "logging", choices=["s3", "fsspec"])
     # --- checkpoints
     save_frequency: int = option(1, "save a checkpoint every N epochs (0: never)", "checkpoints")
     save_every_n_steps: int = option(0, "also save epoch_latest.pt every N optimizer steps inside an epoch (0: only at epoch ends); a run resumed from it leaves out the batches already trained on", "checkpoints")
     resume: str | None = option(None, "'latest' (needs --name) or a checkpoint path to continue from", "checkpoints")
+    save_most_recent: bool = option(False, "accepted: epoch_latest.pt is always written", "checkpoints")
+    delete_previous_checkpoint: bool = option(False, "keep only the newest epoch_N.pt (and epoch_latest.pt)", "checkpoints")
     # --- evaluation
     val_frequency: int = option(1, "evaluate on --val-data every N epochs (0: never)", "evaluation")
     zeroshot_frequency: int = option(2, "zero-shot classification every N epochs (0: never)", "evaluation")
     zeroshot_classnames: str | None = option(None, "text file of class names, one per line, in label order", "evaluation")
     zeroshot_templates: str | None = option(None, "text file of prompt templates with '{}' for the class name", "evaluation")
+    imagenet_val: str | None = option(None, "ImageNet-1k validation as an ImageFolder tree (1000 synset folders): zero-shot top-1/5 every --zeroshot-frequency epochs", "evaluation")
+    imagenet_v2: str | None = option(None, "ImageNetV2 as an ImageFolder tree (synset folders, or folders 0..999)", "evaluation")
 
     def effective_batch(self, world_size: int = 1) -> int:
         """Samples per optimizer step: batch-size x accum-freq x world-size."""
@@ -106,7 +153,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError naming the fix for the first bad value or combination."""
     for f in fields(cfg):  # argparse checks choices of flags, not of YAML values
         choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
+        if choices and getattr(cfg, f.name) is not None and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{_flag(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
     positive = ["accum_freq", "epochs", "log_every_n_steps"]
     for name in positive:
@@ -162,7 +209,103 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.local_loss and not cfg.gather_with_grad:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")
+    _validate_peer_options(cfg)
     return cfg
+
+
+LOSS_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+REPORT_TO = ("tensorboard", "wandb", "all")
+
+
+def _validate_peer_options(cfg: TrainConfig) -> None:
+    """The options open_clip_train users bring (see bigbatch.peer_flags)."""
+    from bigbatch.peer_flags import refusal
+    if (message := refusal(cfg)) is not None:
+        raise ConfigError(message)
+    if cfg.pretrained == "":  # open_clip_train's default: no weights
+        cfg.pretrained = None
+    if cfg.lr_scheduler == "const-cooldown" and cfg.epochs_cooldown is None:
+        raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown N (the last N "
+                          "epochs decay the lr to --lr-cooldown-end)")
+    if cfg.epochs_cooldown is not None and not 0 < cfg.epochs_cooldown <= cfg.epochs:
+        raise ConfigError(f"--epochs-cooldown must be between 1 and --epochs ({cfg.epochs}), "
+                          f"got {cfg.epochs_cooldown}")
+    if cfg.lr_cooldown_end < 0 or cfg.lr_cooldown_power <= 0:
+        raise ConfigError("--lr-cooldown-end must be 0 or more and --lr-cooldown-power positive")
+    if cfg.opt not in ("adamw", "sgd") and not cfg.opt.startswith("timm/"):
+        raise ConfigError(f"--opt {cfg.opt}: choose adamw, sgd, or timm/NAME (any timm optimizer)")
+    if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
+        raise ConfigError("--momentum must be in [0, 1)")
+    if cfg.force_image_size is not None and len(cfg.force_image_size) not in (1, 2):
+        raise ConfigError("--force-image-size takes one size, or height and width")
+    if cfg.force_context_length is not None and cfg.force_context_length < 1:
+        raise ConfigError("--force-context-length must be at least 1")
+    for name in ("image_mean", "image_std"):
+        values = getattr(cfg, name)
+        if values is not None and len(values) not in (1, 3):
+            raise ConfigError(f"--{_flag(name)} takes one value, or one per RGB channel (3)")
+    if cfg.image_std is not None and min(cfg.image_std) <= 0:
+        raise ConfigError("--image-std values must be positive")
+    if cfg.aug_cfg:
+        _check_aug_cfg(cfg.aug_cfg)
+    if cfg.train_data_upsampling_factors is not None:
+        _check_upsampling(cfg)
+    reports = [r.strip() for r in cfg.report_to.split(",") if r.strip()]
+    if any(r not in REPORT_TO for r in reports):
+        raise ConfigError(f"--report-to {cfg.report_to!r}: give tensorboard, wandb, both "
+                          f"comma-separated, or all")
+    if ("wandb" in reports or "all" in reports) and not _installed("wandb"):
+        raise ConfigError("--report-to wandb needs the wandb package: pip install wandb "
+                          "(or pip install 'bigbatch[wandb]')")
+    if cfg.use_bnb_linear is not None and not _installed("bitsandbytes"):
+        raise ConfigError(f"--use-bnb-linear {cfg.use_bnb_linear} needs the bitsandbytes package: "
+                          f"pip install bitsandbytes (or drop the flag)")
+    if cfg.loss_dist_impl is not None and cfg.loss_dist_impl not in LOSS_DIST_IMPLS:
+        raise ConfigError(f"--loss-dist-impl {cfg.loss_dist_impl}: choose one of {list(LOSS_DIST_IMPLS)}")
+    if cfg.remote_sync_frequency < 1:
+        raise ConfigError("--remote-sync-frequency must be at least 1 (seconds)")
+    for name in ("imagenet_val", "imagenet_v2"):
+        if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_dir():
+            raise ConfigError(f"--{_flag(name)} {getattr(cfg, name)}: no such folder (give an "
+                              f"ImageFolder tree, one sub-folder per class)")
+
+
+def wants_report(cfg: TrainConfig, target: str) -> bool:
+    """Whether --report-to names `target` ('tensorboard' or 'wandb'; 'all' names both)."""
+    reports = {r.strip() for r in cfg.report_to.split(",")}
+    return target in reports or "all" in reports
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(package) is not None
+
+
+def _check_aug_cfg(aug_cfg: dict) -> None:
+    """Keys are open_clip's AugmentationCfg fields: a typo stops here, not in a worker."""
+    from open_clip import AugmentationCfg
+    known = [f.name for f in fields(AugmentationCfg)]
+    for key in aug_cfg:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"--aug-cfg {key}=...: unknown key{hint}; open_clip's "
+                              f"AugmentationCfg has {', '.join(known)}")
+
+
+def _check_upsampling(cfg: TrainConfig) -> None:
+    if not cfg.dataset_resampled:
+        raise ConfigError("--train-data-upsampling-factors weights sources drawn with replacement: "
+                          "also pass --dataset-resampled")
+    sources = [s for s in (cfg.train_data or "").split("::") if s.strip()]
+    try:
+        factors = [float(f) for f in cfg.train_data_upsampling_factors.split("::")]
+    except ValueError:
+        factors = []
+    if len(factors) != len(sources) or min(factors, default=-1) < 0 or not any(factors):
+        raise ConfigError(f"--train-data-upsampling-factors {cfg.train_data_upsampling_factors}: "
+                          f"give one non-negative number per --train-data source ({len(sources)}), "
+                          f"'::'-joined, e.g. {'::'.join(['1'] * max(len(sources), 2))}")
 
 
 def _check_lines_file(name: str, path: str | None) -> None:
@@ -206,7 +349,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     given = vars(build_parser().parse_args(argv))
     config_path = given.pop("config", None)
     values = load_yaml(config_path) if config_path else {}
-    values.update(given)
+    values.update(_collect(given))
     return validate(TrainConfig(**values))
 
 
@@ -253,8 +396,29 @@ def _flag(name: str) -> str:
 
 
 def _parse_type(f: dataclasses.Field):
+    """The parser of one value (one item, for list and key=value options)."""
     base = str(f.type).replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "int | str": _int_or_auto}[base]
+    return {"int": int, "float": float, "str": str, "int | str": _int_or_auto,
+            "list[int]": int, "list[float]": float, "dict": _key_value}[base]
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """'scale=(0.5, 1.0)' -> ('scale', (0.5, 1.0)); a value that is no Python literal stays a string."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _collect(values: dict[str, Any]) -> dict[str, Any]:
+    """argparse gives key=value options as a list of pairs: make them the dict they mean."""
+    for f in fields(TrainConfig):
+        if str(f.type).startswith("dict") and isinstance(values.get(f.name), list):
+            values[f.name] = dict(values[f.name])
+    return values
 
 
 def _int_or_auto(value: Any) -> int | str:
@@ -277,6 +441,11 @@ def _coerce(f: dataclasses.Field, value: Any, path: Path) -> Any:
             return words[str(value).strip().lower()]
         raise ConfigError(f"{path}: option '{f.name}' expects true or false, got {value!r}")
     try:
+        if str(f.type).startswith("list"):  # a YAML list, or one number
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_parse_type(f)(item) for item in items]
+        if str(f.type).startswith("dict"):  # a YAML mapping, or a list of key=value
+            return dict(value) if isinstance(value, dict) else dict(map(_key_value, value))
         return _parse_type(f)(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{path}: option '{f.name}' expects {str(f.type)}, got {value!r}") from None

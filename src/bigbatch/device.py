@@ -28,9 +28,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' is amp (float16) on CUDA and fp32 on CPU."""
+    """'auto' is amp (float16) on CUDA and fp32 on CPU. Only amp and amp_bf16 autocast;
+    pure_bf16 / pure_fp16 (and open_clip's bf16 / fp16) cast the weights themselves."""
     if name == "auto":
         return "amp" if device.type == "cuda" else "fp32"
+    if name == "amp_bfloat16":  # open_clip_train's other spelling
+        return "amp_bf16"
     if name == "amp" and device.type != "cuda":
         raise ConfigError("--precision amp (float16) is for CUDA: on CPU use --precision fp32 or amp_bf16")
     return name

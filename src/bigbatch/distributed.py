@@ -83,15 +83,18 @@ def _first_host(nodelist: str) -> str | None:
     return match and match[1] + (match[2] or "")
 
 
-def init_distributed(device: str = "auto", backend: str | None = None) -> World:
+def init_distributed(device: str = "auto", backend: str | None = None, *, init_method: str | None = None,
+                     set_device_rank: bool = True) -> World:
     """Join the process group the launcher set up (none for one process).
 
     device: "auto" (CUDA if visible, else CPU), "cpu", "cuda" (this rank's
     `cuda:{local_rank}`) or an explicit "cuda:N". backend: nccl on CUDA, gloo otherwise.
+    init_method: the process group's rendezvous (default env://). set_device_rank=False:
+    "cuda" is cuda:0 on every rank (each process sees only its own GPU).
     """
     launch = world_from_env(os.environ)
     world = World(launch.rank, launch.local_rank, launch.world_size,
-                  pick_device(device, launch.local_rank))
+                  pick_device(device, launch.local_rank if set_device_rank else 0))
     if world.world_size == 1:
         return world
     if not (launch.master_addr and launch.master_port):
@@ -106,7 +109,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> World:
     os.environ.setdefault("MASTER_PORT", launch.master_port)
     dist.init_process_group(
         backend or ("nccl" if world.device.type == "cuda" else "gloo"),
-        rank=world.rank, world_size=world.world_size,
+        rank=world.rank, world_size=world.world_size, init_method=init_method,
         device_id=world.device if world.device.type == "cuda" else None)
     return world
 
@@ -182,7 +185,8 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 # --- wrapping and whole-model state, the same calls for one process, DDP and FSDP2
 
-def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False,
+               static_graph: bool = False) -> torch.nn.Module:
     """DDP (replicated weights) or FSDP2 (sharded weights, grads, optimizer state).
 
     One process: the model itself. FSDP2 shards each transformer block, then the rest.
@@ -198,7 +202,8 @@ def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False) -> torc
     from torch.nn.parallel import DistributedDataParallel
     ids = [world.device.index] if world.device.type == "cuda" else None
     # gradients as views into the all-reduce buckets: one copy of the gradients, not two
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                   static_graph=static_graph)
 
 
 def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

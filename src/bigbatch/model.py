@@ -8,11 +8,12 @@ model config JSON (open_clip's format, or an `open_clip_config.json` holding
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from bigbatch.config import ConfigError
 from bigbatch.inputs import normalize_on_device, uint8_transform
 
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's schemas
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(PACKAGED_CONFIGS)
 
@@ -36,32 +38,89 @@ class ModelBundle:
 
 def create_model(model: str, *, pretrained: str | None = None, siglip: bool = False,
                  force_patch_dropout: float | None = None, grad_checkpointing: bool = False,
-                 device: torch.device | str = "cpu") -> ModelBundle:
+                 device: torch.device | str = "cpu", **open_clip_options) -> ModelBundle:
     """Build an open_clip model (random init unless `pretrained` names a local checkpoint)
-    whose transforms end in uint8 images and whose image tower normalises them."""
+    whose transforms end in uint8 images and whose image tower normalises them.
+
+    `open_clip_options` go to open_clip.create_model_and_transforms as they are (precision,
+    force_image_size, image_mean, aug_cfg, cache_dir ...: see `open_clip_options`)."""
     name = register_model_config(model)
-    kwargs = {}
+    kwargs = dict(open_clip_options)
     if siglip:  # SigLIP's initialisation: t = 10, b = -10 (Zhai et al. 2023)
         kwargs.update(init_logit_scale=torch.log(torch.tensor(10.0)).item(), init_logit_bias=-10.0)
     try:
-        net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, output_dict=True,
-            force_patch_dropout=force_patch_dropout, **kwargs)
-    except RuntimeError as error:
-        if pretrained and "state_dict" in str(error):
+        with hub_offline():
+            net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, output_dict=True,
+                force_patch_dropout=force_patch_dropout, **kwargs)
+            tokenizer = open_clip.get_tokenizer(name, context_length=kwargs.get("force_context_length"),
+                                                cache_dir=kwargs.get("cache_dir"))
+    except Exception as error:  # the hub's offline errors have many types
+        if name.startswith(HF_HUB):
+            raise ConfigError(f"--model {model}: not in the local Hugging Face cache ({type(error).__name__}) "
+                              f"and bigbatch does not download: fetch it once where there is internet "
+                              f"(or pass --cache-dir), or save it and use local-dir:DIR") from None
+        if isinstance(error, RuntimeError) and pretrained and "state_dict" in str(error):
             raise ConfigError(f"--pretrained {pretrained} does not fit --model {model}: "
                               f"pass the --model it was trained with") from None
         raise
-    if pretrained is None:
+    if pretrained is None and not name.startswith((HF_HUB, LOCAL_DIR)):  # those bring weights
         init_caption_projection(net)
     if grad_checkpointing:
         net.set_grad_checkpointing(True)
     preprocess_train, mean, std = uint8_transform(preprocess_train)
-    preprocess_val, _, _ = uint8_transform(preprocess_val)
+    preprocess_val, val_mean, val_std = uint8_transform(preprocess_val)
+    if mean is None:  # timm's training transform (use_timm) stays float: the val one says
+        mean, std = val_mean, val_std
     if mean is not None:
         normalize_on_device(net.visual, mean, std)
-    tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(net, preprocess_train, preprocess_val, tokenizer, name)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Make huggingface_hub answer from its cache without a network round trip.
+    HF_HUB_OFFLINE is read once at import, so the module constant is what to set."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+LOW_PRECISIONS = ("bf16", "fp16", "pure_bf16", "pure_fp16")  # open_clip casts the weights
+
+
+def open_clip_options(cfg) -> dict:
+    """TrainConfig's options that open_clip.create_model_and_transforms takes as they are."""
+    size = cfg.force_image_size
+    return dict(
+        precision=cfg.precision if cfg.precision in LOW_PRECISIONS else "fp32",
+        force_image_size=size[0] if size and len(size) == 1 else tuple(size) if size else None,
+        force_context_length=cfg.force_context_length, force_quick_gelu=cfg.force_quick_gelu,
+        force_custom_text=cfg.force_custom_text, pretrained_image=cfg.pretrained_image,
+        image_mean=tuple(cfg.image_mean) if cfg.image_mean else None,
+        image_std=tuple(cfg.image_std) if cfg.image_std else None,
+        image_interpolation=cfg.image_interpolation, image_resize_mode=cfg.image_resize_mode,
+        aug_cfg=open_clip.AugmentationCfg(**cfg.aug_cfg) if cfg.aug_cfg else None,
+        cache_dir=cfg.cache_dir)
+
+
+def use_bnb_linear(model: nn.Module, class_name: str) -> None:
+    """--use-bnb-linear: open_clip's replace_linear with a bitsandbytes class (int8 etc.)."""
+    import bitsandbytes
+    from open_clip.utils import replace_linear
+    replacement = getattr(bitsandbytes.nn.triton_based_modules, class_name, None)
+    if replacement is None:
+        raise ConfigError(f"--use-bnb-linear {class_name}: bitsandbytes.nn.triton_based_modules has "
+                          f"no such class (e.g. SwitchBackLinear)")
+    replace_linear(model, replacement)
 
 
 def is_coca(model: nn.Module) -> bool:
@@ -78,7 +137,13 @@ def init_caption_projection(model: nn.Module) -> None:
 
 
 def register_model_config(model: str) -> str:
-    """Resolve `--model` to an open_clip config name, registering a JSON file if given."""
+    """Resolve `--model` to an open_clip config name, registering a JSON file if given;
+    `hf-hub:ORG/REPO` and `local-dir:DIR` pass as they are (open_clip reads them)."""
+    if model.startswith(LOCAL_DIR) and not (Path(model[len(LOCAL_DIR):]) / "open_clip_config.json").is_file():
+        raise ConfigError(f"--model {model}: no open_clip_config.json in that folder (give a folder "
+                          f"holding open_clip_config.json and its weights)")
+    if model.startswith((HF_HUB, LOCAL_DIR)):
+        return model
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():

@@ -70,3 +70,17 @@ def disk_errors_named(logs: str) -> Iterator[None]:
             raise
         raise ConfigError(f"cannot write {error.filename or logs} ({error.strerror}): free "
                           f"space under --logs {logs}, then continue with --resume latest") from None
+
+
+def copy_codebase(run_dir: Path) -> Path:
+    """--copy-codebase: the bigbatch package this run imports, copied to RUN/code/bigbatch, so
+    the run folder records the code that trained it (the run keeps executing the installed
+    package; a resumed run leaves the first copy as it is)."""
+    import shutil
+
+    import bigbatch
+    target = run_dir / "code" / "bigbatch"
+    if not target.exists():
+        shutil.copytree(Path(bigbatch.__file__).parent, target,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target

@@ -19,11 +19,12 @@ import torch
 log = logging.getLogger("bigbatch")
 
 
-def setup_console_logging(log_file: Path | None = None, enabled: bool = True) -> None:
+def setup_console_logging(log_file: Path | None = None, enabled: bool = True,
+                          debug: bool = False) -> None:
     """Progress to stdout (and a file in the run folder), one line per message."""
     log.handlers.clear()
     log.propagate = False
-    log.setLevel(logging.INFO if enabled else logging.WARNING)
+    log.setLevel(logging.WARNING if not enabled else logging.DEBUG if debug else logging.INFO)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
@@ -50,7 +51,7 @@ class RunLog:
     """Step and validation records: printed, appended to metrics.jsonl, sent to tensorboard."""
 
     def __init__(self, run_dir: Path | None, *, total_steps: int, tensorboard: bool = False,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), wandb_run=None):
         self.jsonl = run_dir / "metrics.jsonl" if run_dir else None
         self.total_steps = total_steps
         self.device = device
@@ -59,6 +60,7 @@ class RunLog:
         if tensorboard and run_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = wandb_run if run_dir else None
         self._window_start = time.perf_counter()
         self._window = Counter()  # samples, data seconds since the last progress line
 
@@ -104,11 +106,17 @@ class RunLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
 
     def _write(self, record: dict[str, Any], step: int) -> None:
         if self.jsonl:
             with self.jsonl.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({f"{record['kind']}/{key}": value for key, value in record.items()
+                            if isinstance(value, (int, float)) and key not in ("kind", "step")},
+                           step=step)
         if self.writer:
             prefix = record["kind"]
             for key, value in record.items():
@@ -117,6 +125,14 @@ class RunLog:
                 elif isinstance(value, dict):  # skipped samples, by reason
                     for name, count in value.items():
                         self.writer.add_scalar(f"{prefix}/{key}/{name}", count, step)
+
+
+def start_wandb(run_dir: Path, *, project: str, name: str, notes: str, config: dict):
+    """A Weights & Biases run named and identified as the run folder, its files in RUN/wandb
+    (WANDB_MODE=offline: no network; `wandb sync` uploads them later); resumed with it."""
+    import wandb
+    return wandb.init(project=project, name=name, id=name, notes=notes, config=config,
+                      dir=str(run_dir), resume="allow")
 
 
 def peak_memory_gib(device: torch.device) -> float:

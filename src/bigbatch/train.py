@@ -23,21 +23,24 @@ import torch
 from bigbatch import checkpoint as ckpt
 from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
-from bigbatch.config import ConfigError, TrainConfig, to_dict
+from bigbatch.config import ConfigError, TrainConfig, to_dict, wants_report
 from bigbatch.data import DataError, DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
 from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
                                   full_state, gather_objects, init_distributed,
                                   load_full_model_state, load_full_optimizer_state, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
+from bigbatch.imagenet import imagenet_zeroshot, open_trees
 from bigbatch.ema import ModelEMA
 from bigbatch.inputs import DeviceCopier
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
-from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_model_config,
-                            set_frozen_towers_to_eval, unwrap)
+from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
+                            register_model_config, set_frozen_towers_to_eval, unwrap, use_bnb_linear)
 from bigbatch.plots import plot_training_curves
 from bigbatch.preemption import Preempted, SignalWatch
-from bigbatch.runlog import RunLog, close_log_file, log, note_in_log_file, setup_console_logging
+from bigbatch.remote_sync import remote_sync
+from bigbatch.runlog import (RunLog, close_log_file, log, note_in_log_file, setup_console_logging,
+                             start_wandb)
 from bigbatch.weights import load_model, resolve_weights
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
@@ -68,7 +71,10 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     precision = resolve_precision(cfg.precision, device)
     choose_batch_layout(cfg, world, precision)
     run_dir = prepare_run_dir(cfg, world, on_exit)
-    setup_console_logging(run_dir / "out.log" if world.is_main else None, enabled=world.is_main)
+    setup_console_logging(log_file(cfg, run_dir, world), enabled=world.is_main or
+                          (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
+    if cfg.remote_sync and world.is_main:
+        on_exit.enter_context(remote_sync(run_dir, cfg.remote_sync, cfg.remote_sync_frequency))
     seed_everything(cfg.seed)  # the same initial weights on every rank
     bundle, model, frozen_inputs = build_model(cfg, world)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
@@ -81,6 +87,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
     val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
                 if cfg.val_data else None)
+    imagenet = open_trees({"imagenet_val": cfg.imagenet_val, "imagenet_v2": cfg.imagenet_v2},
+                          bundle.preprocess_val)
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
     total_steps = steps_per_epoch * cfg.epochs
@@ -92,8 +100,11 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     if skip_batches >= train_data.num_batches:  # saved mid-epoch, now a shorter epoch: it is over
         start_epoch, skip_batches = start_epoch + 1, 0
     runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
-                    tensorboard=cfg.report_to == "tensorboard")
-    on_exit.callback(runlog.close)  # however the run ends (a stop, a fault), tensorboard flushes
+                    tensorboard=wants_report(cfg, "tensorboard"),
+                    wandb_run=start_wandb(run_dir, project=cfg.wandb_project_name, name=cfg.name,
+                                          notes=cfg.wandb_notes, config=to_dict(cfg))
+                    if world.is_main and wants_report(cfg, "wandb") else None)
+    on_exit.callback(runlog.close)  # however the run ends (a stop, a fault), the writers flush
     announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
@@ -143,6 +154,11 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer,
                                      create_loss(loss_name), device, autocast, zeroshot)
             runlog.validation(step=step, epoch=completed, metrics=metrics)
+        if imagenet and due(completed, cfg.zeroshot_frequency, cfg.epochs):
+            zeroshot = run_imagenet(cfg, ema.module if ema else model, imagenet, bundle.tokenizer,
+                                    world, autocast)
+            metrics.update(zeroshot)
+            runlog.validation(step=step, epoch=completed, metrics=zeroshot)
         if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
@@ -158,7 +174,8 @@ def start_distributed(cfg: TrainConfig) -> World:
     """Join torchrun's/SLURM's process group (none for one process) on this rank's device."""
     backend = None if cfg.dist_backend == "auto" else cfg.dist_backend
     try:
-        world = init_distributed(cfg.device, backend)
+        world = init_distributed(cfg.device, backend, init_method=cfg.dist_url,
+                                 set_device_rank=not cfg.no_set_device_rank)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.fsdp and world.world_size == 1:
@@ -171,10 +188,13 @@ def start_distributed(cfg: TrainConfig) -> World:
 def build_model(cfg: TrainConfig, world: World):
     """The open_clip model with its towers locked as asked, wrapped for this world; and the
     model-input positions of fully frozen towers (run once per sample)."""
-    weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model))
+    weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model), cache_dir=cfg.cache_dir)
     bundle = load_model(cfg.model, weights, world.device, siglip=cfg.siglip,
                         force_patch_dropout=cfg.force_patch_dropout,
-                        grad_checkpointing=cfg.grad_checkpointing)
+                        grad_checkpointing=cfg.grad_checkpointing, **open_clip_options(cfg))
+    if cfg.use_bnb_linear:
+        use_bnb_linear(bundle.model, cfg.use_bnb_linear)
+        bundle.model.to(world.device)
     frozen_inputs = lock_towers(
         bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
         image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
@@ -185,7 +205,15 @@ def build_model(cfg: TrainConfig, world: World):
         raise ConfigError("--lock-image and --lock-text together leave only the logit scale to "
                           "train: unlock some layers (--lock-image-unlocked-groups / "
                           "--lock-text-unlocked-layers) or lock one tower")
-    return bundle, wrap_model(bundle.model, world, fsdp=cfg.fsdp), frozen_inputs
+    if cfg.use_bn_sync and world.world_size > 1:  # BatchNorm statistics over all ranks
+        bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
+    # DDP's static graph does not survive a cached step's two passes (its reducer asserts)
+    static_graph = cfg.ddp_static_graph and cfg.accum_freq == 1
+    if cfg.ddp_static_graph and not static_graph:
+        log.warning("--ddp-static-graph ignored: DDP's static graph does not hold for the two "
+                    "passes of feature-cached accumulation (--accum-freq > 1)")
+    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp, static_graph=static_graph)
+    return bundle, model, frozen_inputs
 
 
 def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn.Module):
@@ -201,12 +229,24 @@ def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW; each group's lr_scale carries --layer-decay and --lr-image/--lr-text."""
+    """--opt adamw, sgd or timm/NAME; each group's lr_scale carries --layer-decay and
+    --lr-image/--lr-text."""
     tower_lr_scale = tuple((lr if lr is not None else cfg.lr) / cfg.lr
                            for lr in (cfg.lr_image, cfg.lr_text))
     groups = parameter_groups(model, cfg.wd, layer_decay=cfg.layer_decay,
                               tower_lr_scale=tower_lr_scale)
-    return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.opt == "adamw":
+        return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
+    from timm.optim import create_optimizer_v2
+    extra = {} if cfg.momentum is None else {"momentum": cfg.momentum}
+    try:
+        return create_optimizer_v2(groups, cfg.opt.removeprefix("timm/"), lr=cfg.lr,
+                                   weight_decay=cfg.wd, **extra)
+    except (AssertionError, ValueError, TypeError) as error:
+        raise ConfigError(f"--opt {cfg.opt}: timm cannot build it ({error}); see "
+                          f"timm.optim.list_optimizers()") from None
 
 
 def adamw(groups: list[dict], **hyperparameters) -> torch.optim.AdamW:
@@ -296,12 +336,24 @@ def prepare_run_dir(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStac
         else:
             try:
                 on_exit.enter_context(rundir.claimed(Path(cfg.logs) / cfg.name, cfg.logs))
+                if cfg.copy_codebase:
+                    rundir.copy_codebase(Path(cfg.logs) / cfg.name)
             except ConfigError as error:
                 problem = str(error)
     cfg.name, problem = broadcast_object((cfg.name, problem))
     if problem:
         raise ConfigError(problem)
     return Path(cfg.logs) / cfg.name
+
+
+def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
+    """out.log of rank 0; with --log-local also out-RANK.log of each node's first process."""
+    if world.is_main:
+        return run_dir / "out.log"
+    if cfg.log_local and world.local_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)  # another node may not share the file system
+        return run_dir / f"out-{world.rank}.log"
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -318,6 +370,7 @@ def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
         dataset_type=cfg.dataset_type, batch_size=cfg.batch_size,
         num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
+        upsampling_factors=cfg.train_data_upsampling_factors if train else None,
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
         rank=world.rank, world_size=world.world_size)
@@ -365,11 +418,22 @@ def step_inputs(micro_batches: list, device: torch.device, offload: bool):
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup over `warmup` optimizer steps, then cosine to zero (or constant)."""
+    """Linear warmup over `warmup` optimizer steps, then cosine to zero, constant, or
+    constant until the last --epochs-cooldown epochs decay it polynomially to
+    --lr-cooldown-end. --skip-scheduler: --lr throughout."""
+    if cfg.skip_scheduler:
+        return cfg.lr
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.lr_scheduler == "const":
         return cfg.lr
+    if cfg.lr_scheduler == "const-cooldown":
+        cooldown = total_steps // cfg.epochs * cfg.epochs_cooldown  # steps per epoch x epochs
+        start = total_steps - cooldown
+        if step < start:
+            return cfg.lr
+        decay = (1 - (step - start) / cooldown) ** cfg.lr_cooldown_power
+        return decay * (cfg.lr - cfg.lr_cooldown_end) + cfg.lr_cooldown_end
     progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * cfg.lr
 
@@ -426,6 +490,16 @@ def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, z
     return metrics
 
 
+def run_imagenet(cfg, model, trees, tokenizer, world: World, autocast) -> dict:
+    """--imagenet-val / --imagenet-v2, under open_clip_train's metric names."""
+    with unsharded(model):
+        metrics = imagenet_zeroshot(unwrap(model), trees, tokenizer, device=world.device,
+                                    autocast=autocast, batch_size=cfg.batch_size,
+                                    workers=cfg.workers, rank=world.rank, world_size=world.world_size)
+    log.info("zero-shot ImageNet: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics.items()))
+    return metrics
+
+
 @contextlib.contextmanager
 def unsharded(model):
     """FSDP2 gathers the root's parameters only inside forward(); evaluation calls
@@ -467,8 +541,18 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
     # trains epoch N again and rewrites epoch_N.pt, so neither goes missing
     if cfg.save_frequency and epoch % cfg.save_frequency == 0:
         ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
+        if cfg.delete_previous_checkpoint:
+            delete_older_epochs(directory, epoch)
     ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
+
+
+def delete_older_epochs(directory: Path, epoch: int) -> None:
+    """--delete-previous-checkpoint: epoch_K.pt for every K < epoch (epoch_latest.pt stays)."""
+    for path in directory.glob("epoch_*.pt"):
+        number = path.stem.removeprefix("epoch_")
+        if number.isdigit() and int(number) < epoch:
+            path.unlink(missing_ok=True)
 
 
 def refuse_nonfinite_weights(model, ema, directory: Path, step: int, world: World) -> None:

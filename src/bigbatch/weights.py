@@ -21,7 +21,7 @@ import torch
 from bigbatch.checkpoint import refused_pickle, refused_pickle_message
 from bigbatch.config import ConfigError
 from bigbatch.export import plain_state_dict
-from bigbatch.model import ModelBundle, create_model
+from bigbatch.model import ModelBundle, create_model, hub_offline
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Weights:
     epoch: int | None = None
 
 
-def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = False) -> Weights:
+def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = False,
+                    cache_dir: str | None = None) -> Weights:
     """Check --pretrained against the model before anything is built (see the module docstring)."""
     if pretrained is None:
         if ema:
@@ -62,10 +63,10 @@ def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = Fals
         known = f"its tags are {', '.join(tags)}" if tags else "it has none"
         raise ConfigError(f"--pretrained {pretrained}: no such file, and not an open_clip pretrained tag "
                           f"of {model_name} ({known}): pass a checkpoint file")
-    if cached_tag_file(tag) is None:
+    if cached_tag_file(tag, cache_dir) is None:
         raise ConfigError(
             f"--pretrained {pretrained}: the weights of open_clip's {model_name} '{pretrained}' are not "
-            f"available offline (not in the local cache {_cache_location(tag)}) and bigbatch does not "
+            f"available offline (not in the local cache {cache_dir or _cache_location(tag)}) and bigbatch does not "
             f"download: pass a local checkpoint file, or fetch them once where there is internet "
             f"(open_clip.create_model_and_transforms('{model_name}', pretrained='{pretrained}')) and copy the cache")
     return Weights(pretrained, "open_clip tag")
@@ -98,7 +99,7 @@ def _checkpoint_weights(pretrained: str, state: dict, model_name: str, ema: bool
                    step=state.get("step"), epoch=state.get("epoch"))
 
 
-def cached_tag_file(tag: dict) -> str | None:
+def cached_tag_file(tag: dict, cache_dir: str | None = None) -> str | None:
     """The local file open_clip would load for a pretrained tag's config, or None when it
     would have to download it. Mirrors open_clip's `download_pretrained`: the Hugging Face
     hub (safetensors first) when the tag has a hub id and huggingface_hub is installed,
@@ -111,12 +112,12 @@ def cached_tag_file(tag: dict) -> str | None:
         repo, filename = os.path.split(tag["hf_hub"])  # "org/repo/" -> ("org/repo", "")
         filename = filename or open_clip.constants.HF_WEIGHTS_NAME
         for candidate in (*_safetensors_names(filename), filename):
-            found = try_to_load_from_cache(repo, candidate)
+            found = try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
             if isinstance(found, str):
                 return found
         return None
     if tag.get("url"):
-        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(tag["url"]))
+        target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(tag["url"]))
         return target if os.path.isfile(target) else None
     return None
 
@@ -135,23 +136,6 @@ def _cache_location(tag: dict) -> str:
 
         return f"{constants.HF_HUB_CACHE}, repo {tag['hf_hub'].rstrip('/')}"
     return os.path.expanduser("~/.cache/clip")
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Make huggingface_hub answer from its cache without a network round trip.
-    HF_HUB_OFFLINE is read once at import, so the module constant is what to set."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -178,7 +162,7 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
     other options pass through; a checkpoint with a logit_bias builds a SigLIP model)."""
     pretrained = weights.source if weights.kind in ("file", "open_clip tag") else None
     try:
-        with _hub_offline(), _quiet_random_init(weights.kind == "checkpoint"):
+        with hub_offline(), _quiet_random_init(weights.kind == "checkpoint"):
             siglip = create_kwargs.pop("siglip", False) or weights.siglip
             bundle = create_model(model, pretrained=pretrained, siglip=siglip, **create_kwargs)
         if weights.state_dict is not None:

@@ -27,6 +27,9 @@ class DataSpec:
     """Samples per epoch over all ranks; by default the size of the data (sizes.json for shards)."""
     resampled: bool = False
     """--dataset-resampled: draw shards with replacement (webdataset only)."""
+    upsampling_factors: str | None = None
+    """--train-data-upsampling-factors: with ``resampled``, how often each '::'-joined
+    source's shards are drawn ('1::2'); None draws every shard alike."""
     workers: int = 1
     """DataLoader worker processes per rank (0: load in the main process)."""
     seed: int = 0
@@ -79,6 +82,15 @@ def expand_paths(paths: str) -> list[str]:
         if source:
             expanded.extend(os.path.expanduser(p) for p in braceexpand.braceexpand(source))
     return expanded
+
+
+def shard_weights(paths: str, factors: str | None) -> list[float] | None:
+    """Each shard's drawing weight, in ``expand_paths`` order: its source's factor."""
+    if factors is None:
+        return None
+    sources = [s for s in paths.split("::") if s.strip()]
+    return [float(factor) for source, factor in zip(sources, factors.split("::"))
+            for _ in expand_paths(source)]
 
 
 def is_local(path: str) -> bool:

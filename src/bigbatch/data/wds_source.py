@@ -43,7 +43,7 @@ from .loader import Loader
 from .samples import CORRUPT_SHARD, BadSample, DataError, Preprocess, Sample, load_image
 from .seeding import augment_stream, make_rng, reseed
 from .shards import CorruptShard, check_shards, count_samples, parse_sample, probe_shards, read_shard, shard_sizes
-from .spec import DataInfo, DataSpec, expand_paths, is_local
+from .spec import DataInfo, DataSpec, expand_paths, is_local, shard_weights
 
 SHUFFLE_BUFFER = 2000  # raw samples held per worker for shuffling
 SHUFFLE_INITIAL = 500  # samples buffered before the first one leaves
@@ -70,6 +70,8 @@ class ShardStream(IterableDataset):
         self.total: Counter = Counter()
         self.last_problem = ""
         self.dead: set[str] = set()  # resampled: shards that gave no usable sample
+        weights = shard_weights(spec.paths, spec.upsampling_factors)
+        self.weights = dict(zip(shards, weights)) if weights else None  # resampled: shares of the draws
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch.value, self.skip_batches.value = epoch, skip_batches
@@ -145,7 +147,11 @@ class ShardStream(IterableDataset):
                 raise DataError(
                     f"no usable sample in any of the {len(self.shards)} shards of {spec.flag} {spec.paths!r} "
                     f"(skipped: {dict(self.total)}; last: {self.last_problem}): fix the data or the path")
-            shards = [rng.choice(live) for _ in self.shards]
+            weights = [self.weights[s] for s in live] if self.weights else None
+            if weights and any(weights):
+                shards = rng.choices(live, weights=weights, k=len(self.shards))
+            else:
+                shards = [rng.choice(live) for _ in self.shards]
             buffer_rng = make_rng(spec.seed, epoch, spec.rank, worker, n)
             yield from wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=buffer_rng)(self._read(shards))
 
