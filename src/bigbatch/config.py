@@ -68,7 +68,7 @@ class TrainConfig:
     coca_contrastive_loss_weight: float = option(1.0, "CoCa models: weight of the contrastive loss", "model")
     distill_model: str | None = option(None, "distil from this open_clip model (not supported yet)", "model")
     distill_pretrained: str | None = option(None, "weights of --distill-model (not supported yet)", "model")
-    torchcompile: bool = option(False, "torch.compile the model (not supported yet)", "model")
+    torchcompile: bool = option(False, "torch.compile the model (in place; dropout still replayed exactly in pass 2)", "model")
     torchscript: bool = option(False, "refused: TorchScript is deprecated; export with `bigbatch export` instead", "model")
     trace: bool = option(False, "refused: a traced model cannot train; export with `bigbatch export` instead", "model")
     # --- fine-tuning

@@ -71,7 +71,7 @@ TABLE: dict[str, tuple[str, str]] = {
     "--force-patch-dropout": (SAME, ""),
     "--force-custom-text": (SAME, ""),
     "--torchscript": ("refused", "TorchScript is deprecated and cannot be trained through: export with `bigbatch export`"),
-    "--torchcompile": ("refused: not supported yet", "compiled towers must replay dropout exactly in pass 2; not built yet"),
+    "--torchcompile": ("compiles the model in place (`model.compile()`)", "inductor's random ops fall back to eager ones, so pass 2 replays pass 1's dropout exactly; checkpoints keep their parameter names"),
     "--trace": ("refused", "a traced model cannot train: export with `bigbatch export`"),
     "--accum-freq": ("exact feature-cached accumulation", "the large-batch gradient exactly (logit scale once, dropout replayed)"),
     "--device": (SAME, "default `auto`"),
@@ -113,8 +113,6 @@ REFUSED = {
                    "plain open_clip checkpoint to script later",
     "trace": "--trace: a traced model is for inference only and cannot train: drop it; `bigbatch "
              "export` writes a plain open_clip checkpoint to trace later",
-    "torchcompile": "--torchcompile is not supported yet (compiled towers must replay dropout "
-                    "exactly in pass 2): drop it",
     "distill_model": "--distill-model is not supported yet (distillation with exact accumulation): "
                      "drop --distill-model and --distill-pretrained",
     "distill_pretrained": "--distill-pretrained is not supported yet (distillation with exact "

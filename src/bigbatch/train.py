@@ -23,6 +23,7 @@ import torch
 from bigbatch import checkpoint as ckpt
 from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
+from bigbatch.compiled import compile_model
 from bigbatch.config import ConfigError, TrainConfig, to_dict, wants_report
 from bigbatch.data import DataError, DataSpec, make_data
 from bigbatch.device import autocast_factory, resolve_precision
@@ -207,6 +208,8 @@ def build_model(cfg: TrainConfig, world: World):
                           "--lock-text-unlocked-layers) or lock one tower")
     if cfg.use_bn_sync and world.world_size > 1:  # BatchNorm statistics over all ranks
         bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
+    if cfg.torchcompile:
+        compile_model(bundle.model)
     # DDP's static graph does not survive a cached step's two passes (its reducer asserts)
     static_graph = cfg.ddp_static_graph and cfg.accum_freq == 1
     if cfg.ddp_static_graph and not static_graph:
