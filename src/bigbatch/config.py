@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from bigbatch.flags import Parser
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; its message names the fix."""
@@ -43,7 +45,7 @@ class TrainConfig:
     batch_size: int | str = option(64, "micro-batch size per GPU/rank (one forward); 'auto': the largest that fits the GPU (bigbatch plan)", "data")
     seed: int = option(0, "random seed (data order, initialisation, dropout)", "data")
     # --- model
-    model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()) or a path to a model config JSON", "model")
+    model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()), bigbatch's CPU-sized bigbatch-tiny or bigbatch-small, or a path to a model config JSON", "model")
     pretrained: str | None = option(None, "weights to start from: a checkpoint file (bigbatch's or open_clip's) or an open_clip pretrained tag whose weights are in the local cache", "model")
     siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
     force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
@@ -79,6 +81,7 @@ class TrainConfig:
     # --- precision and device
     precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU", "precision", choices=["auto", "fp32", "amp", "amp_bf16"])
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", "precision")
+    threads: int | None = option(None, "CPU threads for torch's operations (default: torch's choice, one per core); lower it when other CPU-bound work shares the machine", "precision")
     # --- distributed (launch with torchrun or srun; one process per GPU)
     local_loss: bool = option(False, "each rank takes the loss rows of its own samples against all gathered columns: O(n x N) instead of O(N x N) (needs --gather-with-grad)", "distributed")
     gather_with_grad: bool = option(False, "all-gather features with gradients flowing back to their rank", "distributed")
@@ -88,7 +91,7 @@ class TrainConfig:
     logs: str = option("./logs", "where runs are written (one folder per --name)", "logging")
     name: str | None = option(None, "run name (default: date, model, lr and batch)", "logging")
     log_every_n_steps: int = option(100, "print and log progress every N optimizer steps", "logging")
-    report_to: str = option("", "'tensorboard' to also write tensorboard events", "logging", choices=["", "tensorboard"])
+    report_to: str = option("", "'tensorboard' to also write tensorboard events (default: none)", "logging", choices=["", "tensorboard"], metavar="tensorboard")
     # --- checkpoints
     save_frequency: int = option(1, "save a checkpoint every N epochs (0: never)", "checkpoints")
     save_every_n_steps: int = option(0, "also save epoch_latest.pt every N optimizer steps inside an epoch (0: only at epoch ends); a run resumed from it leaves out the batches already trained on", "checkpoints")
@@ -111,6 +114,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{_flag(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
     positive = ["accum_freq", "epochs", "log_every_n_steps"]
+    if cfg.threads is not None:
+        positive.append("threads")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -186,8 +191,8 @@ def _check_lines_file(name: str, path: str | None) -> None:
 # --- parsing
 
 def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS,
+    parser = Parser(
+        prog=prog, argument_default=argparse.SUPPRESS, usage="%(prog)s [--config FILE.yaml] [flags]",
         description="Train a CLIP-style model. Effective batch = batch-size x accum-freq x world-size.")
     parser.add_argument("--config", help="YAML file of options (field names as keys); flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -195,7 +200,8 @@ def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
         meta = dict(f.metadata)
         group_name = meta.pop("group")
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        meta["help"] += f" (default: {f.default!r})"
+        if f.default is not None and "(default:" not in meta["help"]:
+            meta["help"] += f" (default: {f.default!r})"
         if f.type in ("bool", bool):
             group.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **meta)
         else:
