@@ -1,6 +1,6 @@
 """`bigbatch eval`: zero-shot classification and image-text retrieval of a trained model.
 
-    bigbatch eval --model ViT-B-32 --pretrained logs/run/checkpoints/epoch_32.pt \\
+    bigbatch eval --pretrained logs/run/checkpoints/epoch_32.pt \\
         --zeroshot-data imagenet-val.csv --classnames imagenet --templates openai \\
         --retrieval-data coco-val.csv --output results.json
 
