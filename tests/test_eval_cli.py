@@ -158,8 +158,10 @@ def test_builtin_sets():
     (["--retrieval-data", "DATA", "--csv-caption-key", "caption"], r"has no column 'caption'.*set --csv-caption-key"),
     (["--retrieval-data", "DATA", "--precision", "amp"], "amp.*is for CUDA"),
 ])
-def test_user_errors(setup, extra, message):
+def test_user_errors(setup, monkeypatch, extra, message):
+    """Each one stops before a model is built."""
     root, ckpt, _, _ = setup
+    monkeypatch.setattr(weights_module, "load_model", lambda *a, **k: pytest.fail("the model was built"))
     extra = [{"DATA": str(root / "data.csv"), "CLASSES": str(root / "classes.txt")}.get(a, a) for a in extra]
     with pytest.raises(ConfigError, match=message):
         eval_cli.main(_args(root, ckpt, *extra))

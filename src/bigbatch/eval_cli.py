@@ -232,13 +232,18 @@ def retrieval_eval(bundle, loader: Iterable, *, device, autocast) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Everything `bigbatch eval` does but print: returns the results `--output` writes."""
     _check_flags(args)
-    from bigbatch.data import make_data
+    from bigbatch.data import check_data, make_data
     from bigbatch.device import autocast_factory, pick_device, resolve_precision, set_threads
     from bigbatch.model import register_model_config
     from bigbatch.weights import checkpoint_model, load_model, resolve_weights
     from bigbatch.zeroshot import load_classnames, load_templates
 
     set_threads(args.threads)
+    for flag, paths, zeroshot in (("--zeroshot-data", args.zeroshot_data, True),
+                                  ("--retrieval-data", args.retrieval_data, False)):
+        if paths is not None:  # columns and shards, before the model is built
+            with _user_errors(flag, zeroshot=zeroshot):
+                check_data(data_spec(args, paths, zeroshot=zeroshot))
     classnames = templates = None
     if args.zeroshot_data is not None:
         classnames, templates = load_classnames(args.classnames), load_templates(args.templates)

@@ -304,9 +304,9 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, world: World, on_exit: contex
 
 
 def finished(cfg: TrainConfig, run_dir: Path) -> bool:
-    """A resumed run whose checkpoint completed every epoch (the demo's command run twice):
+    """--resume latest of a run that completed every epoch (the demo's command run twice):
     say so, and how to train anew, instead of building a model with nothing to train."""
-    path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints")
+    path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints") if cfg.resume == "latest" else None
     epochs = ckpt.completed_epochs(path) if path else None
     if epochs is None or epochs < cfg.epochs:
         return False
