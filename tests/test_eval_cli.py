@@ -158,8 +158,10 @@ def test_builtin_sets():
     (["--retrieval-data", "DATA", "--csv-caption-key", "caption"], r"has no column 'caption'.*set --csv-caption-key"),
     (["--retrieval-data", "DATA", "--precision", "amp"], "amp.*is for CUDA"),
 ])
-def test_user_errors(setup, extra, message):
+def test_user_errors(setup, monkeypatch, extra, message):
+    """Each one stops before a model is built."""
     root, ckpt, _, _ = setup
+    monkeypatch.setattr(weights_module, "load_model", lambda *a, **k: pytest.fail("the model was built"))
     extra = [{"DATA": str(root / "data.csv"), "CLASSES": str(root / "classes.txt")}.get(a, a) for a in extra]
     with pytest.raises(ConfigError, match=message):
         eval_cli.main(_args(root, ckpt, *extra))
@@ -248,3 +250,26 @@ def test_webdataset_shards_with_cls_labels(setup, tmp_path):
     bare = _shard(tmp_path / "bare-000000.tar", root, captions=False)
     with pytest.raises(ConfigError, match=r"no usable sample .*--zeroshot-data .*missing caption.*a \.txt caption per sample"):
         eval_cli.main(_args(root, ckpt, "--zeroshot-data", bare, *flags))
+
+
+def test_model_is_read_from_a_bigbatch_checkpoint_and_one_progress_line_per_pass(setup, tmp_path, capsys):
+    root, ckpt, model, _ = setup
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = {"model": str(CONFIG)}  # what training records: the --model it was given
+    trained = save_checkpoint(state, tmp_path / "trained.pt")
+    flags = ["--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+             "--retrieval-data", str(root / "data.csv")]
+    assert eval_cli.main(["--pretrained", str(trained), *flags]) == 0
+    out, err = capsys.readouterr()
+    assert f"model       {NAME}" in out
+    assert err.count("retrieval:") == 1 and "3 batches in" in err  # not a line per batch
+
+    state.update(model="other", config={"model": str(tmp_path / "gone.json")})
+    moved = save_checkpoint(state, tmp_path / "moved.pt")
+    with pytest.raises(ConfigError, match="gone.json, which is not here: pass --model"):
+        eval_cli.main(["--pretrained", str(moved), *flags])
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ConfigError, match="records no model .*: pass --model"):
+        eval_cli.main(["--pretrained", str(tmp_path / "plain.pt"), *flags])
+    with pytest.raises(ConfigError, match="which model\\? pass --pretrained CKPT .* or --model NAME"):
+        eval_cli.main(flags)

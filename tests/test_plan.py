@@ -15,7 +15,8 @@ from bigbatch.config import ConfigError
 from bigbatch.losses import CaptionLoss
 from bigbatch.model import create_model, register_model_config
 from bigbatch.plan import (MemoryPlan, derive_accum_freq, estimate_memory, find_max_batch_size,
-                           format_plan, main, parse_memory)
+                           format_plan, parse_memory)
+from bigbatch.plan_cli import main
 
 TINY = str(Path(__file__).parent / "assets" / "test-clip.json")
 COCA = str(Path(__file__).parent / "assets" / "test-coca.json")

@@ -363,3 +363,62 @@ def test_coca_with_locked_towers_trains_its_decoder_only(tmp_path, capsys, monke
         if key.startswith(("visual.", "text.")):
             assert torch.equal(end[key], value), key
     assert not torch.equal(end["text_decoder.text_projection"], start["state_dict"]["text_decoder.text_projection"])
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model fails the test: the mistake must be found before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(bigbatch.train, "build_model", refuse)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-data", "missing/shard-{000000..000003}.tar"], "no shards match --train-data"),
+    (["--train-data", "missing.csv"], "no CSV file at 'missing.csv'"),
+    (["--train-data", "{csv}", "--val-data", "gone.csv"], "no CSV file at 'gone.csv'"),
+    (["--train-data", "{csv}", "--csv-caption-key", "title"], "has no column 'title'"),
+])
+def test_a_failed_start_builds_no_model_and_leaves_no_run_folder(tmp_path, capsys, no_model, flags, message):
+    csv_flags = ["--csv-separator", ",", "--csv-img-key", "img", "--csv-caption-key", "caption"]
+    flags = csv_flags + [str(make_csv(tmp_path)) if f == "{csv}" else f for f in flags]
+    assert main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--name", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_same_command_twice_resumes_then_says_the_run_is_finished(tmp_path, capsys, monkeypatch):
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "8", "--batch-size", "4",
+            "--epochs", "1", "--resume", "latest"]
+    run_dir = run(tmp_path, *args)
+    out, err = capsys.readouterr()
+    assert "no checkpoint in" in out and "starting a new run" in out
+    assert out.count("starting from random weights (no --pretrained)") == 1
+    assert "No pretrained weights loaded" not in out + err  # open_clip's warning, replaced by ours
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run built its model")
+    monkeypatch.setattr(bigbatch.train, "build_model", refuse)
+    before = (run_dir / "metrics.jsonl").read_text()
+    run(tmp_path, *args)
+    out = capsys.readouterr().out
+    assert "run run has finished" in out and f"delete {run_dir}" in out and "another --name" in out
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+    monkeypatch.undo()
+    run(tmp_path, *args[:-4], "--epochs", "2", "--resume", "latest")  # more epochs: it continues
+    out, err = capsys.readouterr()
+    assert "resumed from" in out and "random weights" not in out and "No pretrained" not in err
+    assert records(run_dir, "train")[-1]["epoch"] == 2
+
+
+def test_threads_sets_torchs_thread_count(tmp_path, monkeypatch):
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    run(tmp_path, "--dataset-type", "synthetic", "--train-num-samples", "4", "--batch-size", "4",
+        "--epochs", "1", "--threads", "1")
+    assert counts == [1]
+    with pytest.raises(Exception, match="--threads must be at least 1"):
+        from bigbatch.config import parse_config
+        parse_config(["--dataset-type", "synthetic", "--threads", "0"])

@@ -75,6 +75,18 @@ def refused_pickle_message(path: str | Path) -> str:
             f"and pass that")
 
 
+def completed_epochs(path: str | Path) -> int | None:
+    """The epochs a checkpoint completed, read memory-mapped (its tensors stay on disk);
+    None when it was saved mid-epoch or cannot be read (resuming then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for a file it does not read
+        return None
+    if not isinstance(state, dict) or state.get("epoch_samples") or not isinstance(state.get("epoch"), int):
+        return None
+    return state["epoch"]
+
+
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
     """'latest' -> the run's newest checkpoint (None when the run has none yet)."""
     if resume is None:

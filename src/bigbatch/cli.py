@@ -6,6 +6,7 @@ line `bigbatch: error: ...` naming the fix and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -29,19 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "eval": _module_main("bigbatch.eval_cli"),
-                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan"),
+                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan_cli"),
                 "demo-data": _module_main("bigbatch.data.demo")}
     if command not in commands:
-        print(f"bigbatch: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        close = difflib.get_close_matches(command, commands, n=1)
+        hint = f": did you mean {close[0]}?" if close else ""
+        print(f"bigbatch: error: unknown command {command!r}{hint} (see bigbatch --help)", file=sys.stderr)
         return 2
-    from bigbatch.config import ConfigError
-    from bigbatch.data import DataError
     from bigbatch.preemption import Preempted, resume_command
     try:
         return commands[command](rest) or 0
-    except (ConfigError, DataError) as error:
-        print(f"bigbatch: error: {error}", file=sys.stderr)
-        return 2
     except Preempted as stop:  # rank 0 says it; every rank exits 128 + the signal
         if stop.summary:
             print(f"bigbatch: {stop.summary}; resume with: {resume_command(rest, stop.name)}",
@@ -50,13 +48,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bigbatch: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        print(f"bigbatch: error: {error}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Mistakes a user can make: one line, no traceback. Imported only once one happened:
+    the data layer imports torch, which `--help` and flag errors do without."""
+    from bigbatch.config import ConfigError
+    from bigbatch.data import DataError
+    return ConfigError, DataError
 
 
 def _train(argv: list[str]) -> int:
     from bigbatch.config import parse_config
+
+    cfg = parse_config(argv)  # flags first: --help and mistakes need no torch
     from bigbatch.train import train
 
-    train(parse_config(argv))
+    train(cfg)
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from bigbatch.errors import ConfigError  # noqa: F401  (re-exported: bigbatch.config.ConfigError)
+from bigbatch.flags import Parser
 
 
 def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
@@ -47,7 +48,7 @@ class TrainConfig:
     seed: int = option(0, "random seed (data order, initialisation, dropout)", "data")
     cache_dir: str | None = option(None, "where open_clip looks for pretrained weights and tokenizer files (default: its own cache; nothing is downloaded)", "data")
     # --- model
-    model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()) or a path to a model config JSON", "model")
+    model: str = option("ViT-B-32", "an open_clip model name (open_clip.list_models()), bigbatch's CPU-sized bigbatch-tiny or bigbatch-small, or a path to a model config JSON", "model")
     pretrained: str | None = option(None, "weights to start from: a checkpoint file (bigbatch's or open_clip's) or an open_clip pretrained tag whose weights are in the local cache", "model")
     siglip: bool = option(False, "use the SigLIP sigmoid loss (learnable logit bias) instead of CLIP's softmax loss", "model")
     force_patch_dropout: float | None = option(None, "override the image tower's patch dropout (0 disables)", "model")
@@ -106,6 +107,7 @@ class TrainConfig:
     # --- precision and device
     precision: str = option("auto", "'auto' = amp on CUDA, fp32 on CPU; amp/amp_bf16 (= amp_bfloat16): fp32 weights under autocast; pure_bf16/pure_fp16: the weights themselves in bf16/fp16, no autocast; bf16/fp16: open_clip's low-precision matmul weights", "precision", choices=PRECISIONS)
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", "precision")
+    threads: int | None = option(None, "CPU threads for torch's operations (default: torch's choice, one per core); lower it when other CPU-bound work shares the machine", "precision")
     # --- distributed (launch with torchrun or srun; one process per GPU)
     local_loss: bool = option(False, "each rank takes the loss rows of its own samples against all gathered columns: O(n x N) instead of O(N x N) (needs --gather-with-grad)", "distributed")
     gather_with_grad: bool = option(False, "all-gather features with gradients flowing back to their rank", "distributed")
@@ -156,6 +158,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if choices and getattr(cfg, f.name) is not None and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{_flag(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
     positive = ["accum_freq", "epochs", "log_every_n_steps"]
+    if cfg.threads is not None:
+        positive.append("threads")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -327,8 +331,8 @@ def _check_lines_file(name: str, path: str | None) -> None:
 # --- parsing
 
 def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS,
+    parser = Parser(
+        prog=prog, argument_default=argparse.SUPPRESS, usage="%(prog)s [--config FILE.yaml] [flags]",
         description="Train a CLIP-style model. Effective batch = batch-size x accum-freq x world-size.")
     parser.add_argument("--config", help="YAML file of options (field names as keys); flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -336,7 +340,8 @@ def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
         meta = dict(f.metadata)
         group_name = meta.pop("group")
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        meta["help"] += f" (default: {f.default!r})"
+        if f.default is not None and "(default:" not in meta["help"]:
+            meta["help"] += f" (default: {f.default!r})"
         if f.type in ("bool", bool):
             group.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **meta)
         else:

@@ -44,3 +44,14 @@ def autocast_factory(precision: str, device: torch.device):
     if precision not in AUTOCAST_DTYPES:
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def set_threads(threads: int | None) -> None:
+    """--threads: torch's intra-op threads (None: torch's choice, one per core). On a
+    machine shared with other CPU-bound work, one thread per core oversubscribes the
+    cores and every thread waits for the slowest: fewer threads run faster."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)

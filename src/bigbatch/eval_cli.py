@@ -1,6 +1,6 @@
 """`bigbatch eval`: zero-shot classification and image-text retrieval of a trained model.
 
-    bigbatch eval --model ViT-B-32 --pretrained logs/run/checkpoints/epoch_32.pt \\
+    bigbatch eval --pretrained logs/run/checkpoints/epoch_32.pt \\
         --zeroshot-data imagenet-val.csv --classnames imagenet --templates openai \\
         --retrieval-data coco-val.csv --output results.json
 
@@ -10,13 +10,16 @@ zero-shot top-1/top-5/mean per-class accuracy (`build_zeroshot_classifier`,
 
 1. check the flags, read class names and templates (a file or a built-in set);
 2. resolve --pretrained: a bigbatch (or open_clip_train) checkpoint is read here, its
-   `model` checked against --model, its `state_dict` (or, with --ema, its
+   `model` checked against --model (or, without --model, taken as the model), its `state_dict` (or, with --ema, its
    `ema_state_dict`) loaded into the model; any other file, or an open_clip tag found
    in the local cache, is handed to open_clip (nothing is downloaded);
 3. zero-shot: embed the images only (the captions of a classification set mean
    nothing, and `evaluate` would also embed them and rank all N x N pairs), then score
    them against the class embeddings; retrieval: one `evaluate` pass;
 4. print a table; with --output, write the numbers and what produced them as JSON.
+
+torch, open_clip and the data layer are imported inside the functions that use them,
+once the flags are parsed: `--help` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
@@ -34,17 +37,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import open_clip
-import torch
-
 from bigbatch.config import ConfigError
-from bigbatch.device import autocast_factory, pick_device, resolve_precision
-from bigbatch.data import DataSpec, make_data
-from bigbatch.data.spec import expand_paths, is_local
-from bigbatch.evaluate import build_zeroshot_classifier, evaluate, zeroshot_accuracy
-from bigbatch.model import ModelBundle, register_model_config
-from bigbatch.weights import load_model, resolve_weights
-from bigbatch.zeroshot import load_classnames, load_templates
+from bigbatch.flags import Parser
 
 DATA_FLAG = "--val-data"  # how bigbatch.data names evaluation data in its messages
 
@@ -53,13 +47,14 @@ DATA_FLAG = "--val-data"  # how bigbatch.data names evaluation data in its messa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bigbatch eval",
         description="Zero-shot classification and image-text retrieval of a trained model. "
                     "Give --zeroshot-data, --retrieval-data or both.")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True,
-                       help="open_clip model name (open_clip.list_models()), bigbatch-tiny/-small, or a model config JSON")
+    model.add_argument("--model", default=None,
+                       help="open_clip model name (open_clip.list_models()), bigbatch-tiny/bigbatch-small, or a "
+                            "model config JSON (default: the model a bigbatch checkpoint given as --pretrained records)")
     model.add_argument("--pretrained", default=None,
                        help="weights: a bigbatch checkpoint, an open_clip checkpoint file, or an open_clip "
                             "pretrained tag already in the local cache (nothing is downloaded); "
@@ -93,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     run.add_argument("--precision", default="auto", choices=["auto", "fp32", "amp", "amp_bf16"],
                      help="'auto' = amp on CUDA, fp32 on CPU")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's choice, one per core)")
     run.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser
 
@@ -120,6 +117,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    if args.model is None and args.pretrained is None:
+        raise ConfigError("which model? pass --pretrained CKPT (a bigbatch checkpoint records its model) "
+                          "or --model NAME (random weights: a chance-level baseline)")
+    from bigbatch.data.spec import expand_paths, is_local
     for flag, paths in (("--zeroshot-data", args.zeroshot_data), ("--retrieval-data", args.retrieval_data)):
         if paths is None:
             continue
@@ -133,9 +134,11 @@ def _check_flags(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def data_spec(args: argparse.Namespace, paths: str, *, zeroshot: bool) -> DataSpec:
+def data_spec(args: argparse.Namespace, paths: str, *, zeroshot: bool):
     """Evaluation data: read once, in order. Zero-shot samples need no caption, but the data
     layer requires one: the label column stands in for it (it exists in every labelled CSV)."""
+    from bigbatch.data import DataSpec
+
     return DataSpec(
         paths=paths, dataset_type=args.dataset_type, batch_size=args.batch_size,
         workers=args.workers, is_train=False, csv_img_key=args.csv_img_key,
@@ -162,56 +165,64 @@ def _user_errors(flag: str, *, zeroshot: bool = False) -> Iterator[None]:
 
 
 def _progress(loader: Iterable, what: str) -> Iterator:
-    """Yield the batches, with a line on stderr about every tenth of the way."""
+    """Yield the batches, with one progress line on stderr: updated in place on a terminal,
+    written once at the end elsewhere (a log file gets no line per batch)."""
     try:
         total = len(loader)
     except TypeError:
         total = None
-    start, step = time.perf_counter(), max(1, (total or 100) // 10)
-    count = 0
+    live, start, count = sys.stderr.isatty(), time.perf_counter(), 0
     for count, batch in enumerate(loader, 1):
         yield batch
-        if count % step == 0 and count != total:
-            print(f"  {what}: {count}/{total or '?'} batches, {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    print(f"  {what}: {count} batches in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if live:
+            print(f"\r  {what}: {count}/{total or '?'} batches, {time.perf_counter() - start:.0f} s",
+                  end="", file=sys.stderr, flush=True)
+    print(f"{chr(13) if live else ''}  {what}: {count} batches in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the two evaluations
 
 
-@torch.no_grad()
-def zeroshot_eval(bundle: ModelBundle, loader: Iterable, classnames: list[str], templates: list[str], *,
-                  device: torch.device, autocast, name: str = "--zeroshot-data") -> dict:
+def zeroshot_eval(bundle, loader: Iterable, classnames: list[str], templates: list[str], *,
+                  device, autocast, name: str = "--zeroshot-data") -> dict:
     """Top-1/top-5/per-class accuracy of the images of `loader` against the class names."""
-    model = bundle.model
-    features, labels, skipped = [], [], Counter()
-    for batch in _progress(loader, "zero-shot"):
-        if batch[2] is None:
-            raise ConfigError(f"{name} has samples without a class label: webdataset shards need a .cls "
-                              "file per sample, a CSV an integer column named by --csv-label-key")
-        if len(batch[2]) and batch[2].max() >= len(classnames):
-            raise ConfigError(f"{name} has label {batch[2].max().item()} but --classnames gives only "
-                              f"{len(classnames)} classes: labels count from 0 in the order of the class names")
-        with autocast():
-            embedded = model.encode_image(batch[0].to(device=device, non_blocking=True), normalize=True)
-        features.append(embedded.float().cpu())  # (B, D); the device holds one batch at a time
-        labels.append(batch[2])
-        if len(batch) > 3 and batch[3]:
-            skipped.update(batch[3])
-    if not features:
-        raise ConfigError(f"{name} gave no images: check the data")
-    classifier = build_zeroshot_classifier(model, bundle.tokenizer, classnames, templates, device, autocast)  # (D, C)
-    labels = torch.cat(labels)
-    metrics = zeroshot_accuracy(torch.cat(features).to(device), labels, classifier)
-    counts = torch.bincount(labels, minlength=len(classnames)).tolist()
-    per_class = metrics.pop("zeroshot_per_class")
-    metrics["per_class"] = [{"label": i, "name": c, "accuracy": a if counts[i] else None, "samples": counts[i]}
-                            for i, (c, a) in enumerate(zip(classnames, per_class))]
-    return {"num_samples": len(labels), **metrics, "skipped": dict(skipped)}
+    import torch
+
+    from bigbatch.evaluate import build_zeroshot_classifier, zeroshot_accuracy
+
+    with torch.no_grad():
+        model = bundle.model
+        features, labels, skipped = [], [], Counter()
+        for batch in _progress(loader, "zero-shot"):
+            if batch[2] is None:
+                raise ConfigError(f"{name} has samples without a class label: webdataset shards need a .cls "
+                                  "file per sample, a CSV an integer column named by --csv-label-key")
+            if len(batch[2]) and batch[2].max() >= len(classnames):
+                raise ConfigError(f"{name} has label {batch[2].max().item()} but --classnames gives only "
+                                  f"{len(classnames)} classes: labels count from 0 in the order of the class names")
+            with autocast():
+                embedded = model.encode_image(batch[0].to(device=device, non_blocking=True), normalize=True)
+            features.append(embedded.float().cpu())  # (B, D); the device holds one batch at a time
+            labels.append(batch[2])
+            if len(batch) > 3 and batch[3]:
+                skipped.update(batch[3])
+        if not features:
+            raise ConfigError(f"{name} gave no images: check the data")
+        classifier = build_zeroshot_classifier(model, bundle.tokenizer, classnames, templates, device, autocast)  # (D, C)
+        labels = torch.cat(labels)
+        metrics = zeroshot_accuracy(torch.cat(features).to(device), labels, classifier)
+        counts = torch.bincount(labels, minlength=len(classnames)).tolist()
+        per_class = metrics.pop("zeroshot_per_class")
+        metrics["per_class"] = [{"label": i, "name": c, "accuracy": a if counts[i] else None, "samples": counts[i]}
+                                for i, (c, a) in enumerate(zip(classnames, per_class))]
+        return {"num_samples": len(labels), **metrics, "skipped": dict(skipped)}
 
 
-def retrieval_eval(bundle: ModelBundle, loader: Iterable, *, device: torch.device, autocast) -> dict:
+def retrieval_eval(bundle, loader: Iterable, *, device, autocast) -> dict:
     """Image->text and text->image recall@1/5/10 over the pairs of `loader` (pair i matches i)."""
+    from bigbatch.evaluate import evaluate
+
     return evaluate(bundle.model, _progress(loader, "retrieval"), device=device, autocast=autocast)
 
 
@@ -221,19 +232,32 @@ def retrieval_eval(bundle: ModelBundle, loader: Iterable, *, device: torch.devic
 def run(args: argparse.Namespace) -> dict:
     """Everything `bigbatch eval` does but print: returns the results `--output` writes."""
     _check_flags(args)
+    from bigbatch.data import check_data, make_data
+    from bigbatch.device import autocast_factory, pick_device, resolve_precision, set_threads
+    from bigbatch.model import register_model_config
+    from bigbatch.weights import checkpoint_model, load_model, resolve_weights
+    from bigbatch.zeroshot import load_classnames, load_templates
+
+    set_threads(args.threads)
+    for flag, paths, zeroshot in (("--zeroshot-data", args.zeroshot_data, True),
+                                  ("--retrieval-data", args.retrieval_data, False)):
+        if paths is not None:  # columns and shards, before the model is built
+            with _user_errors(flag, zeroshot=zeroshot):
+                check_data(data_spec(args, paths, zeroshot=zeroshot))
     classnames = templates = None
     if args.zeroshot_data is not None:
         classnames, templates = load_classnames(args.classnames), load_templates(args.templates)
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_factory(precision, device)
-    model_name = register_model_config(args.model)
+    model_arg = args.model or checkpoint_model(args.pretrained)
+    model_name = register_model_config(model_arg)
     weights = resolve_weights(args.pretrained, model_name, ema=args.ema)
-    bundle = load_model(args.model, weights, device)
+    bundle = load_model(model_arg, weights, device)
     bundle.model.eval()
 
     results: dict = {
-        "model": model_name, "model_arg": args.model, "checkpoint": args.pretrained,
+        "model": model_name, "model_arg": model_arg, "checkpoint": args.pretrained,
         "weights": weights.kind, "ema": args.ema, "step": weights.step, "epoch": weights.epoch,
         "device": str(device), "precision": precision, "batch_size": args.batch_size,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -259,6 +283,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _versions() -> dict[str, str]:
+    import open_clip
+    import torch
+
     def version(package: str) -> str:
         try:
             return importlib.metadata.version(package)

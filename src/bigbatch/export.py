@@ -14,6 +14,9 @@ the model's weights only:
 4. write atomically: a `.safetensors` name gives a safetensors file, anything else `torch.save`.
 
 The result loads with `open_clip.create_model_and_transforms(MODEL, pretrained=OUT)`.
+
+torch and open_clip are imported inside the functions that use them: `bigbatch export
+--help` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import open_clip
-import torch
-
-from bigbatch.checkpoint import load_checkpoint, save_checkpoint
 from bigbatch.config import ConfigError
+from bigbatch.flags import Parser
+
+if TYPE_CHECKING:
+    import torch
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SCALARS = ("logit_scale", "logit_bias")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bigbatch export",
         description="Write the weights of a bigbatch (or open_clip_train) checkpoint as a plain "
                     "open_clip file: open_clip.create_model_and_transforms(MODEL, pretrained=OUT).")
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import open_clip
+
     result = export_checkpoint(args.checkpoint, args.output, ema=args.ema)
     state, model = result["state_dict"], result["model"]
     n_params = sum(t.numel() for t in state.values() if t.is_floating_point())
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, ema: bool = False) -> dict:
     """Write the plain weights of `checkpoint` to `output`; returns what was written:
     `state_dict`, `model` (the open_clip config name, or None), `step`, `has_ema`."""
+    from bigbatch.checkpoint import load_checkpoint, save_checkpoint
+
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and checkpoint.exists() and os.path.samefile(output, checkpoint):
         raise ConfigError(f"export would overwrite its input {checkpoint}: pick another OUT path")
@@ -90,6 +98,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, ema: bool =
 
 def plain_state_dict(state_dict: dict[str, torch.Tensor], model: str | None = None) -> dict[str, torch.Tensor]:
     """Weights under open_clip's own key names, scalars shaped as the model `model` has them."""
+    import torch
+
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConfigError("the checkpoint's weights are not a dict of tensors: it is not a bigbatch "
                           "or open_clip training checkpoint")
@@ -106,12 +116,16 @@ def plain_state_dict(state_dict: dict[str, torch.Tensor], model: str | None = No
 
 
 def _config(model: str) -> dict:
+    import open_clip
+
     return open_clip.get_model_config(model) or {}
 
 
 def _scalar_shape(model: str | None) -> tuple[int, ...] | None:
     """() for open_clip's default scalar logit_scale/bias, (1,) with `nonscalar_logit_scale`;
     None when the model's config is unknown (then the tensors are left as they are)."""
+    import open_clip
+
     if not model or model not in open_clip.list_models():
         return None
     return (1,) if _config(model).get("nonscalar_logit_scale") else ()

@@ -25,8 +25,8 @@ from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
 from bigbatch.compiled import compile_model
 from bigbatch.config import ConfigError, TrainConfig, to_dict, wants_report
-from bigbatch.data import DataError, DataSpec, make_data
-from bigbatch.device import autocast_factory, resolve_precision
+from bigbatch.data import DataError, DataSpec, check_data, make_data
+from bigbatch.device import autocast_factory, resolve_precision, set_threads
 from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
                                   full_state, gather_objects, init_distributed,
                                   load_full_model_state, load_full_optimizer_state, wrap_model)
@@ -49,6 +49,7 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured on this rank; returns the last validation metrics."""
+    set_threads(cfg.threads)
     world = start_distributed(cfg)
     try:
         with contextlib.ExitStack() as on_exit, rundir.disk_errors_named(cfg.logs):
@@ -66,16 +67,20 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dict:
     """`on_exit` holds what the run releases when it ends: its folder's lock, the signal
-    handlers (installed first, so that loader workers inherit them)."""
+    handlers (installed first, so that loader workers inherit them).
+
+    What needs no model is checked first (the run's name, the data's paths and columns); the
+    run folder is created once the model and data are ready: a start that fails leaves none."""
     signals = on_exit.enter_context(SignalWatch())
+    setup_console_logging(enabled=world.is_main, debug=cfg.debug)  # out.log joins once the run folder exists
     device = world.device
     precision = resolve_precision(cfg.precision, device)
     choose_batch_layout(cfg, world, precision)
-    run_dir = prepare_run_dir(cfg, world, on_exit)
-    setup_console_logging(log_file(cfg, run_dir, world), enabled=world.is_main or
-                          (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
-    if cfg.remote_sync and world.is_main:
-        on_exit.enter_context(remote_sync(run_dir, cfg.remote_sync, cfg.remote_sync_frequency))
+    run_dir = name_run(cfg, world)
+    if finished(cfg, run_dir):
+        return {}
+    for split in (True, False) if cfg.val_data else (True,):
+        check_user_data(data_spec(cfg, world, train=split))
     seed_everything(cfg.seed)  # the same initial weights on every rank
     bundle, model, frozen_inputs = build_model(cfg, world)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
@@ -90,6 +95,11 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
                 if cfg.val_data else None)
     imagenet = open_trees({"imagenet_val": cfg.imagenet_val, "imagenet_v2": cfg.imagenet_v2},
                           bundle.preprocess_val)
+    claim_run_dir(run_dir, cfg, world, on_exit)
+    setup_console_logging(log_file(cfg, run_dir, world), enabled=world.is_main or
+                          (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
+    if cfg.remote_sync and world.is_main:
+        on_exit.enter_context(remote_sync(run_dir, cfg.remote_sync, cfg.remote_sync_frequency))
 
     steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
     total_steps = steps_per_epoch * cfg.epochs
@@ -321,28 +331,17 @@ def smallest_over_ranks(value: int, world: World) -> int:
     return min(gather_objects(value))
 
 
-def prepare_run_dir(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> Path:
-    """logs/NAME/ holding out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/.
-
-    Rank 0 names the run, checks it, creates and locks it until the run ends; every rank
-    gets the same name or the same error.
-    """
+def name_run(cfg: TrainConfig, world: World) -> Path:
+    """logs/NAME/ (to hold out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/):
+    rank 0 names the run and checks the name is free, or resumed; every rank gets the same
+    name or the same error. Nothing is created yet (claim_run_dir does)."""
     problem = None
     if world.is_main:
         if cfg.name is None:
             stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
             model = Path(cfg.model).stem
             cfg.name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{cfg.batch_size}x{cfg.accum_freq}"
-        if (Path(cfg.logs) / cfg.name).exists() and cfg.resume is None:
-            problem = (f"run '{cfg.name}' already exists in {cfg.logs}: pass --resume latest "
-                       f"to continue it, or choose another --name")
-        else:
-            try:
-                on_exit.enter_context(rundir.claimed(Path(cfg.logs) / cfg.name, cfg.logs))
-                if cfg.copy_codebase:
-                    rundir.copy_codebase(Path(cfg.logs) / cfg.name)
-            except ConfigError as error:
-                problem = str(error)
+        problem = name_taken(cfg)
     cfg.name, problem = broadcast_object((cfg.name, problem))
     if problem:
         raise ConfigError(problem)
@@ -357,6 +356,43 @@ def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
         run_dir.mkdir(parents=True, exist_ok=True)  # another node may not share the file system
         return run_dir / f"out-{world.rank}.log"
     return None
+
+
+def name_taken(cfg: TrainConfig) -> str | None:
+    if (Path(cfg.logs) / cfg.name).exists() and cfg.resume is None:
+        return (f"run '{cfg.name}' already exists in {cfg.logs}: pass --resume latest "
+                f"to continue it, or choose another --name")
+    return None
+
+
+def claim_run_dir(run_dir: Path, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> None:
+    """Rank 0 creates the run folder and locks it until the run ends (the name is checked
+    again: another process may have taken it while this one built its model)."""
+    problem = None
+    if world.is_main:
+        problem = name_taken(cfg)
+        try:
+            if problem is None:
+                on_exit.enter_context(rundir.claimed(run_dir, cfg.logs))
+                if cfg.copy_codebase:
+                    rundir.copy_codebase(run_dir)
+        except ConfigError as error:
+            problem = str(error)
+    problem = broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def finished(cfg: TrainConfig, run_dir: Path) -> bool:
+    """--resume latest of a run that completed every epoch (the demo's command run twice):
+    say so, and how to train anew, instead of building a model with nothing to train."""
+    path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints") if cfg.resume == "latest" else None
+    epochs = ckpt.completed_epochs(path) if path else None
+    if epochs is None or epochs < cfg.epochs:
+        return False
+    log.info(f"run {cfg.name} has finished: {path} completed {epochs} of --epochs {cfg.epochs}, "
+             f"nothing left to train; to train it anew, delete {run_dir} or pass another --name")
+    return True
 
 
 def seed_everything(seed: int) -> None:
@@ -377,6 +413,14 @@ def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
         rank=world.rank, world_size=world.world_size)
+
+
+def check_user_data(spec: DataSpec) -> None:
+    """make_data's checks that need no model: paths, columns (before one is built)."""
+    try:
+        check_data(spec)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def open_data(spec: DataSpec, preprocess, tokenizer):
@@ -608,7 +652,9 @@ def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[i
     path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints")
     if path is None:
         if cfg.resume == "latest":
-            log.info(f"--resume latest: no checkpoint in {run_dir} yet, starting fresh")
+            log.info(f"--resume latest: no checkpoint in {run_dir} yet, starting a new run")
+        if cfg.pretrained is None:  # instead of open_clip's warning, which also comes on resume
+            log.info("starting from random weights (no --pretrained)")
         return 0, 0, 0
     state = ckpt.load_checkpoint(path)
     if "optimizer" not in state:

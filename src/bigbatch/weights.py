@@ -72,6 +72,26 @@ def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = Fals
     return Weights(pretrained, "open_clip tag")
 
 
+def checkpoint_model(pretrained: str) -> str:
+    """The --model a bigbatch checkpoint was trained with (its config's `model`, or the open_clip
+    name it records), for commands where --model may be left out."""
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ConfigError(f"--pretrained {pretrained}: no such file; pass --model too when it is an "
+                          "open_clip pretrained tag")
+    state = _peek(path)
+    recorded = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(recorded, str):
+        raise ConfigError(f"--pretrained {pretrained} records no model (bigbatch checkpoints do): pass --model")
+    given = (state.get("config") or {}).get("model")
+    if isinstance(given, str) and given.endswith(".json") and Path(given).is_file():
+        return given  # a config file: its name alone is unknown to open_clip
+    if recorded not in open_clip.list_models():
+        raise ConfigError(f"checkpoint {pretrained} is of model '{recorded}', trained from --model {given}, "
+                          f"which is not here: pass --model with that model's config JSON")
+    return recorded
+
+
 def _peek(path: Path):
     """The checkpoint's contents, memory-mapped where possible (an optimizer state several
     times the weights is then never read), or None when torch cannot read it (safetensors,
@@ -144,12 +164,12 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_random_init(quiet: bool) -> Iterator[None]:
-    """open_clip warns that the model is "initialized randomly" when it is given no weights;
-    untrue when the checkpoint's weights are loaded right after."""
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip warns that the model is "initialized randomly" whenever it is given no
+    weights: untrue when a checkpoint's weights (--pretrained, --resume) are loaded right
+    after; the commands say it themselves when the weights are random on purpose."""
     root, drop = logging.getLogger(), _DropRandomInitWarning()
-    if quiet:
-        root.addFilter(drop)
+    root.addFilter(drop)
     try:
         yield
     finally:
@@ -162,7 +182,7 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
     other options pass through; a checkpoint with a logit_bias builds a SigLIP model)."""
     pretrained = weights.source if weights.kind in ("file", "open_clip tag") else None
     try:
-        with hub_offline(), _quiet_random_init(weights.kind == "checkpoint"):
+        with hub_offline(), _quiet_random_init():
             siglip = create_kwargs.pop("siglip", False) or weights.siglip
             bundle = create_model(model, pretrained=pretrained, siglip=siglip, **create_kwargs)
         if weights.state_dict is not None:

@@ -5,8 +5,8 @@ for the formats and ``bigbatch demo-data`` for a small data set to start from.
 """
 
 from .batch import Batch
-from .factory import make_data
+from .factory import check_data, make_data
 from .samples import DataError
 from .spec import DataInfo, DataSpec
 
-__all__ = ["Batch", "DataError", "DataInfo", "DataSpec", "make_data"]
+__all__ = ["Batch", "DataError", "check_data", "DataInfo", "DataSpec", "make_data"]

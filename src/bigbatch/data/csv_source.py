@@ -53,6 +53,18 @@ def _column(columns: list[str], key: str, flag: str, path: str) -> str:
                      f"set {flag} to one of them")
 
 
+def check_columns(path: str, spec: DataSpec) -> None:
+    """The file exists and its header has the columns the flags name (rows are read later)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no CSV file at {path!r} ({spec.flag} {spec.paths!r}): check the path")
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f, _no_field_limit():
+        columns = next(csv.reader(f, delimiter=_separator(spec)), [])
+    for key, flag in ((spec.csv_img_key, "--csv-img-key"), (spec.csv_caption_key, "--csv-caption-key"),
+                      (spec.csv_label_key, "--csv-label-key")):
+        if key:
+            _column(columns, key, flag, path)
+
+
 def read_rows(path: str, spec: DataSpec) -> list[Row]:
     """The rows of one CSV, with image paths made absolute."""
     if not os.path.isfile(path):

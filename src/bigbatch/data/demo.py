@@ -12,7 +12,6 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -87,7 +86,9 @@ def write_demo_dataset(out_dir: str | Path, num_train: int = 10_240, num_val: in
 
 def main(argv: list[str] | None = None) -> int:
     """``bigbatch demo-data DIR``: write the demo data set, print where it is; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="bigbatch demo-data", description=__doc__.splitlines()[0])
+    from bigbatch.flags import Parser
+
+    parser = Parser(prog="bigbatch demo-data", description=__doc__.splitlines()[0])
     parser.add_argument("dir", metavar="DIR", help="output directory")
     parser.add_argument("--num-train", type=int, default=10_240, help="training samples (default 10240: whole steps of 128)")
     parser.add_argument("--num-val", type=int, default=1_000, help="validation samples (default 1000)")

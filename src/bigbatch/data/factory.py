@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from .batch import Tokenizer
-from .csv_source import make_csv_data
+from .csv_source import check_columns, make_csv_data
 from .samples import Preprocess
 from .spec import DATASET_TYPES, DataInfo, DataSpec, expand_paths
+from .shards import check_shards
 from .synthetic import make_synthetic_data
 from .wds_source import make_webdataset_data
 
@@ -22,6 +23,18 @@ def make_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Tokenizer) -> D
     kind = resolve_type(spec)
     _check(spec, kind)
     return BUILDERS[kind](spec, preprocess, tokenizer)
+
+
+def check_data(spec: DataSpec) -> None:
+    """What make_data checks without a model (type, flags, paths, CSV columns), so that a
+    command can stop on a mistake before it builds one."""
+    kind = resolve_type(spec)
+    _check(spec, kind)
+    if kind == "webdataset":
+        check_shards(expand_paths(spec.paths), spec)
+    elif kind == "csv":
+        for path in expand_paths(spec.paths):
+            check_columns(path, spec)
 
 
 def resolve_type(spec: DataSpec) -> str:

@@ -1,0 +1,67 @@
+"""The command line forgives: one-line mistakes with the closest flag, --help without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bigbatch import plan_cli
+from bigbatch.cli import main
+from bigbatch.config import build_parser
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--acum-freq", "8"], "--accum-freq"),
+    (["train", "--dataset-type", "synthetic", "--lr-imgae=1e-4"], "--lr-image"),
+    (["eval", "--pretrianed", "x.pt"], "--pretrained"),
+    (["export", "a.pt", "b.pt", "--emma"], "--ema"),
+    (["plan", "--model", "bigbatch-tiny", "--gpu-memory", "8GiB", "--globl-batch-size", "64"],
+     "--global-batch-size"),
+    (["demo-data", "out", "--num-trian", "3"], "--num-train"),
+])
+def test_misspelled_flag_is_one_line_with_the_closest(capsys, argv, flag):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"did you mean {flag}?" in err
+    assert err.startswith(f"bigbatch {argv[0]}: error: unknown flag")
+
+
+def test_other_parse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--lr", "fast"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid float value: 'fast'" in err and "see bigbatch train --help" in err
+
+
+def test_misspelled_command_gets_the_closest(capsys):
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean train?" in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "plan"])
+def test_help_and_flag_mistakes_do_not_import_torch(command):
+    """Parsing happens before torch (seconds to import) is; checked in a fresh interpreter."""
+    probe = ("import sys\nfrom bigbatch.cli import main\n"
+             f"for argv in (['{command}', '--help'], ['{command}', '--no-such-flag']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_train_help_has_no_glitches():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "{,tensorboard}" not in text
+    assert all(a.help.count("(default:") <= 1 for a in parser._actions), "a default given twice"
+    assert "bigbatch-tiny" in text and "--threads" in text
+
+
+def test_plan_help_states_the_planner_default_reserve():
+    from bigbatch.plan import DEFAULT_RESERVE
+    assert float(plan_cli.RESERVE_HELP) == DEFAULT_RESERVE
