@@ -19,6 +19,8 @@ expect, or runs out of time leaves what it had measured, and the other parts sti
             (`torch.cuda.set_per_process_memory_fraction`), micro-batch from the planner
   largest   the largest global batch one step completes for ViT-B-32 (doubling; inputs
             offloaded), and where open_clip_train's accumulation stops on the same work
+  compile   `--torchcompile`'s speed-up: the accumulated step of ViT-B-32 (256 x 4) eager
+            and compiled with inductor, side by side (--smoke: an eager capture, no speed)
 
 Writes OUT_DIR/gpu-check.{json,md,png} (plus the benchmark's own files) and prints the
 summary. --smoke runs every line on CPU with a tiny model: the test suite does so.
@@ -43,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "assets" / "test-clip.json")
 GiB = 1024 ** 3
-PARTS = ("env", "tests", "bench", "plan", "capped", "largest")
+PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "compile")
 BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
 PEER = "open_clip_train accumulated"
 
@@ -58,7 +60,9 @@ def settings(smoke: bool) -> dict:
                     largest_model=TINY, largest_micro=8, largest_start={PEER: 16, BIGBATCH_OFFLOADED: 16},
                     largest_cap=32,
                     capped_model=TINY, capped_global=64, capped_gib=1.0,
-                    budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180))
+                    compile_model=TINY, compile_batch=4, compile_k=2, compile_backend="eager",
+                    budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180,
+                                 compile=180))
     return dict(device="cuda", precision="amp_bf16", bench_model="ViT-B-32", bench_batch=256,
                 bench_ks=[4, 16], bench_steps=5,
                 # (model, micro-batch, K, grad checkpointing, offload inputs)
@@ -68,7 +72,9 @@ def settings(smoke: bool) -> dict:
                 largest_model="ViT-B-32", largest_micro=1024,
                 largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 524288}, largest_cap=1 << 20,
                 capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
-                budgets=dict(env=15, tests=45, bench=70, plan=80, capped=170, largest=130))
+                compile_model="ViT-B-32", compile_batch=256, compile_k=4, compile_backend="inductor",
+                budgets=dict(env=15, tests=45, bench=70, plan=80, capped=170, largest=130,
+                             compile=150))
 
 
 class Recorder:
@@ -329,6 +335,52 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
             b //= 2
 
 
+def part_compile(cfg: dict, rec: Recorder) -> None:
+    """Seconds per accumulated step, eager and compiled, interleaved after the compile."""
+    import torch
+    from bigbatch.accumulation import cached_backward
+    from bigbatch.compiled import compile_model
+    from bigbatch.device import autocast_factory
+    from bigbatch.losses import create_loss
+    from bigbatch.model import create_model, parameter_groups
+    from bigbatch.train import adamw, optimizer_step, step_inputs, unscale_and_clip
+
+    device = torch.device(cfg["device"])
+    b, k = cfg["compile_batch"], cfg["compile_k"]
+    setups = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        net = create_model(cfg["compile_model"], device=device).model
+        if name == "compiled":
+            compile_model(net, cfg["compile_backend"])
+        setups[name] = (net, adamw(parameter_groups(net, 0.2), lr=1e-5))
+    batches = host_micro_batches(setups["eager"][0], b, k, seed=0, pin=device.type == "cuda")
+    autocast, loss_fn = autocast_factory(cfg["precision"], device), create_loss("clip")
+
+    def step(name: str) -> float:
+        net, optimizer = setups[name]
+        _sync(device)
+        start = time.perf_counter()
+        inputs, to_device = step_inputs(batches, device, False)
+        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
+        unscale_and_clip(net, optimizer, None, 1.0)
+        optimizer_step(net, optimizer, None)
+        _sync(device)
+        return time.perf_counter() - start
+
+    rec["compile_seconds"] = round(step("compiled") + step("compiled"), 1)  # both grad modes, both sizes
+    step("eager")
+    times = {"eager": [], "compiled": []}
+    for _ in range(5 if device.type == "cuda" else 1):
+        for name in times:
+            times[name].append(step(name))
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    rec["result"] = {"backend": cfg["compile_backend"], "batch": f"{b} x {k}",
+                     "eager_samples_per_s": round(b * k / median["eager"], 1),
+                     "compiled_samples_per_s": round(b * k / median["compiled"], 1),
+                     "speedup": round(median["eager"] / median["compiled"], 3)}
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _load_script(name: str):
@@ -467,6 +519,12 @@ def markdown(report: dict) -> str:
                      f"peak {_gib(r['peak_bytes'])} GiB (under the cap: {r['under_cap']}), step {r['step_seconds']} s"
                      if r else "no step completed")
                   + "".join(f"; failed at {f['batch_size']}: {f['error'][:100]}" for f in capped.get("failures", []))]
+    compiled = parts.get("compile", {}).get("result")
+    if compiled:
+        lines += ["", "## --torchcompile", "",
+                  f"{compiled['batch']} accumulated step, {compiled['backend']}: eager "
+                  f"{compiled['eager_samples_per_s']} samples/s, compiled {compiled['compiled_samples_per_s']} "
+                  f"samples/s ({compiled['speedup']}x), compile {parts['compile'].get('compile_seconds')} s"]
     return "\n".join(lines) + "\n"
 
 

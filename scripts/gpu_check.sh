@@ -3,7 +3,7 @@
 # On one H100/H200 about 8 minutes; --smoke runs every line on CPU with a tiny model.
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    echo "usage: bash scripts/gpu_check.sh OUT_DIR [--smoke] [--parts env,tests,bench,plan,largest,capped]" >&2
+    echo "usage: bash scripts/gpu_check.sh OUT_DIR [--smoke] [--parts env,tests,bench,plan,capped,largest,compile]" >&2
     exit 2
 fi
 here="$(cd "$(dirname "$0")" && pwd)"

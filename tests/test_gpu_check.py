@@ -22,7 +22,8 @@ def test_gpu_check_smoke_runs_every_part_and_reports(tmp_path):
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     parts = report["parts"]
     assert {name: p["status"] for name, p in parts.items()} == {
-        name: "done" for name in ("env", "tests", "bench", "plan", "capped", "largest")}
+        name: "done" for name in ("env", "tests", "bench", "plan", "capped", "largest", "compile")}
+    assert parts["compile"]["result"]["compiled_samples_per_s"] > 0
     assert "skipped" in parts["tests"]["summary"] or "passed" in parts["tests"]["summary"]
     run = parts["bench"]["runs"][0]
     assert run["configs"]["bigbatch accumulated"]["samples_per_s"] > 0
