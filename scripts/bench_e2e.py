@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""End to end: whole CLI runs of bigbatch and open_clip_train, side by side, on real files.
+
+What a user runs, from the shell prompt to the exit: interpreter start, imports, model
+build, data loading (PNG/JPEG decode in loader workers), the training steps, checkpoints
+and the end-of-run work. Each contender gets the same data, model and flags:
+
+  data       --samples drawn shapes (bigbatch.data.shapes), written once as files, half
+             PNG and half JPEG, listed in a tab-separated CSV; the same files also go into
+             webdataset shards (bigbatch only: open_clip_train's shard path needs
+             webdataset <= 0.2.86, see shared/PEER.md).
+  model      a custom config (--model-config), given to bigbatch as its JSON path and to
+             the peer as `--model local-dir:DIR` (DIR/open_clip_config.json).
+  flags      --batch-size B --accum-freq K --workers W --epochs E --precision fp32, the
+             same lr, warmup, weight decay, seed, logging and checkpoint frequency.
+
+Contenders (per configuration B x K with W workers):
+  open_clip_train   `python -m open_clip_train.main`, CSV
+  bigbatch csv      `python -m bigbatch train`, CSV
+  bigbatch wds      `python -m bigbatch train`, webdataset shards of the same files
+
+How it is measured (no time is ever asserted; DESIGN.md section 6):
+- wall: the process's wall time, measured here around the subprocess.
+- the training phase and the data wait, measured alike in both processes by this
+  script run as their launcher (`--child`): every DataLoader iterator's `__next__` is
+  timed (the time the trainer waits for data), and a global optimizer post-step hook
+  marks the last step. Training phase = first batch asked for -> last optimizer step;
+  samples/s = epochs x samples / training phase; data share = data wait / training phase.
+- rounds: --pairs rounds, each runs every contender once, the order rotated per round,
+  so machine load hits all alike. Reported: medians and ranges, and the ratio of each
+  contender's wall time to the peer's, paired round by round.
+
+Usage:
+  python scripts/bench_e2e.py                          # CPU: b16x4 w1 and b32x4 w2, 3 pairs
+  python scripts/bench_e2e.py --configs 16x4x1 --pairs 1 --samples 256
+Writes bench/e2e-<device>.{json,md,png} and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER, CSV, WDS = "open_clip_train", "bigbatch csv", "bigbatch wds"
+CONTENDERS = (PEER, CSV, WDS)
+DEFAULT_MODEL = {  # ~3.4 M parameters (most in the token embedding), 32 px
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "mlp_ratio": 4.0,
+                   "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="16x4x1,32x4x2",
+                   help="comma-separated BATCHxACCUMxWORKERS (default 16x4x1,32x4x2)")
+    p.add_argument("--samples", type=int, default=1408, help="images in the data (default 1408: whole steps of 128)")
+    p.add_argument("--image-size", type=int, default=64, help="side of the drawn images in pixels")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=3, help="rounds, each running every contender once")
+    p.add_argument("--model-config", help="open_clip model config JSON (default: a 3.4 M-parameter ViT)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {', '.join(CONTENDERS)}")
+    p.add_argument("--bigbatch-src", help="PYTHONPATH for bigbatch's runs (e.g. an older checkout's src)")
+    p.add_argument("--work", help="folder for data and runs (default: a temporary one)")
+    p.add_argument("--out", default=str(ROOT / "bench"), help="where the results go (default bench/)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- launcher (child)
+
+def run_child(record: str, command: list[str]) -> None:
+    """Run `-m MODULE ARGS...` in this process, timing its data waits and optimizer steps."""
+    import atexit
+    import resource
+    import runpy
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    marks = {"first_batch": None, "last_step": None, "data_seconds": 0.0, "batches": 0, "steps": 0}
+
+    class Timed:
+        def __init__(self, iterator):
+            self.iterator = iterator
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            start = time.perf_counter()
+            if marks["first_batch"] is None:
+                marks["first_batch"] = start
+            try:
+                return next(self.iterator)
+            finally:
+                marks["data_seconds"] += time.perf_counter() - start
+                marks["batches"] += 1
+
+        def __len__(self):
+            return len(self.iterator)
+
+    original_iter = DataLoader.__iter__
+    DataLoader.__iter__ = lambda self: Timed(original_iter(self))
+
+    def after_step(optimizer, args, kwargs):
+        marks["last_step"] = time.perf_counter()
+        marks["steps"] += 1
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(after_step)
+
+    def write():
+        marks["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(record).write_text(json.dumps(marks))
+
+    atexit.register(write)
+    assert command[0] == "-m", command
+    sys.argv = [command[1], *command[2:]]
+    runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+
+
+# --------------------------------------------------------------------------- data and model
+
+def write_data(root: Path, samples: int, image_size: int) -> dict:
+    """Image files (even rows PNG, odd rows JPEG), a CSV naming them, shards holding them."""
+    import random
+
+    from bigbatch.data.shapes import draw_sample
+
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    rows = []
+    for i in range(samples):
+        image, caption, _ = draw_sample(rng, image_size)
+        path = images / (f"{i:06d}.png" if i % 2 == 0 else f"{i:06d}.jpg")
+        image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
+        rows.append((path, caption))
+    csv = root / "train.csv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in rows))
+    shards, per_shard = root / "shards", 256
+    shards.mkdir(exist_ok=True)
+    sizes = {}
+    for n, start in enumerate(range(0, samples, per_shard)):
+        name = f"{n:04d}.tar"
+        with tarfile.open(shards / name, "w", format=tarfile.GNU_FORMAT) as tar:
+            for path, caption in rows[start:start + per_shard]:
+                tar.add(path, arcname=path.name)
+                _add_text(tar, f"{path.stem}.txt", caption)
+        sizes[name] = len(rows[start:start + per_shard])
+    (shards / "sizes.json").write_text(json.dumps(sizes))
+    pattern = str(shards / (f"{{0000..{len(sizes) - 1:04d}}}.tar" if len(sizes) > 1 else "0000.tar"))
+    return {"csv": str(csv), "shards": pattern}
+
+
+def _add_text(tar: tarfile.TarFile, name: str, text: str) -> None:
+    import io
+    data = text.encode()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_model(root: Path, config: dict) -> dict:
+    """The same config as bigbatch's JSON path and the peer's local-dir."""
+    local = root / "model"
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    path = root / "bench-e2e-model.json"
+    path.write_text(json.dumps(config))
+    return {"bigbatch": str(path), "peer": f"local-dir:{local}"}
+
+
+# --------------------------------------------------------------------------- runs
+
+def command(contender: str, config: dict, args, data: dict, model: dict, logs: Path, name: str) -> list[str]:
+    shared = ["--batch-size", str(config["batch"]), "--accum-freq", str(config["accum"]),
+              "--workers", str(config["workers"]), "--epochs", str(args.epochs), "--precision", "fp32",
+              "--lr", "5e-4", "--warmup", "10", "--wd", "0.1", "--seed", "0", "--log-every-n-steps", "10",
+              "--save-frequency", "1", "--logs", str(logs), "--name", name]
+    csv = ["--dataset-type", "csv", "--csv-img-key", "filepath", "--csv-caption-key", "title",
+           "--csv-separator", "\t"]
+    if contender == PEER:
+        return ["-m", "open_clip_train.main", "--model", model["peer"], "--train-data", data["csv"],
+                "--device", args.device, *csv, *shared]
+    train_data = ["--train-data", data["csv"], *csv] if contender == CSV else \
+        ["--train-data", data["shards"], "--dataset-type", "webdataset"]
+    return ["-m", "bigbatch", "train", "--model", model["bigbatch"], "--device", args.device,
+            *train_data, *shared]
+
+
+def run_once(contender: str, config: dict, args, data: dict, model: dict, work: Path, tag: str) -> dict:
+    """One whole run; its wall time, training phase, data wait and exit status."""
+    record = work / f"{tag}.json"
+    argv = command(contender, config, args, data, model, work / "logs", tag)
+    env = dict(os.environ)
+    if contender != PEER and args.bigbatch_src:
+        env["PYTHONPATH"] = args.bigbatch_src
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(record), *argv],
+                          env=env, cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (work / f"{tag}.log").write_text(done.stdout + done.stderr)
+    result = {"wall_s": wall, "returncode": done.returncode}
+    if done.returncode != 0 or not record.is_file():
+        result["error"] = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        return result
+    marks = json.loads(record.read_text())
+    phase = marks["last_step"] - marks["first_batch"]
+    result.update(train_s=phase, samples_per_s=args.epochs * args.samples / phase,
+                  data_share=marks["data_seconds"] / phase, steps=marks["steps"],
+                  batches=marks["batches"], max_rss_mib=marks["max_rss_mib"])
+    return result
+
+
+def parse_configs(text: str) -> list[dict]:
+    configs = []
+    for item in text.split(","):
+        batch, accum, workers = (int(x) for x in item.lower().split("x"))
+        configs.append({"name": f"b{batch}x{accum} w{workers}", "batch": batch, "accum": accum,
+                        "workers": workers})
+    return configs
+
+
+def run(args, log=print) -> dict:
+    contenders = [c.strip() for c in args.contenders.split(",")]
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-e2e-"))
+    config_json = json.loads(Path(args.model_config).read_text()) if args.model_config else DEFAULT_MODEL
+    data = write_data(work / "data", args.samples, args.image_size)
+    model = write_model(work, config_json)
+    result = {"environment": environment(args), "samples": args.samples, "epochs": args.epochs,
+              "model_config": config_json, "work": str(work), "configs": {}}
+    for config in parse_configs(args.configs):
+        runs = {c: [] for c in contenders}
+        for round_ in range(args.pairs):
+            order = contenders[round_ % len(contenders):] + contenders[:round_ % len(contenders)]
+            for contender in order:
+                tag = f"{config['name'].replace(' ', '-')}-{contender.replace(' ', '-')}-{round_}"
+                runs[contender].append(run_once(contender, config, args, data, model, work, tag))
+                log(f"{config['name']} round {round_ + 1}/{args.pairs} {contender}: "
+                    + summary_line(runs[contender][-1]))
+        result["configs"][config["name"]] = {"flags": config, "runs": runs, "summary": summarize(runs)}
+    result["environment"]["load_average_end"] = os.getloadavg()
+    write_outputs(result, Path(args.out), args.device, log)
+    return result
+
+
+def summary_line(r: dict) -> str:
+    if "error" in r:
+        return f"failed ({r['returncode']}): {r['error']}"
+    return (f"wall {r['wall_s']:.1f} s, train {r['samples_per_s']:.1f} samples/s, "
+            f"data {100 * r['data_share']:.0f}%")
+
+
+def summarize(runs: dict) -> dict:
+    """Medians and ranges per contender; wall time as a ratio to the peer's, paired by round."""
+    summary = {}
+    peer = runs.get(PEER, [])
+    for contender, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        row = {"runs_ok": len(ok), "runs": len(rs)}
+        for key in ("wall_s", "train_s", "samples_per_s", "data_share", "max_rss_mib"):
+            values = [r[key] for r in ok]
+            if values:
+                row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        ratios = [r["wall_s"] / p["wall_s"] for r, p in zip(rs, peer)
+                  if "error" not in r and "error" not in p]
+        if ratios and contender != PEER:
+            row["wall_ratio_to_peer"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                         "max": max(ratios)}
+        summary[contender] = row
+    return summary
+
+
+def environment(args) -> dict:
+    import torch
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": args.device,
+            "device_name": device_name, "cpus": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_start": os.getloadavg(),
+            "git": _git_head()}
+
+
+def _git_head() -> str | None:
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------- outputs
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# End to end: bigbatch vs open_clip_train ({env['device']}, {env['date']})", "",
+             f"{env['device_name']}, {env['cpus']} CPUs, torch {env['torch']}, git {env['git']}; "
+             f"load average {env['load_average_start'][0]:.2f} at start, "
+             f"{env.get('load_average_end', [float('nan')])[0]:.2f} at end. {result['samples']} "
+             f"images (PNG/JPEG), {result['epochs']} epochs, fp32. Medians [min-max] over the rounds.", "",
+             "| config | contender | wall s | wall / peer | train samples/s | data wait | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(row, key, fmt="{:.1f}", scale=1.0):
+        v = row.get(key)
+        if not v:
+            return "-"
+        return f"{fmt.format(v['median'] * scale)} [{fmt.format(v['min'] * scale)}-{fmt.format(v['max'] * scale)}]"
+
+    for name, config in result["configs"].items():
+        for contender, row in config["summary"].items():
+            failed = "" if row["runs_ok"] == row["runs"] else f" ({row['runs'] - row['runs_ok']} failed)"
+            lines.append(f"| {name} | {contender}{failed} | {cell(row, 'wall_s')} | "
+                         f"{cell(row, 'wall_ratio_to_peer', '{:.2f}')} | {cell(row, 'samples_per_s')} | "
+                         f"{cell(row, 'data_share', '{:.0f}%', 100)} | {cell(row, 'max_rss_mib', '{:.0f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(result["configs"])
+    contenders = list(next(iter(result["configs"].values()))["summary"]) if configs else []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(contenders))
+    for i, contender in enumerate(contenders):
+        rows = [result["configs"][c]["summary"][contender].get("wall_s") for c in configs]
+        med = [r["median"] if r else 0 for r in rows]
+        err = [[m - r["min"] if r else 0 for m, r in zip(med, rows)],
+               [r["max"] - m if r else 0 for m, r in zip(med, rows)]]
+        ax.bar([x + i * width for x in range(len(configs))], med, width, yerr=err, capsize=3, label=contender)
+    ax.set_xticks([x + width * (len(contenders) - 1) / 2 for x in range(len(configs))], configs)
+    ax.set_ylabel("process wall time, s (median, range)")
+    ax.set_title(f"whole runs, {result['environment']['device']}, {result['environment']['date'][:10]}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path, device: str, log=print) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"e2e-{device.split(':')[0]}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    plot(result, stem.with_suffix(".png"))
+    log(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # launcher mode: --child RECORD.json -m MODULE ARGS...
+        run_child(argv[1], argv[2:])
+        return 0
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
