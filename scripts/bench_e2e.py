@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-config", help="open_clip model config JSON (default: a 3.4 M-parameter ViT)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {', '.join(CONTENDERS)}")
+    p.add_argument("--profile", action="store_true",
+                   help="also one profiled bigbatch csv run per config: seconds by phase, to e2e-profile-<device>.md")
     p.add_argument("--bigbatch-src", help="PYTHONPATH for bigbatch's runs (e.g. an older checkout's src)")
     p.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "bench"), help="where the results go (default bench/)")
@@ -81,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- launcher (child)
 
-def run_child(record: str, command: list[str]) -> None:
-    """Run `-m MODULE ARGS...` in this process, timing its data waits and optimizer steps."""
+def run_child(record: str, command: list[str], profile: bool = False) -> None:
+    """Run `-m MODULE ARGS...` in this process, timing its data waits and optimizer steps
+    (and with `profile`, bigbatch's phases)."""
     import atexit
     import resource
     import runpy
@@ -90,7 +93,8 @@ def run_child(record: str, command: list[str]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    marks = {"first_batch": None, "last_step": None, "data_seconds": 0.0, "batches": 0, "steps": 0}
+    marks = {"first_batch": None, "last_step": None, "data_seconds": 0.0, "batches": 0, "steps": 0,
+             "launcher_start": time.perf_counter()}  # CLOCK_MONOTONIC: the parent's clock too
 
     class Timed:
         def __init__(self, iterator):
@@ -122,7 +126,11 @@ def run_child(record: str, command: list[str]) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
     register_optimizer_step_post_hook(after_step)
 
+    if profile:
+        marks["phases"] = profile_bigbatch()
+
     def write():
+        marks["exit"] = time.perf_counter()
         marks["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(record).write_text(json.dumps(marks))
 
@@ -130,6 +138,104 @@ def run_child(record: str, command: list[str]) -> None:
     assert command[0] == "-m", command
     sys.argv = [command[1], *command[2:]]
     runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+
+
+def profile_bigbatch() -> dict:
+    """Wrap bigbatch's phases with timers; returns the dict of seconds they fill in.
+
+    Pass 1 is every forward before the step's loss (the last micro-batch's included), pass 2
+    every forward after it plus the feature-gradient backwards; the loss is its forward and
+    its backward; the optimizer is unscale/clip, the non-finite flag and the step."""
+    import torch
+    from torch import nn
+
+    import bigbatch.train as train
+    from bigbatch.runlog import RunLog
+
+    seconds: dict = {}
+    state = {"after_loss": False, "in_loss_backward": False}
+
+    def add(phase: str, value: float) -> None:
+        seconds[phase] = seconds.get(phase, 0.0) + value
+
+    def timed(phase: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                add(phase, time.perf_counter() - start)
+        return wrapper
+
+    for phase, name in [("startup: model build", "build_model"), ("startup: data open", "open_data"),
+                        ("startup: optimizer, resume", "build_optimizer"), ("startup: optimizer, resume", "resume"),
+                        ("optimizer", "unscale_and_clip"), ("optimizer", "any_over_ranks"),
+                        ("optimizer", "optimizer_step"), ("logging", "logged_scalars"),
+                        ("checkpoint", "save"), ("plot", "plot_training_curves")]:
+        setattr(train, name, timed(phase, getattr(train, name)))
+    RunLog.train_step = timed("logging", RunLog.train_step)
+
+    def engine(model, *args, **kwargs):
+        state["after_loss"] = False
+        return cached_backward(model, *args, **kwargs)
+
+    cached_backward = train.cached_backward
+    train.cached_backward = engine
+
+    forward_start = {}
+
+    def before(module, args):
+        forward_start[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        add("pass 2" if state["after_loss"] else "pass 1", time.perf_counter() - forward_start.pop(id(module)))
+
+    build_model = train.build_model
+
+    def hooked_build(*args, **kwargs):
+        bundle, model, frozen = build_model(*args, **kwargs)
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
+        return bundle, model, frozen
+
+    train.build_model = hooked_build
+
+    build_losses = train.build_losses
+
+    def timed_losses(*args, **kwargs):
+        contrastive, caption = build_losses(*args, **kwargs)
+
+        def loss(*a, **k):
+            state["after_loss"] = True
+            return timed("loss", contrastive)(*a, **k)
+        return loss, caption
+
+    train.build_losses = timed_losses
+
+    tensor_backward, autograd_backward = torch.Tensor.backward, torch.autograd.backward
+
+    def loss_backward(self, *args, **kwargs):
+        state["in_loss_backward"] = True
+        try:
+            return timed("loss", tensor_backward)(self, *args, **kwargs)
+        finally:
+            state["in_loss_backward"] = False
+
+    def slice_backward(*args, **kwargs):
+        if state["in_loss_backward"]:
+            return autograd_backward(*args, **kwargs)
+        return timed("pass 2", autograd_backward)(*args, **kwargs)
+
+    torch.Tensor.backward, torch.autograd.backward = loss_backward, slice_backward
+    train_fn = train.train
+
+    def timed_train(*args, **kwargs):
+        seconds["train() called"] = time.perf_counter()
+        return train_fn(*args, **kwargs)
+
+    train.train = timed_train
+    del nn
+    return seconds
 
 
 # --------------------------------------------------------------------------- data and model
@@ -202,28 +308,50 @@ def command(contender: str, config: dict, args, data: dict, model: dict, logs: P
             *train_data, *shared]
 
 
-def run_once(contender: str, config: dict, args, data: dict, model: dict, work: Path, tag: str) -> dict:
-    """One whole run; its wall time, training phase, data wait and exit status."""
+def run_once(contender: str, config: dict, args, data: dict, model: dict, work: Path, tag: str,
+             profile: bool = False) -> dict:
+    """One whole run; its wall time, start-up, training phase, data wait, end and exit status."""
     record = work / f"{tag}.json"
     argv = command(contender, config, args, data, model, work / "logs", tag)
     env = dict(os.environ)
     if contender != PEER and args.bigbatch_src:
         env["PYTHONPATH"] = args.bigbatch_src
+    mode = "--child-profile" if profile else "--child"
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(record), *argv],
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, str(record), *argv],
                           env=env, cwd=work, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
     (work / f"{tag}.log").write_text(done.stdout + done.stderr)
-    result = {"wall_s": wall, "returncode": done.returncode}
+    result = {"wall_s": end - start, "returncode": done.returncode}
     if done.returncode != 0 or not record.is_file():
         result["error"] = (done.stderr or done.stdout).strip().splitlines()[-1:]
         return result
     marks = json.loads(record.read_text())
     phase = marks["last_step"] - marks["first_batch"]
-    result.update(train_s=phase, samples_per_s=args.epochs * args.samples / phase,
-                  data_share=marks["data_seconds"] / phase, steps=marks["steps"],
-                  batches=marks["batches"], max_rss_mib=marks["max_rss_mib"])
+    result.update(startup_s=marks["first_batch"] - start, train_s=phase, end_s=end - marks["last_step"],
+                  samples_per_s=args.epochs * args.samples / phase,
+                  data_share=marks["data_seconds"] / phase, data_s=marks["data_seconds"],
+                  steps=marks["steps"], batches=marks["batches"], max_rss_mib=marks["max_rss_mib"])
+    if profile:
+        result["phases"] = phase_table(marks, start, end)
     return result
+
+
+def phase_table(marks: dict, start: float, end: float) -> dict:
+    """Seconds of a profiled bigbatch run by phase; they add up to its wall time."""
+    measured = dict(marks["phases"])
+    called = measured.pop("train() called")
+    startup = [k for k in measured if k.startswith("startup")]
+    rows = {"startup: interpreter, imports, CLI": called - start}
+    rows.update({k: measured[k] for k in startup})
+    rows["startup: run folder, loader start, rest"] = (marks["first_batch"] - called
+                                                       - sum(measured[k] for k in startup))
+    rows["data wait"] = marks["data_seconds"]
+    for k in ("pass 1", "loss", "pass 2", "optimizer", "logging", "checkpoint", "plot"):
+        rows[k] = measured.get(k, 0.0)
+    rows["other (step bookkeeping, epoch ends, exit)"] = end - start - sum(rows.values())
+    rows["after the last step (checkpoint, plot, exit)"] = end - marks["last_step"]
+    return rows
 
 
 def parse_configs(text: str) -> list[dict]:
@@ -253,6 +381,11 @@ def run(args, log=print) -> dict:
                 log(f"{config['name']} round {round_ + 1}/{args.pairs} {contender}: "
                     + summary_line(runs[contender][-1]))
         result["configs"][config["name"]] = {"flags": config, "runs": runs, "summary": summarize(runs)}
+        if args.profile:
+            tag = f"{config['name'].replace(' ', '-')}-profile"
+            profiled = run_once(CSV, config, args, data, model, work, tag, profile=True)
+            result["configs"][config["name"]]["profile"] = profiled
+            log(f"{config['name']} profiled bigbatch csv: " + summary_line(profiled))
     result["environment"]["load_average_end"] = os.getloadavg()
     write_outputs(result, Path(args.out), args.device, log)
     return result
@@ -326,6 +459,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_markdown(result: dict) -> str:
+    env = result["environment"]
+    profiled = {n: c["profile"] for n, c in result["configs"].items() if "phases" in c.get("profile", {})}
+    lines = [f"# Where a bigbatch run's time goes ({env['device']}, {env['date']})", "",
+             f"One profiled `bigbatch train` run per configuration ({result['samples']} PNG/JPEG "
+             f"images, CSV, {result['epochs']} epochs, fp32; {env['device_name']}, {env['cpus']} "
+             f"CPUs, shared machine, git {env['git']}). Seconds and share of the process's wall "
+             "time; the timers themselves add a little.", "",
+             "| phase | " + " | ".join(profiled) + " |", "|---|" + "---|" * len(profiled)]
+    phases = next(iter(profiled.values()))["phases"] if profiled else {}
+    for phase in phases:
+        cells = [f"{p['phases'][phase]:.2f} s ({100 * p['phases'][phase] / p['wall_s']:.0f}%)"
+                 for p in profiled.values()]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    lines.append("| **wall** | " + " | ".join(f"{p['wall_s']:.2f} s" for p in profiled.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -358,12 +509,16 @@ def write_outputs(result: dict, out: Path, device: str, log=print) -> None:
     stem.with_suffix(".md").write_text(table)
     plot(result, stem.with_suffix(".png"))
     log(table)
+    if any("profile" in c for c in result["configs"].values()):
+        profile = profile_markdown(result)
+        (out / f"e2e-profile-{device.split(':')[0]}.md").write_text(profile)
+        log(profile)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:  # launcher mode: --child RECORD.json -m MODULE ARGS...
-        run_child(argv[1], argv[2:])
+    if argv[:1] in (["--child"], ["--child-profile"]):  # launcher: --child RECORD.json -m MODULE ARGS...
+        run_child(argv[1], argv[2:], profile=argv[0] == "--child-profile")
         return 0
     run(parse_args(argv))
     return 0

@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,7 +37,6 @@ from bigbatch.inputs import DeviceCopier
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, parameter_groups, register_model_config,
                             set_frozen_towers_to_eval, unwrap)
-from bigbatch.plots import plot_training_curves
 from bigbatch.preemption import Preempted, SignalWatch
 from bigbatch.runlog import RunLog, log, setup_console_logging
 from bigbatch.weights import load_model, resolve_weights
@@ -91,6 +91,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     metrics: dict = {}
+    curves = None
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
@@ -136,13 +137,15 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer,
                                      create_loss(loss_name), device, autocast, zeroshot)
             runlog.validation(step=step, epoch=completed, metrics=metrics)
+        if completed == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
+            curves = draw_curves(run_dir, world)
         if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
     runlog.close()
-    if world.is_main and (run_dir / "metrics.jsonl").is_file():
-        plot = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        log.info(f"curves saved to {plot}")
+    curves = curves or draw_curves(run_dir, world)  # a run resumed after its last epoch
+    if curves:
+        log.info(f"curves saved to {curves.result()}")
     return metrics
 
 
@@ -294,6 +297,7 @@ def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
         dataset_type=cfg.dataset_type, batch_size=cfg.batch_size,
         num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
+        ready_batches=cfg.accum_freq if train else 2,  # a step's worth, loaded during pass 2
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
         rank=world.rank, world_size=world.world_size)
@@ -426,6 +430,23 @@ def due(completed_epochs: int, frequency: int, total_epochs: int) -> bool:
 
 # --- evaluation and checkpoints
 
+def draw_curves(run_dir: Path, world: World) -> Future | None:
+    """curves.png from metrics.jsonl, drawn in a thread (rank 0): it overlaps the last
+    checkpoint's write instead of following it, and matplotlib is imported only there."""
+    if not world.is_main or not (run_dir / "metrics.jsonl").is_file():
+        return None
+
+    def draw() -> Path:
+        from bigbatch.plots import plot_training_curves
+        return plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="curves")
+    drawing = pool.submit(draw)
+    pool.shutdown(wait=False)  # the thread ends with the drawing; the caller waits on its result
+    return drawing
+
+
+
 def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, zeroshot: bool) -> dict:
     classnames = templates = None
     if zeroshot and cfg.zeroshot_classnames:
@@ -478,10 +499,13 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
                  f"samples into epoch {epoch + 1})")
         return
     # epoch_N.pt first: a kill between the two leaves the older latest, whose resume
-    # trains epoch N again and rewrites epoch_N.pt, so neither goes missing
+    # trains epoch N again and rewrites epoch_N.pt, so neither goes missing. The same state
+    # twice: latest is a second name of epoch_N.pt (written once, not twice)
     if cfg.save_frequency and epoch % cfg.save_frequency == 0:
-        ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
-    ckpt.save_checkpoint(state, directory / ckpt.LATEST)
+        saved = ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
+        ckpt.link_checkpoint(saved, directory / ckpt.LATEST)
+    else:
+        ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
 
 
