@@ -172,7 +172,17 @@ def profile_bigbatch() -> dict:
                         ("optimizer", "unscale_and_clip"), ("optimizer", "any_over_ranks"),
                         ("optimizer", "optimizer_step"), ("logging", "logged_scalars"),
                         ("checkpoint", "save"), ("plot", "plot_training_curves")]:
-        setattr(train, name, timed(phase, getattr(train, name)))
+        if hasattr(train, name):  # an older bigbatch (--bigbatch-src) drew the plot in line
+            setattr(train, name, timed(phase, getattr(train, name)))
+    if hasattr(train, "draw_curves"):  # in a thread: its time overlaps the main thread's
+        draw_curves = train.draw_curves
+
+        def timed_curves(*args, **kwargs):
+            start, drawing = time.perf_counter(), draw_curves(*args, **kwargs)
+            if drawing is not None:
+                drawing.add_done_callback(lambda _: add("plot, in a thread", time.perf_counter() - start))
+            return drawing
+        train.draw_curves = timed_curves
     RunLog.train_step = timed("logging", RunLog.train_step)
 
     def engine(model, *args, **kwargs):
@@ -350,7 +360,9 @@ def phase_table(marks: dict, start: float, end: float) -> dict:
     for k in ("pass 1", "loss", "pass 2", "optimizer", "logging", "checkpoint", "plot"):
         rows[k] = measured.get(k, 0.0)
     rows["other (step bookkeeping, epoch ends, exit)"] = end - start - sum(rows.values())
-    rows["after the last step (checkpoint, plot, exit)"] = end - marks["last_step"]
+    rows["of the wall: after the last step (checkpoint, plot, exit)"] = end - marks["last_step"]
+    if "plot, in a thread" in measured:
+        rows["beside the main thread: plot, in a thread"] = measured["plot, in a thread"]
     return rows
 
 
