@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also one profiled bigbatch csv run per config: seconds by phase, to e2e-profile-<device>.md")
     p.add_argument("--bigbatch-src", help="PYTHONPATH for bigbatch's runs (e.g. an older checkout's src)")
     p.add_argument("--work", help="folder for data and runs (default: a temporary one)")
+    p.add_argument("--report", metavar="JSON", help="only remake the tables and plot of a saved result")
     p.add_argument("--out", default=str(ROOT / "bench"), help="where the results go (default bench/)")
     return p.parse_args(argv)
 
@@ -327,12 +328,16 @@ def run_once(contender: str, config: dict, args, data: dict, model: dict, work: 
     if contender != PEER and args.bigbatch_src:
         env["PYTHONPATH"] = args.bigbatch_src
     mode = "--child-profile" if profile else "--child"
+    cpu_before = _children_cpu_seconds()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, str(record), *argv],
                           env=env, cwd=work, capture_output=True, text=True)
     end = time.perf_counter()
     (work / f"{tag}.log").write_text(done.stdout + done.stderr)
-    result = {"wall_s": end - start, "returncode": done.returncode}
+    # CPU seconds of the process and its loader workers: less sensitive than wall time to
+    # other people's load on a shared machine
+    result = {"wall_s": end - start, "cpu_s": _children_cpu_seconds() - cpu_before,
+              "returncode": done.returncode}
     if done.returncode != 0 or not record.is_file():
         result["error"] = (done.stderr or done.stdout).strip().splitlines()[-1:]
         return result
@@ -345,6 +350,12 @@ def run_once(contender: str, config: dict, args, data: dict, model: dict, work: 
     if profile:
         result["phases"] = phase_table(marks, start, end)
     return result
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants included
+    return usage.ru_utime + usage.ru_stime
 
 
 def phase_table(marks: dict, start: float, end: float) -> dict:
@@ -417,7 +428,8 @@ def summarize(runs: dict) -> dict:
     for contender, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         row = {"runs_ok": len(ok), "runs": len(rs)}
-        for key in ("wall_s", "train_s", "samples_per_s", "data_share", "max_rss_mib"):
+        for key in ("wall_s", "cpu_s", "startup_s", "train_s", "end_s", "samples_per_s", "data_share",
+                    "max_rss_mib"):
             values = [r[key] for r in ok]
             if values:
                 row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -453,8 +465,9 @@ def markdown(result: dict) -> str:
              f"load average {env['load_average_start'][0]:.2f} at start, "
              f"{env.get('load_average_end', [float('nan')])[0]:.2f} at end. {result['samples']} "
              f"images (PNG/JPEG), {result['epochs']} epochs, fp32. Medians [min-max] over the rounds.", "",
-             "| config | contender | wall s | wall / peer | train samples/s | data wait | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | contender | wall s | wall / peer | CPU s | start-up s | train samples/s | data wait "
+             "| after last step s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(row, key, fmt="{:.1f}", scale=1.0):
         v = row.get(key)
@@ -466,8 +479,10 @@ def markdown(result: dict) -> str:
         for contender, row in config["summary"].items():
             failed = "" if row["runs_ok"] == row["runs"] else f" ({row['runs'] - row['runs_ok']} failed)"
             lines.append(f"| {name} | {contender}{failed} | {cell(row, 'wall_s')} | "
-                         f"{cell(row, 'wall_ratio_to_peer', '{:.2f}')} | {cell(row, 'samples_per_s')} | "
-                         f"{cell(row, 'data_share', '{:.0f}%', 100)} | {cell(row, 'max_rss_mib', '{:.0f}')} |")
+                         f"{cell(row, 'wall_ratio_to_peer', '{:.2f}')} | {cell(row, 'cpu_s')} | "
+                         f"{cell(row, 'startup_s')} | {cell(row, 'samples_per_s')} | "
+                         f"{cell(row, 'data_share', '{:.0f}%', 100)} | {cell(row, 'end_s')} | "
+                         f"{cell(row, 'max_rss_mib', '{:.0f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -532,7 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["--child"], ["--child-profile"]):  # launcher: --child RECORD.json -m MODULE ARGS...
         run_child(argv[1], argv[2:], profile=argv[0] == "--child-profile")
         return 0
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        for config in result["configs"].values():
+            config["summary"] = summarize(config["runs"])
+        write_outputs(result, Path(args.out), result["environment"]["device"])
+        return 0
+    run(args)
     return 0
 
 
