@@ -396,6 +396,11 @@ def run(args, log=print) -> dict:
               "model_config": config_json, "work": str(work), "configs": {}}
     for config in parse_configs(args.configs):
         runs = {c: [] for c in contenders}
+        result["configs"][config["name"]] = entry = {"flags": config, "runs": runs}
+        if args.profile:  # first: the tables below are rewritten after every run
+            tag = f"{config['name'].replace(' ', '-')}-profile"
+            entry["profile"] = run_once(CSV, config, args, data, model, work, tag, profile=True)
+            log(f"{config['name']} profiled bigbatch csv: " + summary_line(entry["profile"]))
         for round_ in range(args.pairs):
             order = contenders[round_ % len(contenders):] + contenders[:round_ % len(contenders)]
             for contender in order:
@@ -403,14 +408,10 @@ def run(args, log=print) -> dict:
                 runs[contender].append(run_once(contender, config, args, data, model, work, tag))
                 log(f"{config['name']} round {round_ + 1}/{args.pairs} {contender}: "
                     + summary_line(runs[contender][-1]))
-        result["configs"][config["name"]] = {"flags": config, "runs": runs, "summary": summarize(runs)}
-        if args.profile:
-            tag = f"{config['name'].replace(' ', '-')}-profile"
-            profiled = run_once(CSV, config, args, data, model, work, tag, profile=True)
-            result["configs"][config["name"]]["profile"] = profiled
-            log(f"{config['name']} profiled bigbatch csv: " + summary_line(profiled))
-    result["environment"]["load_average_end"] = os.getloadavg()
-    write_outputs(result, Path(args.out), args.device, log)
+                entry["summary"] = summarize(runs)
+                result["environment"]["load_average_end"] = os.getloadavg()
+                write_outputs(result, Path(args.out), args.device)  # a stopped bench keeps its runs
+    log(markdown(result))
     return result
 
 
@@ -476,7 +477,7 @@ def markdown(result: dict) -> str:
         return f"{fmt.format(v['median'] * scale)} [{fmt.format(v['min'] * scale)}-{fmt.format(v['max'] * scale)}]"
 
     for name, config in result["configs"].items():
-        for contender, row in config["summary"].items():
+        for contender, row in config.get("summary", {}).items():
             failed = "" if row["runs_ok"] == row["runs"] else f" ({row['runs'] - row['runs_ok']} failed)"
             lines.append(f"| {name} | {contender}{failed} | {cell(row, 'wall_s')} | "
                          f"{cell(row, 'wall_ratio_to_peer', '{:.2f}')} | {cell(row, 'cpu_s')} | "
@@ -509,8 +510,8 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = list(result["configs"])
-    contenders = list(next(iter(result["configs"].values()))["summary"]) if configs else []
+    configs = [name for name, c in result["configs"].items() if c.get("summary")]
+    contenders = list(result["configs"][configs[0]]["summary"]) if configs else []
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(contenders))
     for i, contender in enumerate(contenders):
@@ -528,18 +529,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path, device: str, log=print) -> None:
+def write_outputs(result: dict, out: Path, device: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"e2e-{device.split(':')[0]}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".md").write_text(markdown(result))
     plot(result, stem.with_suffix(".png"))
-    log(table)
-    if any("profile" in c for c in result["configs"].values()):
-        profile = profile_markdown(result)
-        (out / f"e2e-profile-{device.split(':')[0]}.md").write_text(profile)
-        log(profile)
+    if any("phases" in c.get("profile", {}) for c in result["configs"].values()):
+        (out / f"e2e-profile-{device.split(':')[0]}.md").write_text(profile_markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         for config in result["configs"].values():
             config["summary"] = summarize(config["runs"])
         write_outputs(result, Path(args.out), result["environment"]["device"])
+        print(markdown(result))
         return 0
     run(args)
     return 0
