@@ -255,7 +255,7 @@ def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
     from bigbatch.device import autocast_factory
     from bigbatch.losses import create_loss
     from bigbatch.model import create_model, parameter_groups
-    from bigbatch.train import adamw, optimizer_step, step_inputs
+    from bigbatch.train import adamw, optimizer_step, step_inputs, unscale_and_clip
 
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
@@ -271,7 +271,8 @@ def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
         inputs, to_device = step_inputs(batches, device, offload=True)
         cached_backward(net, inputs, create_loss("clip"), autocast=autocast_factory(cfg["precision"], device),
                         to_device=to_device)
-        optimizer_step(net, optimizer, None, clip_norm=1.0)
+        unscale_and_clip(net, optimizer, None, 1.0)
+        optimizer_step(net, optimizer, None)
     else:
         peer_step(cfg, net, batches)
     _sync(device)

@@ -746,7 +746,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     from bigbatch.inputs import input_bytes
     from bigbatch.memory import step_peak_bytes
     from bigbatch.model import create_model, parameter_groups
-    from bigbatch.train import adamw, optimizer_step, step_inputs
+    from bigbatch.train import adamw, optimizer_step, step_inputs, unscale_and_clip
 
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -766,7 +766,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     def step(batches: list) -> None:
         inputs, to_device = step_inputs(batches, device, offload_inputs)
         cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
-        optimizer_step(net, optimizer, None, clip_norm=1.0)
+        unscale_and_clip(net, optimizer, None, 1.0)
+        optimizer_step(net, optimizer, None)
 
     step([micro_batch()])
     # made before the step: not in its time
