@@ -42,9 +42,6 @@ from bigbatch.runlog import RunLog, log, setup_console_logging
 from bigbatch.weights import load_model, resolve_weights
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
-# the loader loads a step's micro-batches while pass 2 runs, up to this many (host memory:
-# 8 micro-batches of 256 uint8 images at 224 px are 0.3 GB)
-MAX_READY_BATCHES = 8
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -300,7 +297,6 @@ def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
         dataset_type=cfg.dataset_type, batch_size=cfg.batch_size,
         num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
-        ready_batches=min(cfg.accum_freq, MAX_READY_BATCHES) if train else 2,
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
         rank=world.rank, world_size=world.world_size)

@@ -135,7 +135,6 @@ def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataI
     loader = DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler,
                         num_workers=spec.workers, collate_fn=MapCollate(tokenizer),
                         generator=generator, persistent_workers=spec.workers > 0,
-                        prefetch_factor=spec.prefetch_factor(spec.workers),
                         pin_memory=torch.cuda.is_available(),
                         worker_init_fn=shield_loader_worker)  # SLURM's SIGTERM is the trainer's
     num_batches = math.ceil(len(sampler) / spec.batch_size)

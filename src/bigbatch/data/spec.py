@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -30,9 +29,6 @@ class DataSpec:
     """--dataset-resampled: draw shards with replacement (webdataset only)."""
     workers: int = 1
     """DataLoader worker processes per rank (0: load in the main process)."""
-    ready_batches: int = 2
-    """Batches the workers keep loaded ahead of the trainer (at least 2 per worker). Training
-    asks for a whole step's accum-freq: the workers fill the next step while pass 2 runs."""
     seed: int = 0
     """Shuffles are a function of (seed, epoch) only, identical across runs and restarts."""
     is_train: bool = True
@@ -44,10 +40,6 @@ class DataSpec:
     """Optional integer class-id column (zero-shot evaluation on a CSV)."""
     rank: int = 0
     world_size: int = 1
-
-    def prefetch_factor(self, workers: int) -> int | None:
-        """The DataLoader's batches in flight per worker (None without workers)."""
-        return max(2, math.ceil(self.ready_batches / workers)) if workers else None
 
     @property
     def flag(self) -> str:
