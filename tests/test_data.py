@@ -481,18 +481,18 @@ def uneven_shards(tmp_path_factory) -> tuple[str, list[int]]:
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("batch_size, accum_freq", [(8, 1), (5, 3)])
 def test_an_epoch_trains_every_sample_exactly_once(uneven_shards, workers, world_size, batch_size, accum_freq):
-    from bigbatch.train import group_micro_batches
+    from bigbatch.train import step_micro_batches
     pattern, keys = uneven_shards
     trained, steps = [], []
     for rank in range(world_size):
         spec = DataSpec(pattern, "auto", batch_size, workers=workers, rank=rank, world_size=world_size, seed=3)
         info = make_data(spec, PRE, key_tokenizer)
         info.set_epoch(1)
-        groups = list(group_micro_batches(info.loader, accum_freq))
-        trained += [k for group, _ in groups for b in group for k in b.texts[:, 0].tolist()]
-        steps.append([len(group) for group, _ in groups])  # micro-batches per step
+        groups = [list(step) for step in step_micro_batches(info.loader, accum_freq)]
+        trained += [k for group in groups for b in group for k in b.texts[:, 0].tolist()]
+        steps.append([len(group) for group in groups])  # micro-batches per step
         assert sum(steps[-1]) == info.num_batches and info.num_samples == len(keys)
-        assert all(0 < len(b.images) <= batch_size for group, _ in groups for b in group)
+        assert all(0 < len(b.images) <= batch_size for group in groups for b in group)
     assert sorted(trained) == keys  # a multiset comparison: none dropped, none repeated
     assert all(s == steps[0] for s in steps)  # ranks step together
 

@@ -33,12 +33,16 @@ in pass 2 only, on each micro-batch's own outputs, and back-propagated together 
 feature slice: the outputs it reads (caption logits (B, T, vocab)) are never cached.
 
 K = 1 is the plain step: one forward, one backward, nothing cached.
+
+The micro-batches may come from any iterable, a loader included: each one is taken when
+pass 1 reaches it, so loading the next overlaps this one's forward. One is taken ahead,
+so that the last one is known before its forward (it runs with grad).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Collection, ContextManager, Protocol, Sequence
+from typing import Any, Callable, Collection, ContextManager, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -68,7 +72,7 @@ class SampleLoss(Protocol):
 
 def cached_backward(
     model: nn.Module,
-    micro_batches: Sequence[MicroBatch],
+    micro_batches: Iterable[MicroBatch],
     loss_fn: LossFn,
     *,
     autocast: Callable[[], ContextManager] | None = None,
@@ -81,7 +85,8 @@ def cached_backward(
 
     Args:
         model: called as `model(*micro_batch)`, returns a dict of outputs.
-        micro_batches: K tuples of model inputs; sizes may differ (a smaller last one).
+        micro_batches: K tuples of model inputs, a list or an iterator (taken one ahead
+            of pass 1's forwards); sizes may differ (a smaller last one).
         loss_fn: called with the model's output keys as keyword arguments, over the
             concatenated batch; returns a scalar.
         autocast: a factory of the mixed-precision context (e.g. a partial of
@@ -100,7 +105,9 @@ def cached_backward(
     Returns:
         The loss, detached: `loss_fn`'s plus the sample loss over the whole batch.
     """
-    if not micro_batches:
+    batches = iter(micro_batches)
+    current, upcoming = next(batches, None), next(batches, None)
+    if current is None:
         raise ValueError("cached_backward needs at least one micro-batch")
     if sample_loss is not None and frozen_inputs:
         raise ValueError("a sample loss reads every tower's outputs: pass no frozen_inputs with it")
@@ -109,32 +116,34 @@ def cached_backward(
     move = to_device or (lambda inputs: inputs)
     sample_keys = set(sample_loss.keys) if sample_loss is not None else set()
 
-    if len(micro_batches) == 1:
+    if upcoming is None:
         with _gradient_sync(model, enabled=True):
             with autocast():
-                out = model(*move(micro_batches[0]))
+                out = model(*move(current))
                 loss = loss_fn(**_drop(out, sample_keys))
                 if sample_loss is not None:
                     term = sample_loss(out, mean_over_ranks(sample_loss.count(out).float()))
             scale(loss if sample_loss is None else loss + term).backward()
         return loss.detach() if sample_loss is None else loss.detach() + mean_over_ranks(term)
 
-    *cached_inputs, last_inputs = micro_batches
-    cuda_devices = _cuda_devices(model, micro_batches)
+    cuda_devices = _cuda_devices(model, current)
 
-    # Pass 1: embed without grad; the last micro-batch keeps its graph. A sample loss's
-    # outputs are only counted here, never kept.
-    rng_states, cached, counts = [], [], []
-    for inputs in cached_inputs:
+    # Pass 1: embed without grad, each micro-batch as it arrives (the next one is taken
+    # first: only then is this one known not to be the last); the last micro-batch keeps
+    # its graph. A sample loss's outputs are only counted here, never kept.
+    cached_inputs, rng_states, cached, counts = [], [], [], []
+    while upcoming is not None:
         rng_states.append(_RngState.capture(cuda_devices))
         with torch.no_grad(), autocast():
-            out = model(*move(inputs))
+            out = model(*move(current))
             if sample_loss is not None:
                 counts.append(sample_loss.count(out))
             cached.append(_drop(out, sample_keys))
             del out
+        cached_inputs.append(current)
+        current, upcoming = upcoming, next(batches, None)
     with _gradient_sync(model, enabled=False), autocast():
-        last_out = model(*move(last_inputs))
+        last_out = model(*move(current))
     rng_after_pass1 = _RngState.capture(cuda_devices)
     if sample_loss is not None:
         with torch.no_grad():
@@ -172,7 +181,7 @@ def cached_backward(
         _backward_slice(out, slices, j, shared_grads, scale(term) if term is not None else None)
 
     with _gradient_sync(model, enabled=False):
-        backward_micro_batch(last_out, len(micro_batches) - 1, {})
+        backward_micro_batch(last_out, len(cached_inputs), {})
     del last_out
     with _frozen_norm_statistics(model):
         for j, inputs in enumerate(cached_inputs):
@@ -231,10 +240,10 @@ def _batch_size(out: dict, per_sample_keys: list[str]) -> int:
     return sizes.pop()
 
 
-def _cuda_devices(model: nn.Module, micro_batches: Sequence[MicroBatch]) -> list[int]:
-    """Devices whose generators dropout may draw on: the model's and the inputs'."""
+def _cuda_devices(model: nn.Module, inputs: MicroBatch) -> list[int]:
+    """Devices whose generators dropout may draw on: the model's and the (first) inputs'."""
     first_param = next(model.parameters(), None)
-    tensors = [t for mb in micro_batches for t in mb if isinstance(t, torch.Tensor)]
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     devices = {t.device.index for t in tensors + [first_param] if t is not None and t.is_cuda}
     if devices and torch.cuda.is_available():
         devices.add(torch.cuda.current_device())  # modules may draw on the current device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write to a temporary file, flush it to disk, then rename: a crash mid-write never
     leaves a torn file. A failed write (full disk, read-only folder) removes the temporary
     file, leaves the previous checkpoint as it was and stops with one line."""
+    return _atomically(Path(path), lambda f: torch.save(state, f))
+
+
+def link_checkpoint(source: str | Path, path: str | Path) -> Path:
+    """`path` becomes another name of the checkpoint `source` (a hard link, renamed into
+    place), instead of a second write of the same state; a copy where the file system has
+    no hard links. A later save to `path` replaces the name, never `source`."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        def copy(f):
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, f)
+        return _atomically(path, copy)
+    os.replace(tmp, path)  # atomic on POSIX
+    return path
+
+
+def _atomically(path: Path, write) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
         os.replace(tmp, path)  # atomic on POSIX

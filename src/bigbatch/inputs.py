@@ -10,7 +10,8 @@ that works on float tensors after `ToTensor`, like timm's random erasing, keeps 
 path).
 
 `DeviceCopier` moves a step's micro-batches to the device and starts copying the next one
-on a side stream while the current one computes (a plain identity move on CPU).
+on a side stream while the current one computes (a plain identity move on CPU). The order
+may grow while the step runs (`expect`): micro-batches arrive from the loader during pass 1.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class DeviceCopier:
     starts copying the next one on a side stream, so that copy overlaps this one's compute.
 
     Any other call is a plain copy. At most two micro-batches are on the device through it
-    at a time: the one computing and the next.
+    at a time: the one computing and the next. `expect` appends to `order`: a micro-batch
+    known before the forward of the one ahead of it is still prefetched.
     """
 
     def __init__(self, device: torch.device, order: Sequence[Sequence] = ()):
@@ -101,6 +103,10 @@ class DeviceCopier:
             if self.stream is not None and self.cursor < len(self.order):
                 self._prefetch(self.order[self.cursor])
         return copy
+
+    def expect(self, *inputs: Sequence) -> None:
+        """These micro-batches will be asked for next, after those already in `order`."""
+        self.order.extend(inputs)
 
     def _copy(self, inputs: Sequence) -> tuple:
         return tuple(None if t is None else t.to(self.device, non_blocking=True) for t in inputs)

@@ -67,12 +67,14 @@ class RunLog:
     def count_skipped(self, skipped: dict[str, int]) -> None:
         self.skipped.update(skipped)
 
-    def train_step(self, *, step: int, epoch: int, loss: float, lr: float, samples: int,
-                   data_seconds: float, effective_batch: int, print_now: bool,
+    def train_step(self, *, step: int, epoch: int, loss: float | torch.Tensor, lr: float,
+                   samples: int, data_seconds: float, effective_batch: int, print_now: bool,
                    extra: dict[str, float] | None = None) -> None:
+        """A tensor loss is read only when the line is printed: a host sync on GPU."""
         self._window.update(samples=samples, data_seconds=data_seconds, steps=1)
         if not print_now:
             return
+        loss = float(loss)
         elapsed = time.perf_counter() - self._window_start
         rate = self._window["samples"] / elapsed
         steps_per_second = self._window["steps"] / elapsed

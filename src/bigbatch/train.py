@@ -13,6 +13,8 @@ import math
 import random
 import signal
 import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -37,7 +39,6 @@ from bigbatch.inputs import DeviceCopier
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
                             register_model_config, set_frozen_towers_to_eval, unwrap, use_bnb_linear)
-from bigbatch.plots import plot_training_curves
 from bigbatch.preemption import Preempted, SignalWatch
 from bigbatch.remote_sync import remote_sync
 from bigbatch.runlog import (RunLog, close_log_file, log, note_in_log_file, setup_console_logging,
@@ -120,18 +121,21 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     metrics: dict = {}
+    curves = None
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
         model.train()
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
-        for micro_batches, data_seconds in group_micro_batches(train_data.loader, cfg.accum_freq):
+        for micro_batches in step_micro_batches(train_data.loader, cfg.accum_freq):
             lr = set_learning_rate(optimizer, learning_rate(step, cfg, total_steps))
+            # the loader is read as pass 1 goes: each micro-batch is embedded as it arrives
             inputs, to_device = step_inputs(micro_batches, device, cfg.offload_inputs)
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
                                    frozen_inputs=not_recomputed, to_device=to_device,
                                    sample_loss=caption_loss)
             grad_norm = unscale_and_clip(model, optimizer, scaler, cfg.grad_clip_norm)
+            # the step's one host sync: a flag from its loss and norm, and the signals;
             # fp16: the scaler skips overflowing gradients itself; ranks agree on both flags
             skip, stop = any_over_ranks(faults.nonfinite(loss, None if scaler else grad_norm),
                                         signals.requested, device=device)
@@ -140,17 +144,15 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
                 ema.update(unwrap(model))
             step += 1
             skipped_steps.record(skip, step)
-            for b in micro_batches:
-                runlog.count_skipped(b.skipped)
-            runlog.train_step(
-                step=step, epoch=epoch + 1, loss=loss.item(), lr=lr, data_seconds=data_seconds,
-                samples=sum(len(b.images) for b in micro_batches) * world.world_size,
-                effective_batch=cfg.effective_batch(world.world_size),
-                print_now=step % cfg.log_every_n_steps == 0 or step == total_steps or skip,
-                extra={"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
-                       "grad_norm": grad_norm.item(), "nonfinite_steps": skipped_steps.total})
+            runlog.count_skipped(micro_batches.skipped)
+            print_now = step % cfg.log_every_n_steps == 0 or step == total_steps or skip
+            runlog.train_step(  # the loss is read (a host sync) only when the line is printed
+                step=step, epoch=epoch + 1, loss=loss, lr=lr, data_seconds=micro_batches.data_seconds,
+                samples=micro_batches.samples * world.world_size,
+                effective_batch=cfg.effective_batch(world.world_size), print_now=print_now,
+                extra=logged_scalars(model, grad_norm, skipped_steps.total) if print_now else None)
             skipped_steps.stop_if_stuck(step)
-            batches_done += len(micro_batches)
+            batches_done += micro_batches.count
             if stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0
                         and batches_done < train_data.num_batches):  # the epoch's end saves anyway
                 save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, epoch, world,
@@ -170,12 +172,14 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
                                     world, autocast)
             metrics.update(zeroshot)
             runlog.validation(step=step, epoch=completed, metrics=zeroshot)
+        if completed == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
+            curves = draw_curves(run_dir, world)
         if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
             save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
 
-    if world.is_main and (run_dir / "metrics.jsonl").is_file():
-        plot = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        log.info(f"curves saved to {plot}")
+    curves = curves or draw_curves(run_dir, world)  # a run resumed after its last epoch
+    if curves:
+        log.info(f"curves saved to {curves.result()}")
     return metrics
 
 
@@ -433,35 +437,66 @@ def open_data(spec: DataSpec, preprocess, tokenizer):
 
 # --- the step
 
-def group_micro_batches(loader: Iterable, accum_freq: int) -> Iterator[tuple[list, float]]:
-    """Lists of `accum_freq` micro-batches (fewer at the epoch's end) and the seconds spent
-    waiting for them."""
-    group, waited = [], 0.0
+class StepBatches:
+    """One optimizer step's micro-batches, `accum_freq` of them (fewer at the epoch's end),
+    taken from the loader only when the step asks for the next one: loading overlaps pass 1.
+    Iterate it once, to its end. It counts what it gave, for the log; it holds no batch."""
+
+    def __init__(self, batches: Iterator, first, accum_freq: int, waited: float):
+        self.batches, self.first, self.accum_freq = batches, first, accum_freq
+        self.data_seconds = waited  # spent waiting for the loader
+        self.count, self.samples, self.skipped = 0, 0, Counter()
+
+    def __iter__(self) -> Iterator:
+        batch, self.first = self.first, None
+        while batch is not None:
+            self.count += 1
+            self.samples += len(batch.images)
+            self.skipped.update(batch.skipped)
+            yield batch
+            if self.count == self.accum_freq:
+                return
+            batch = self._next()
+
+    def _next(self):
+        start = time.perf_counter()
+        batch = next(self.batches, None)
+        self.data_seconds += time.perf_counter() - start
+        return batch
+
+
+def step_micro_batches(loader: Iterable, accum_freq: int) -> Iterator[StepBatches]:
+    """The epoch's steps; each one's first micro-batch is taken before the step starts (there
+    is a step only if there is a batch)."""
     batches = iter(loader)
     while True:
         start = time.perf_counter()
-        batch = next(batches, None)
-        waited += time.perf_counter() - start
-        if batch is None:
-            break
-        group.append(batch)
-        if len(group) == accum_freq:
-            yield group, waited
-            group, waited = [], 0.0
-    if group:
-        yield group, waited
+        first = next(batches, None)
+        if first is None:
+            return
+        yield StepBatches(batches, first, accum_freq, time.perf_counter() - start)
 
 
-def step_inputs(micro_batches: list, device: torch.device, offload: bool):
-    """The step's (images, texts) micro-batches, uint8 images from pinned memory, and the
-    move cached_backward applies before each forward. All on the device at once; or, with
-    --offload-inputs, left on the host and copied one ahead of the forward that needs it
-    (pass 1 in order, then pass 2's recomputes: all but the last)."""
-    inputs = [(b.images, b.texts) for b in micro_batches]
-    if offload:
-        return inputs, DeviceCopier(device, order=inputs + inputs[:-1])
+def step_inputs(micro_batches: Iterable, device: torch.device, offload: bool):
+    """The step's (images, texts) micro-batches as they arrive (uint8 images, pinned for a
+    GPU) and the move cached_backward applies before each forward. Each goes to the device
+    on arrival; or, with --offload-inputs, stays on the host and is copied one ahead of the
+    forward that needs it: pass 1 in order, then pass 2's recomputes (all but the last)."""
     copier = DeviceCopier(device)
-    return [copier(mb) for mb in inputs], copier  # the copier is a no-op on device tensors
+
+    def arriving() -> Iterator[tuple]:
+        host = []
+        for b in micro_batches:
+            inputs = (b.images, b.texts)
+            if not offload:
+                yield copier(inputs)  # later moves of device tensors are no-ops
+                continue
+            copier.expect(inputs)
+            host.append(inputs)
+            yield inputs
+        copier.expect(*host[:-1])  # pass 2's order, known once the engine looks past the last
+
+    return arriving(), copier
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -516,12 +551,36 @@ def optimizer_step(model, optimizer, scaler, apply: bool = True) -> None:
         unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
+def logged_scalars(model, grad_norm: torch.Tensor, nonfinite_steps: int) -> dict[str, float]:
+    """What a progress line adds to the loss: read at log steps only (host syncs; FSDP2's
+    full logit scale is a collective, and every rank logs at the same steps)."""
+    return {"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
+            "grad_norm": grad_norm.item(), "nonfinite_steps": nonfinite_steps}
+
+
 def due(completed_epochs: int, frequency: int, total_epochs: int) -> bool:
     """Every `frequency` epochs, and always after the last one (frequency 0: never)."""
     return frequency > 0 and (completed_epochs % frequency == 0 or completed_epochs == total_epochs)
 
 
 # --- evaluation and checkpoints
+
+def draw_curves(run_dir: Path, world: World) -> Future | None:
+    """curves.png from metrics.jsonl, drawn in a thread (rank 0): it overlaps the last
+    checkpoint's write instead of following it, and matplotlib is imported only there."""
+    if not world.is_main or not (run_dir / "metrics.jsonl").is_file():
+        return None
+
+    def draw() -> Path:
+        from bigbatch.plots import plot_training_curves
+        return plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="curves")
+    drawing = pool.submit(draw)
+    pool.shutdown(wait=False)  # the thread ends with the drawing; the caller waits on its result
+    return drawing
+
+
 
 def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, zeroshot: bool) -> dict:
     classnames = templates = None
@@ -585,12 +644,15 @@ def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, w
                  f"samples into epoch {epoch + 1})")
         return
     # epoch_N.pt first: a kill between the two leaves the older latest, whose resume
-    # trains epoch N again and rewrites epoch_N.pt, so neither goes missing
+    # trains epoch N again and rewrites epoch_N.pt, so neither goes missing. The same state
+    # twice: latest is a second name of epoch_N.pt (written once, not twice)
     if cfg.save_frequency and epoch % cfg.save_frequency == 0:
-        ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
+        saved = ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
+        ckpt.link_checkpoint(saved, directory / ckpt.LATEST)
         if cfg.delete_previous_checkpoint:
             delete_older_epochs(directory, epoch)
-    ckpt.save_checkpoint(state, directory / ckpt.LATEST)
+    else:
+        ckpt.save_checkpoint(state, directory / ckpt.LATEST)
     log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
 
 
