@@ -1,6 +1,6 @@
 """The epoch under real ranks (gloo, two processes): every readable sample trained once.
 
-Each rank iterates its loader as the train loop does (`group_micro_batches`), and the
+Each rank iterates its loader as the train loop does (`step_micro_batches`), and the
 parent compares what all ranks trained with what the data holds, as multisets. Ranks
 must take the same number of steps; what a rank could not train because another ran out
 (bad samples) is counted as left over, never dropped silently or repeated.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bigbatch.data import DataSpec, make_data
-from bigbatch.train import group_micro_batches
+from bigbatch.train import step_micro_batches
 from test_data import PRE, good, key_tokenizer, png, write_shard
 from test_distributed import run_ranks
 
@@ -39,10 +39,10 @@ def epoch_keys(case: Case, world) -> dict:
                     rank=world.rank, world_size=world.world_size)
     info = make_data(spec, PRE, key_tokenizer)
     info.set_epoch(1)
-    groups = list(group_micro_batches(info.loader, case.accum_freq))
-    skipped = sum((Counter(b.skipped) for group, _ in groups for b in group), Counter())
-    return {"keys": [k for group, _ in groups for b in group for k in b.texts[:, 0].tolist()],
-            "steps": [len(group) for group, _ in groups], "left_over": info.loader.left_over,
+    groups = [list(step) for step in step_micro_batches(info.loader, case.accum_freq)]
+    skipped = sum((Counter(b.skipped) for group in groups for b in group), Counter())
+    return {"keys": [k for group in groups for b in group for k in b.texts[:, 0].tolist()],
+            "steps": [len(group) for group in groups], "left_over": info.loader.left_over,
             "skipped": dict(skipped)}
 
 
