@@ -255,32 +255,28 @@ def part_largest(cfg: dict, rec: Recorder) -> None:
 
 
 def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
-    """Seconds of one optimizer step over a global batch of n, and its CUDA peak bytes."""
+    """Seconds of one optimizer step over a global batch of n, and its CUDA peak bytes: one
+    host micro-batch reused (host memory is finite), as bigbatch's training step with the
+    inputs offloaded (plan.measure_peak), or as open_clip_train's."""
     import torch
-    from bigbatch.accumulation import cached_backward
-    from bigbatch.device import autocast_factory
-    from bigbatch.losses import create_loss
-    from bigbatch.model import create_model, parameter_groups
-    from bigbatch.train import adamw, optimizer_step, step_inputs, unscale_and_clip
+    from bigbatch import plan
+    from bigbatch.model import create_model
 
     device = torch.device(cfg["device"])
+    b = min(cfg["largest_micro"], n)
+    if kind == BIGBATCH_OFFLOADED:
+        peak, seconds = plan.measure_peak(cfg["largest_model"], batch_size=b, accum_freq=n // b,
+                                          precision=cfg["precision"], offload_inputs=True,
+                                          device=cfg["device"], reuse_inputs=True)
+        return seconds, peak if device.type == "cuda" else None
     torch.manual_seed(0)
     net = create_model(cfg["largest_model"], device=device).model
-    b = min(cfg["largest_micro"], n)
     batches = host_micro_batches(net, b, n // b, seed=n, pin=device.type == "cuda", distinct=False)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    if kind == BIGBATCH_OFFLOADED:
-        optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
-        inputs, to_device = step_inputs(batches, device, offload=True)
-        cached_backward(net, inputs, create_loss("clip"), autocast=autocast_factory(cfg["precision"], device),
-                        to_device=to_device)
-        unscale_and_clip(net, optimizer, None, clip_norm=1.0)
-        optimizer_step(net, optimizer, None)
-    else:
-        peer_step(cfg, net, batches)
+    peer_step(cfg, net, batches)
     _sync(device)
     seconds = time.perf_counter() - start
     return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

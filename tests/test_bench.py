@@ -5,7 +5,6 @@ Times are never asserted (DESIGN.md section 6): only that every number is produc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,17 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+from script_loader import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "bench.py"
 MB = 1000 * 1000 * 4  # bytes of a (1000, 1000) float32 tensor
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "bench_script")
 
 
 def test_saved_bytes_count_each_storage_once_and_drop_when_freed(bench):

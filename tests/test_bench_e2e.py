@@ -5,24 +5,19 @@ Times are never asserted (DESIGN.md section 6).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_e2e.py"
+from script_loader import load_script
+
 TINY = Path(__file__).parent / "assets" / "test-clip.json"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_e2e", "bench_e2e_script")
 
 
 def test_tiny_round_of_whole_runs_writes_json_markdown_plot_and_profile(bench, tmp_path):
