@@ -175,6 +175,10 @@ def profile_bigbatch() -> dict:
                         ("checkpoint", "save"), ("plot", "plot_training_curves")]:
         if hasattr(train, name):  # an older bigbatch (--bigbatch-src) drew the plot in line
             setattr(train, name, timed(phase, getattr(train, name)))
+    from bigbatch import checkpoint  # saving and resuming live there (older bigbatch: in train)
+    for phase, name in [("startup: optimizer, resume", "resume_run"), ("checkpoint", "save_run")]:
+        if hasattr(checkpoint, name):
+            setattr(checkpoint, name, timed(phase, getattr(checkpoint, name)))
     if hasattr(train, "draw_curves"):  # in a thread: its time overlaps the main thread's
         draw_curves = train.draw_curves
 

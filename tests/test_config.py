@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import ConfigError, TrainConfig, parse_config
+from bigbatch.config import BatchLayout, ConfigError, TrainConfig, parse_config
 
 SYNTH = ["--dataset-type", "synthetic"]
 
@@ -18,7 +20,9 @@ def test_flags_keep_open_clip_train_names_and_meanings():
     assert cfg.train_data.endswith("more/{0..3}.tar")
     assert (cfg.batch_size, cfg.accum_freq, cfg.lr, cfg.warmup) == (32, 8, 1e-3, 5)
     assert cfg.dataset_resampled and cfg.siglip and cfg.grad_clip_norm == 1.0
-    assert cfg.effective_batch(world_size=4) == 32 * 8 * 4
+    assert BatchLayout(cfg.batch_size, cfg.accum_freq, world_size=4).effective_batch == 32 * 8 * 4
+    with pytest.raises(dataclasses.FrozenInstanceError):  # validated: nothing changes it after
+        cfg.batch_size = 64
 
 
 def from_yaml(tmp_path, text: str, *flags: str):

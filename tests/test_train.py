@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+import bigbatch.checkpoint
 import bigbatch.train
 from bigbatch.cli import main
 
@@ -105,16 +106,16 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
             "--workers", workers]
     whole = run(tmp_path, *args, name="whole")
 
-    save = bigbatch.train.save
+    save = bigbatch.checkpoint.save_run
 
     def save_then_crash(*a, **kw):  # the process dies right after the epoch-1 checkpoint
         save(*a, **kw)
         raise Crash
 
-    monkeypatch.setattr(bigbatch.train, "save", save_then_crash)
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save_then_crash)
     with pytest.raises(Crash):
         run(tmp_path, *args, name="broken")
-    monkeypatch.setattr(bigbatch.train, "save", save)
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
     resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
 
     a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
@@ -140,19 +141,19 @@ def test_resumed_from_a_mid_epoch_checkpoint_equals_uninterrupted(tmp_path, monk
             "--epochs", "2", "--force-patch-dropout", "0.5", "--save-every-n-steps", "2"]
     whole = run(tmp_path, *args, name="whole")  # 5 steps an epoch: saves mid-epoch after 2, 4, 6, 8
 
-    save = bigbatch.train.save
+    save = bigbatch.checkpoint.save_run
 
     def crash_after_a_mid_epoch_save(*a, epoch_samples=0, **kw):
         save(*a, epoch_samples=epoch_samples, **kw)
-        if a[7] == 8:  # step 8: 3 steps (24 samples) into the second epoch
+        if a[0].step == 8:  # step 8: 3 steps (24 samples) into the second epoch
             raise Crash
 
-    monkeypatch.setattr(bigbatch.train, "save", crash_after_a_mid_epoch_save)
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", crash_after_a_mid_epoch_save)
     with pytest.raises(Crash):
         run(tmp_path, *args, name="broken")
     assert torch.load(tmp_path / "logs" / "broken" / "checkpoints" / "epoch_latest.pt",
                       weights_only=True)["epoch_samples"] == 24
-    monkeypatch.setattr(bigbatch.train, "save", save)
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
     resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
 
     a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
@@ -167,17 +168,17 @@ def test_mid_epoch_resume_with_another_data_layout_warns_and_ends_a_finished_epo
                                                                                   capsys):
     args = ["--dataset-type", "synthetic", "--batch-size", "4", "--accum-freq", "2", "--epochs", "2",
             "--save-every-n-steps", "2"]
-    save = bigbatch.train.save
+    save = bigbatch.checkpoint.save_run
 
     def crash_at_step_4(*a, **kw):  # 4 of 5 steps into epoch 1: 32 samples
         save(*a, **kw)
-        if a[7] == 4:
+        if a[0].step == 4:
             raise Crash
 
-    monkeypatch.setattr(bigbatch.train, "save", crash_at_step_4)
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", crash_at_step_4)
     with pytest.raises(Crash):
         run(tmp_path, *args, "--train-num-samples", "40")
-    monkeypatch.setattr(bigbatch.train, "save", save)
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
     capsys.readouterr()
     resumed = run(tmp_path, *args, "--train-num-samples", "24", "--resume", "latest")  # 3 steps/epoch
     assert "only approximate those already trained on" in capsys.readouterr().out

@@ -29,7 +29,7 @@ def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
 PRECISIONS = ["auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # --- data
     train_data: str | None = option(None, "training data: webdataset shards ('dir/{000000..000099}.tar') or a CSV; several sources joined with '::'", "data")
@@ -146,9 +146,31 @@ class TrainConfig:
     imagenet_val: str | None = option(None, "ImageNet-1k validation as an ImageFolder tree (1000 synset folders): zero-shot top-1/5 every --zeroshot-frequency epochs", "evaluation")
     imagenet_v2: str | None = option(None, "ImageNetV2 as an ImageFolder tree (synset folders, or folders 0..999)", "evaluation")
 
-    def effective_batch(self, world_size: int = 1) -> int:
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The batch as resolved for this world (--batch-size auto and --global-batch-size
+    decided, --offload-inputs chosen where needed)."""
+
+    batch_size: int  # samples per micro-batch per rank: one forward
+    accum_freq: int  # micro-batches per optimizer step
+    world_size: int = 1
+    offload_inputs: bool = False  # the step's cached inputs wait in pinned host memory
+
+    @property
+    def effective_batch(self) -> int:
         """Samples per optimizer step: batch-size x accum-freq x world-size."""
-        return self.batch_size * self.accum_freq * world_size
+        return self.batch_size * self.accum_freq * self.world_size
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run is once started: its name, its folder (logs/NAME) and its batch layout."""
+
+    name: str
+    dir: Path
+    layout: BatchLayout
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -214,6 +236,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")
     _validate_peer_options(cfg)
+    if cfg.pretrained == "":  # open_clip_train's default: no weights
+        cfg = dataclasses.replace(cfg, pretrained=None)
     return cfg
 
 
@@ -226,8 +250,6 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
     from bigbatch.peer_flags import refusal
     if (message := refusal(cfg)) is not None:
         raise ConfigError(message)
-    if cfg.pretrained == "":  # open_clip_train's default: no weights
-        cfg.pretrained = None
     if cfg.lr_scheduler == "const-cooldown" and cfg.epochs_cooldown is None:
         raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown N (the last N "
                           "epochs decay the lr to --lr-cooldown-end)")

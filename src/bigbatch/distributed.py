@@ -230,10 +230,10 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_full_model_state(model: torch.nn.Module, model_state: dict) -> None:
-    """The inverse of `full_state` for the weights: every rank loads the same full state."""
+    """The inverse of `full_state` for the weights: every rank loads the same full state
+    (canonical names and shapes: bigbatch.checkpoint.canonical_weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, _shape_like(model, model_state),
-                         options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -241,15 +241,6 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, optimizer_state,
                              options=StateDictOptions(full_state_dict=True))
-
-
-def _shape_like(model: torch.nn.Module, state: dict) -> dict:
-    """Canonical names (no DDP 'module.' prefix, as saved from a wrapped model) and shapes:
-    scalars saved as () load into (1,) parameters and back (see _scalars_to_vectors)."""
-    own = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 and v.shape != own[k].shape
-            else v for k, v in state.items()}
 
 
 def gather_objects(obj) -> list:

@@ -9,6 +9,7 @@ still make a (smaller) step. The learning-rate schedule counts optimizer steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -26,12 +27,11 @@ from bigbatch import checkpoint as ckpt
 from bigbatch import faults, plan, rundir
 from bigbatch.accumulation import cached_backward
 from bigbatch.compiled import compile_model
-from bigbatch.config import ConfigError, TrainConfig, to_dict, wants_report
+from bigbatch.config import BatchLayout, ConfigError, Run, TrainConfig, to_dict, wants_report
 from bigbatch.data import DataError, DataSpec, check_data, make_data
 from bigbatch.device import autocast_factory, resolve_precision, set_threads
 from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
-                                  full_state, gather_objects, init_distributed,
-                                  load_full_model_state, load_full_optimizer_state, wrap_model)
+                                  gather_objects, init_distributed, wrap_model)
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.imagenet import imagenet_zeroshot, open_trees
 from bigbatch.ema import ModelEMA
@@ -76,14 +76,14 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     setup_console_logging(enabled=world.is_main, debug=cfg.debug)  # out.log joins once the run folder exists
     device = world.device
     precision = resolve_precision(cfg.precision, device)
-    choose_batch_layout(cfg, world, precision)
-    run_dir = name_run(cfg, world)
-    if finished(cfg, run_dir):
+    layout = batch_layout(cfg, world, precision)
+    run = name_run(cfg, world, layout)
+    if finished(cfg, run):
         return {}
     for split in (True, False) if cfg.val_data else (True,):
-        check_user_data(data_spec(cfg, world, train=split))
+        check_user_data(data_spec(cfg, world, layout, train=split))
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    bundle, model, frozen_inputs = build_model(cfg, world)
+    bundle, model, frozen_inputs = build_model(cfg, world, layout)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
     loss_fn, caption_loss = build_losses(cfg, world, loss_name, bundle.model)
@@ -91,93 +91,84 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     if frozen_inputs and caption_loss is not None:
         log.info("CoCa's caption decoder reads both towers: the locked tower is recomputed in pass 2")
         not_recomputed = ()
-    train_data = open_data(data_spec(cfg, world, train=True), bundle.preprocess_train, bundle.tokenizer)
-    val_data = (open_data(data_spec(cfg, world, train=False), bundle.preprocess_val, bundle.tokenizer)
-                if cfg.val_data else None)
-    imagenet = open_trees({"imagenet_val": cfg.imagenet_val, "imagenet_v2": cfg.imagenet_v2},
-                          bundle.preprocess_val)
-    claim_run_dir(run_dir, cfg, world, on_exit)
-    setup_console_logging(log_file(cfg, run_dir, world), enabled=world.is_main or
+    train_data = open_data(data_spec(cfg, world, layout, train=True), bundle.preprocess_train,
+                           bundle.tokenizer)
+    autocast = autocast_factory(precision, device)
+    evaluation = Evaluation(cfg, world, layout, bundle, create_loss(loss_name), autocast)
+    claim_run_dir(run, cfg, world, on_exit)
+    setup_console_logging(log_file(cfg, run.dir, world), enabled=world.is_main or
                           (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
     if cfg.remote_sync and world.is_main:
-        on_exit.enter_context(remote_sync(run_dir, cfg.remote_sync, cfg.remote_sync_frequency))
+        on_exit.enter_context(remote_sync(run.dir, cfg.remote_sync, cfg.remote_sync_frequency))
 
-    steps_per_epoch = math.ceil(train_data.num_batches / cfg.accum_freq)
+    steps_per_epoch = math.ceil(train_data.num_batches / layout.accum_freq)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = build_optimizer(cfg, unwrap(model))
-    ema = ModelEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
-    scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
-    autocast = autocast_factory(precision, device)
-    start_epoch, step, skip_batches = resume(cfg, run_dir, model, optimizer, scaler, ema, world)
+    state = ckpt.RunState(model, bundle.name, build_optimizer(cfg, unwrap(model)),
+                          scaler=torch.amp.GradScaler(device.type) if precision == "amp" else None,
+                          ema=ModelEMA(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None)
+    skip_batches = ckpt.resume_run(state, run, cfg, world)
     if skip_batches >= train_data.num_batches:  # saved mid-epoch, now a shorter epoch: it is over
-        start_epoch, skip_batches = start_epoch + 1, 0
-    runlog = RunLog(run_dir if world.is_main else None, total_steps=total_steps, device=device,
+        state.epoch, skip_batches = state.epoch + 1, 0
+    runlog = RunLog(run.dir if world.is_main else None, total_steps=total_steps, device=device,
                     tensorboard=wants_report(cfg, "tensorboard"),
-                    wandb_run=start_wandb(run_dir, project=cfg.wandb_project_name, name=cfg.name,
+                    wandb_run=start_wandb(run.dir, project=cfg.wandb_project_name, name=run.name,
                                           notes=cfg.wandb_notes, config=to_dict(cfg))
                     if world.is_main and wants_report(cfg, "wandb") else None)
     on_exit.callback(runlog.close)  # however the run ends (a stop, a fault), the writers flush
-    announce(cfg, world, bundle.model, precision, run_dir, train_data.num_samples, steps_per_epoch)
+    announce(cfg, run, world, bundle.model, precision, train_data.num_samples, steps_per_epoch)
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     metrics: dict = {}
     curves = None
+    start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
         model.train()
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
-        for micro_batches in step_micro_batches(train_data.loader, cfg.accum_freq):
-            lr = set_learning_rate(optimizer, learning_rate(step, cfg, total_steps))
+        for micro_batches in step_micro_batches(train_data.loader, layout.accum_freq):
+            lr = set_learning_rate(state.optimizer, learning_rate(state.step, cfg, total_steps))
             # the loader is read as pass 1 goes: each micro-batch is embedded as it arrives
-            inputs, to_device = step_inputs(micro_batches, device, cfg.offload_inputs)
-            loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=scaler,
+            inputs, to_device = step_inputs(micro_batches, device, layout.offload_inputs)
+            loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=state.scaler,
                                    frozen_inputs=not_recomputed, to_device=to_device,
                                    sample_loss=caption_loss)
-            grad_norm = unscale_and_clip(model, optimizer, scaler, cfg.grad_clip_norm)
+            grad_norm = unscale_and_clip(model, state.optimizer, state.scaler, cfg.grad_clip_norm)
             # the step's one host sync: a flag from its loss and norm, and the signals;
             # fp16: the scaler skips overflowing gradients itself; ranks agree on both flags
-            skip, stop = any_over_ranks(faults.nonfinite(loss, None if scaler else grad_norm),
+            skip, stop = any_over_ranks(faults.nonfinite(loss, None if state.scaler else grad_norm),
                                         signals.requested, device=device)
-            optimizer_step(model, optimizer, scaler, apply=not skip)
-            if ema and not skip:
-                ema.update(unwrap(model))
-            step += 1
-            skipped_steps.record(skip, step)
+            optimizer_step(model, state.optimizer, state.scaler, apply=not skip)
+            if state.ema and not skip:
+                state.ema.update(unwrap(model))
+            state.step += 1
+            skipped_steps.record(skip, state.step)
             runlog.count_skipped(micro_batches.skipped)
-            print_now = step % cfg.log_every_n_steps == 0 or step == total_steps or skip
+            print_now = state.step % cfg.log_every_n_steps == 0 or state.step == total_steps or skip
             runlog.train_step(  # the loss is read (a host sync) only when the line is printed
-                step=step, epoch=epoch + 1, loss=loss, lr=lr, data_seconds=micro_batches.data_seconds,
+                step=state.step, epoch=epoch + 1, loss=loss, lr=lr,
+                data_seconds=micro_batches.data_seconds,
                 samples=micro_batches.samples * world.world_size,
-                effective_batch=cfg.effective_batch(world.world_size), print_now=print_now,
+                effective_batch=layout.effective_batch, print_now=print_now,
                 extra=logged_scalars(model, grad_norm, skipped_steps.total) if print_now else None)
-            skipped_steps.stop_if_stuck(step)
+            skipped_steps.stop_if_stuck(state.step)
             batches_done += micro_batches.count
-            if stop or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0
+            if stop or (cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0
                         and batches_done < train_data.num_batches):  # the epoch's end saves anyway
-                save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, epoch, world,
-                     epoch_samples=batches_done * cfg.batch_size * world.world_size)
+                ckpt.save_run(state, run, cfg, world,
+                              epoch_samples=batches_done * layout.batch_size * world.world_size)
             if stop:
-                raise preempted(signals.signum, cfg, run_dir, step, world)
+                raise preempted(signals.signum, run, state.step, world)
         runlog.report_skipped()
 
-        completed = epoch + 1
-        if val_data and due(completed, cfg.val_frequency, cfg.epochs):
-            zeroshot = due(completed, cfg.zeroshot_frequency, cfg.epochs)
-            metrics = run_validation(cfg, ema.module if ema else model, val_data, bundle.tokenizer,
-                                     create_loss(loss_name), device, autocast, zeroshot)
-            runlog.validation(step=step, epoch=completed, metrics=metrics)
-        if imagenet and due(completed, cfg.zeroshot_frequency, cfg.epochs):
-            zeroshot = run_imagenet(cfg, ema.module if ema else model, imagenet, bundle.tokenizer,
-                                    world, autocast)
-            metrics.update(zeroshot)
-            runlog.validation(step=step, epoch=completed, metrics=zeroshot)
-        if completed == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
-            curves = draw_curves(run_dir, world)
-        if due(completed, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
-            save(run_dir, cfg, bundle.name, model, optimizer, scaler, ema, step, completed, world)
+        state.epoch = epoch + 1
+        metrics = evaluation.after_epoch(state, runlog) or metrics
+        if state.epoch == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
+            curves = draw_curves(run.dir, world)
+        if due(state.epoch, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
+            ckpt.save_run(state, run, cfg, world)
 
-    curves = curves or draw_curves(run_dir, world)  # a run resumed after its last epoch
+    curves = curves or draw_curves(run.dir, world)  # a run resumed after its last epoch
     if curves:
         log.info(f"curves saved to {curves.result()}")
     return metrics
@@ -200,7 +191,7 @@ def start_distributed(cfg: TrainConfig) -> World:
     return world
 
 
-def build_model(cfg: TrainConfig, world: World):
+def build_model(cfg: TrainConfig, world: World, layout: BatchLayout):
     """The open_clip model with its towers locked as asked, wrapped for this world; and the
     model-input positions of fully frozen towers (run once per sample)."""
     weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model), cache_dir=cfg.cache_dir)
@@ -225,7 +216,7 @@ def build_model(cfg: TrainConfig, world: World):
     if cfg.torchcompile:
         compile_model(bundle.model)
     # DDP's static graph does not survive a cached step's two passes (its reducer asserts)
-    static_graph = cfg.ddp_static_graph and cfg.accum_freq == 1
+    static_graph = cfg.ddp_static_graph and layout.accum_freq == 1
     if cfg.ddp_static_graph and not static_graph:
         log.warning("--ddp-static-graph ignored: DDP's static graph does not hold for the two "
                     "passes of feature-cached accumulation (--accum-freq > 1)")
@@ -279,26 +270,29 @@ def adamw(groups: list[dict], **hyperparameters) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused, **hyperparameters)
 
 
-def announce(cfg, world, model, precision, run_dir, samples_per_epoch, steps_per_epoch) -> None:
+def announce(cfg, run: Run, world, model, precision, samples_per_epoch, steps_per_epoch) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     wrapper = "FSDP2" if cfg.fsdp else "DDP" if world.world_size > 1 else "one process"
-    log.info(f"run {cfg.name} in {run_dir}")
+    layout = run.layout
+    log.info(f"run {run.name} in {run.dir}")
     log.info(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters on {world.device}, "
              f"{precision}, {wrapper}")
-    log.info(f"effective batch {cfg.effective_batch(world.world_size)} = batch-size "
-             f"{cfg.batch_size} x accum-freq {cfg.accum_freq} x world-size {world.world_size}; "
+    log.info(f"effective batch {layout.effective_batch} = batch-size {layout.batch_size} x "
+             f"accum-freq {layout.accum_freq} x world-size {layout.world_size}; "
              f"{samples_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
              f"{steps_per_epoch * cfg.epochs} steps")
 
 
-def choose_batch_layout(cfg: TrainConfig, world: World, precision: str) -> None:
+def batch_layout(cfg: TrainConfig, world: World, precision: str) -> BatchLayout:
     """--batch-size auto: the largest micro-batch the GPU holds (bigbatch plan's estimate);
-    --global-batch-size G: accum-freq = G / (batch-size x world-size)."""
-    if cfg.batch_size == "auto":
+    --global-batch-size G: accum-freq = G / (batch-size x world-size); --offload-inputs
+    where the step's inputs would not fit on the GPU."""
+    batch_size, accum_freq = cfg.batch_size, cfg.accum_freq
+    if batch_size == "auto":
         if world.device.type != "cuda":
             raise ConfigError("--batch-size auto sizes the micro-batch to the GPU's memory: "
                               "on CPU give a number")
-        cfg.batch_size = plan.find_max_batch_size(
+        batch_size = plan.find_max_batch_size(
             register_model_config(cfg.model), world_size=world.world_size,
             gpu_memory_bytes=torch.cuda.get_device_properties(world.device).total_memory,
             global_batch_size=cfg.global_batch_size,
@@ -306,22 +300,23 @@ def choose_batch_layout(cfg: TrainConfig, world: World, precision: str) -> None:
             grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
             tile=cfg.loss_tile_size, device=str(world.device), siglip=cfg.siglip,
             offload_inputs=cfg.offload_inputs, force_patch_dropout=cfg.force_patch_dropout)
-        cfg.batch_size = smallest_over_ranks(cfg.batch_size, world)  # ranks must agree
-        log.info(f"--batch-size auto: {cfg.batch_size} per GPU")
+        batch_size = smallest_over_ranks(batch_size, world)  # ranks must agree
+        log.info(f"--batch-size auto: {batch_size} per GPU")
     if cfg.global_batch_size is not None:
-        cfg.accum_freq = plan.derive_accum_freq(cfg.global_batch_size, cfg.batch_size,
-                                                world.world_size)
-    if world.device.type == "cuda" and cfg.accum_freq > 1 and not cfg.offload_inputs:
-        cfg.offload_inputs = offload_if_needed(cfg, world, precision)
+        accum_freq = plan.derive_accum_freq(cfg.global_batch_size, batch_size, world.world_size)
+    layout = BatchLayout(batch_size, accum_freq, world.world_size, cfg.offload_inputs)
+    if world.device.type == "cuda" and accum_freq > 1 and not cfg.offload_inputs:
+        layout = dataclasses.replace(layout, offload_inputs=offload_if_needed(cfg, layout, world, precision))
+    return layout
 
 
-def offload_if_needed(cfg: TrainConfig, world: World, precision: str) -> bool:
+def offload_if_needed(cfg: TrainConfig, layout: BatchLayout, world: World, precision: str) -> bool:
     """--offload-inputs, chosen when bigbatch plan says the step's K micro-batches of uint8
     images do not fit on the GPU beside the rest but one at a time would; and said so."""
     memory = torch.cuda.get_device_properties(world.device).total_memory
     crowded = plan.inputs_must_wait_on_host(
-        register_model_config(cfg.model), gpu_memory=memory, batch_size=cfg.batch_size,
-        accum_freq=cfg.accum_freq, world_size=world.world_size, precision=precision,
+        register_model_config(cfg.model), gpu_memory=memory, batch_size=layout.batch_size,
+        accum_freq=layout.accum_freq, world_size=world.world_size, precision=precision,
         grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
         tile=cfg.loss_tile_size, siglip=cfg.siglip, force_patch_dropout=cfg.force_patch_dropout)
     if crowded is not None:
@@ -335,21 +330,22 @@ def smallest_over_ranks(value: int, world: World) -> int:
     return min(gather_objects(value))
 
 
-def name_run(cfg: TrainConfig, world: World) -> Path:
+def name_run(cfg: TrainConfig, world: World, layout: BatchLayout) -> Run:
     """logs/NAME/ (to hold out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/):
     rank 0 names the run and checks the name is free, or resumed; every rank gets the same
     name or the same error. Nothing is created yet (claim_run_dir does)."""
-    problem = None
+    name = problem = None
     if world.is_main:
-        if cfg.name is None:
+        name = cfg.name
+        if name is None:
             stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
             model = Path(cfg.model).stem
-            cfg.name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{cfg.batch_size}x{cfg.accum_freq}"
-        problem = name_taken(cfg)
-    cfg.name, problem = broadcast_object((cfg.name, problem))
+            name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{layout.batch_size}x{layout.accum_freq}"
+        problem = name_taken(cfg, name)
+    name, problem = broadcast_object((name, problem))
     if problem:
         raise ConfigError(problem)
-    return Path(cfg.logs) / cfg.name
+    return Run(name, Path(cfg.logs) / name, layout)
 
 
 def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
@@ -362,24 +358,24 @@ def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
     return None
 
 
-def name_taken(cfg: TrainConfig) -> str | None:
-    if (Path(cfg.logs) / cfg.name).exists() and cfg.resume is None:
-        return (f"run '{cfg.name}' already exists in {cfg.logs}: pass --resume latest "
+def name_taken(cfg: TrainConfig, name: str) -> str | None:
+    if (Path(cfg.logs) / name).exists() and cfg.resume is None:
+        return (f"run '{name}' already exists in {cfg.logs}: pass --resume latest "
                 f"to continue it, or choose another --name")
     return None
 
 
-def claim_run_dir(run_dir: Path, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> None:
+def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> None:
     """Rank 0 creates the run folder and locks it until the run ends (the name is checked
     again: another process may have taken it while this one built its model)."""
     problem = None
     if world.is_main:
-        problem = name_taken(cfg)
+        problem = name_taken(cfg, run.name)
         try:
             if problem is None:
-                on_exit.enter_context(rundir.claimed(run_dir, cfg.logs))
+                on_exit.enter_context(rundir.claimed(run.dir, cfg.logs))
                 if cfg.copy_codebase:
-                    rundir.copy_codebase(run_dir)
+                    rundir.copy_codebase(run.dir)
         except ConfigError as error:
             problem = str(error)
     problem = broadcast_object(problem)
@@ -387,15 +383,15 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, world: World, on_exit: contex
         raise ConfigError(problem)
 
 
-def finished(cfg: TrainConfig, run_dir: Path) -> bool:
+def finished(cfg: TrainConfig, run: Run) -> bool:
     """--resume latest of a run that completed every epoch (the demo's command run twice):
     say so, and how to train anew, instead of building a model with nothing to train."""
-    path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints") if cfg.resume == "latest" else None
+    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else None
     epochs = ckpt.completed_epochs(path) if path else None
     if epochs is None or epochs < cfg.epochs:
         return False
-    log.info(f"run {cfg.name} has finished: {path} completed {epochs} of --epochs {cfg.epochs}, "
-             f"nothing left to train; to train it anew, delete {run_dir} or pass another --name")
+    log.info(f"run {run.name} has finished: {path} completed {epochs} of --epochs {cfg.epochs}, "
+             f"nothing left to train; to train it anew, delete {run.dir} or pass another --name")
     return True
 
 
@@ -405,12 +401,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def data_spec(cfg: TrainConfig, world: World, *, train: bool) -> DataSpec:
+def data_spec(cfg: TrainConfig, world: World, layout: BatchLayout, *, train: bool) -> DataSpec:
     """Training and validation data are split across ranks (validation without padding:
     no sample is counted twice; evaluate gathers the ranks' features)."""
     return DataSpec(
         paths=cfg.train_data if train else cfg.val_data,
-        dataset_type=cfg.dataset_type, batch_size=cfg.batch_size,
+        dataset_type=cfg.dataset_type, batch_size=layout.batch_size,
         num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
         upsampling_factors=cfg.train_data_upsampling_factors if train else None,
@@ -563,7 +559,7 @@ def due(completed_epochs: int, frequency: int, total_epochs: int) -> bool:
     return frequency > 0 and (completed_epochs % frequency == 0 or completed_epochs == total_epochs)
 
 
-# --- evaluation and checkpoints
+# --- after an epoch
 
 def draw_curves(run_dir: Path, world: World) -> Future | None:
     """curves.png from metrics.jsonl, drawn in a thread (rank 0): it overlaps the last
@@ -582,28 +578,59 @@ def draw_curves(run_dir: Path, world: World) -> Future | None:
 
 
 
-def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, zeroshot: bool) -> dict:
-    classnames = templates = None
-    if zeroshot and cfg.zeroshot_classnames:
-        classnames, templates = load_lines(cfg.zeroshot_classnames), load_lines(cfg.zeroshot_templates)
-    with unsharded(model):
-        metrics = evaluate(unwrap(model), val_data.loader, loss_fn=loss_fn, tokenizer=tokenizer,
-                           classnames=classnames, templates=templates, device=device,
-                           autocast=autocast, across_ranks=torch.distributed.is_initialized())
-    if classnames and "zeroshot_top1" not in metrics:
-        log.warning("zero-shot skipped: --val-data has no labels (webdataset 'cls' or --csv-label-key)")
-    log.info("validation: " + format_metrics(metrics))
-    return metrics
+class Evaluation:
+    """What follows an epoch when it is due: validation on --val-data (loss, retrieval,
+    zero-shot with the given class names) and zero-shot ImageNet; of the EMA weights
+    when they are kept."""
 
+    def __init__(self, cfg: TrainConfig, world: World, layout: BatchLayout, bundle, loss_fn, autocast):
+        self.cfg, self.world, self.loss_fn, self.autocast = cfg, world, loss_fn, autocast
+        self.batch_size, self.tokenizer = layout.batch_size, bundle.tokenizer
+        self.val_data = (open_data(data_spec(cfg, world, layout, train=False), bundle.preprocess_val,
+                                   bundle.tokenizer) if cfg.val_data else None)
+        self.imagenet = open_trees({"imagenet_val": cfg.imagenet_val, "imagenet_v2": cfg.imagenet_v2},
+                                   bundle.preprocess_val)
 
-def run_imagenet(cfg, model, trees, tokenizer, world: World, autocast) -> dict:
-    """--imagenet-val / --imagenet-v2, under open_clip_train's metric names."""
-    with unsharded(model):
-        metrics = imagenet_zeroshot(unwrap(model), trees, tokenizer, device=world.device,
-                                    autocast=autocast, batch_size=cfg.batch_size,
-                                    workers=cfg.workers, rank=world.rank, world_size=world.world_size)
-    log.info("zero-shot ImageNet: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics.items()))
-    return metrics
+    def after_epoch(self, state: ckpt.RunState, runlog: RunLog) -> dict:
+        """The metrics of `state.epoch`'s end (empty when nothing was due), logged."""
+        cfg, completed = self.cfg, state.epoch
+        model = state.ema.module if state.ema else state.model
+        zeroshot = due(completed, cfg.zeroshot_frequency, cfg.epochs)
+        metrics = {}
+        if self.val_data and due(completed, cfg.val_frequency, cfg.epochs):
+            metrics = self.validation(model, zeroshot)
+            runlog.validation(step=state.step, epoch=completed, metrics=metrics)
+        if self.imagenet and zeroshot:
+            imagenet = self.imagenet_zeroshot(model)
+            runlog.validation(step=state.step, epoch=completed, metrics=imagenet)
+            metrics = {**metrics, **imagenet}
+        return metrics
+
+    def validation(self, model, zeroshot: bool) -> dict:
+        cfg = self.cfg
+        classnames = templates = None
+        if zeroshot and cfg.zeroshot_classnames:
+            classnames, templates = load_lines(cfg.zeroshot_classnames), load_lines(cfg.zeroshot_templates)
+        with unsharded(model):
+            metrics = evaluate(unwrap(model), self.val_data.loader, loss_fn=self.loss_fn,
+                               tokenizer=self.tokenizer, classnames=classnames, templates=templates,
+                               device=self.world.device, autocast=self.autocast,
+                               across_ranks=torch.distributed.is_initialized())
+        if classnames and "zeroshot_top1" not in metrics:
+            log.warning("zero-shot skipped: --val-data has no labels (webdataset 'cls' or --csv-label-key)")
+        log.info("validation: " + format_metrics(metrics))
+        return metrics
+
+    def imagenet_zeroshot(self, model) -> dict:
+        """--imagenet-val / --imagenet-v2, under open_clip_train's metric names."""
+        world = self.world
+        with unsharded(model):
+            metrics = imagenet_zeroshot(unwrap(model), self.imagenet, self.tokenizer, device=world.device,
+                                        autocast=self.autocast, batch_size=self.batch_size,
+                                        workers=self.cfg.workers, rank=world.rank,
+                                        world_size=world.world_size)
+        log.info("zero-shot ImageNet: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics.items()))
+        return metrics
 
 
 @contextlib.contextmanager
@@ -620,134 +647,11 @@ def unsharded(model):
         model.reshard()
 
 
-def save(run_dir, cfg, model_name, model, optimizer, scaler, ema, step, epoch, world: World,
-         epoch_samples: int = 0) -> None:
-    """Every rank takes part (FSDP2 gathers shards); rank 0 writes. `epoch` epochs are
-    complete, and `epoch_samples` samples (all ranks) of the next one (mid-epoch saves)."""
-    directory = run_dir / "checkpoints"
-    refuse_nonfinite_weights(model, ema, directory, step, world)
-    model_state, optimizer_state = full_state(model, optimizer)
-    rng_states = all_rng_states(world)
-    if not world.is_main:
-        return
-    state = {
-        "state_dict": model_state, "optimizer": optimizer_state,
-        "scaler": scaler.state_dict() if scaler else None, "step": step, "epoch": epoch,
-        "model": model_name, "config": to_dict(cfg), "rng": rng_states,
-        "epoch_samples": epoch_samples, "data_layout": data_layout(cfg, world),
-    }
-    if ema:
-        state["ema_state_dict"] = ema.state_dict()
-    if epoch_samples:
-        ckpt.save_checkpoint(state, directory / ckpt.LATEST)
-        log.info(f"checkpoint saved: {directory / ckpt.LATEST} (step {step}, {epoch_samples} "
-                 f"samples into epoch {epoch + 1})")
-        return
-    # epoch_N.pt first: a kill between the two leaves the older latest, whose resume
-    # trains epoch N again and rewrites epoch_N.pt, so neither goes missing. The same state
-    # twice: latest is a second name of epoch_N.pt (written once, not twice)
-    if cfg.save_frequency and epoch % cfg.save_frequency == 0:
-        saved = ckpt.save_checkpoint(state, directory / f"epoch_{epoch}.pt")
-        ckpt.link_checkpoint(saved, directory / ckpt.LATEST)
-        if cfg.delete_previous_checkpoint:
-            delete_older_epochs(directory, epoch)
-    else:
-        ckpt.save_checkpoint(state, directory / ckpt.LATEST)
-    log.info(f"checkpoint saved: {directory / ckpt.LATEST} (epoch {epoch}, step {step})")
-
-
-def delete_older_epochs(directory: Path, epoch: int) -> None:
-    """--delete-previous-checkpoint: epoch_K.pt for every K < epoch (epoch_latest.pt stays)."""
-    for path in directory.glob("epoch_*.pt"):
-        number = path.stem.removeprefix("epoch_")
-        if number.isdigit() and int(number) < epoch:
-            path.unlink(missing_ok=True)
-
-
-def refuse_nonfinite_weights(model, ema, directory: Path, step: int, world: World) -> None:
-    """Every rank checks its own weights (FSDP2: its shards) and all stop together."""
-    named = dict(unwrap(model).state_dict())
-    if ema:
-        named.update({f"ema {k}": v for k, v in ema.state_dict().items()})
-    bad = faults.nonfinite_tensors(named)
-    if any_over_ranks(bool(bad), device=world.device)[0]:
-        raise ConfigError(f"not writing a checkpoint to {directory} at step {step}: the weights "
-                          f"hold NaN or inf ({', '.join(bad[:3]) or 'on another rank'}); the "
-                          f"previous checkpoint is kept; {faults.LIKELY_CAUSES}")
-
-
-def preempted(signum: int | None, cfg: TrainConfig, run_dir: Path, step: int,
-              world: World) -> Preempted:
+def preempted(signum: int | None, run: Run, step: int, world: World) -> Preempted:
     """The exception that ends a run stopped by a signal, its checkpoint saved. The ranks
     wait for rank 0 to have written it (a launcher ends them all once one exits non-zero)
     and take the signal that some rank received."""
     signum = next(s for s in gather_objects(signum) if s)
     summary = (f"stopped by {signal.Signals(signum).name} after step {step}, saved "
-               f"{run_dir / 'checkpoints' / ckpt.LATEST}")
-    return Preempted(signum, summary if world.is_main else None, cfg.name)
-
-
-def data_layout(cfg: TrainConfig, world: World) -> dict:
-    """What decides which batches an epoch's first steps took."""
-    return {"train_data": cfg.train_data, "train_num_samples": cfg.train_num_samples,
-            "batch_size": cfg.batch_size, "world_size": world.world_size, "workers": cfg.workers,
-            "seed": cfg.seed}
-
-
-def all_rng_states(world: World) -> list[dict]:
-    """Each rank's CPU and CUDA generators, so a resumed run draws the same dropout masks."""
-    mine = {"cpu": torch.get_rng_state()}
-    if world.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(world.device)
-    return gather_objects(mine)
-
-
-def restore_rng_state(state: dict, world: World) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if "cuda" in state and world.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), world.device)
-
-
-def resume(cfg, run_dir, model, optimizer, scaler, ema, world: World) -> tuple[int, int, int]:
-    """Restore a checkpoint if asked; returns (first epoch to run, optimizer steps done,
-    this rank's batches of that epoch already trained on)."""
-    path = ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints")
-    if path is None:
-        if cfg.resume == "latest":
-            log.info(f"--resume latest: no checkpoint in {run_dir} yet, starting a new run")
-        if cfg.pretrained is None:  # instead of open_clip's warning, which also comes on resume
-            log.info("starting from random weights (no --pretrained)")
-        return 0, 0, 0
-    state = ckpt.load_checkpoint(path)
-    if "optimizer" not in state:
-        raise ConfigError(f"{path} holds weights but no training state: to start from it, "
-                          f"pass it as --pretrained instead of --resume")
-    try:
-        load_full_model_state(model, state["state_dict"])
-    except (RuntimeError, KeyError, ValueError):
-        raise ConfigError(f"checkpoint {path} was saved from model {state.get('model')!r}, "
-                          f"not --model {cfg.model}: resume with the same --model") from None
-    try:
-        load_full_optimizer_state(model, optimizer, state["optimizer"])
-    except (RuntimeError, KeyError, ValueError):
-        raise ConfigError(f"checkpoint {path} has optimizer state for other trainable "
-                          f"parameters: resume with the run's --lock-*, --layer-decay and "
-                          f"--lr-image/--lr-text, or start a new run from it with --pretrained") from None
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if ema is not None:  # an EMA new to this run starts from the resumed weights
-        ema.load_state_dict(state.get("ema_state_dict") or unwrap(model).state_dict())
-    rng = state.get("rng") or []
-    if len(rng) == world.world_size:  # the same layout of ranks: continue each one's stream
-        restore_rng_state(rng[world.rank], world)
-    # the epoch's samples already seen, in this run's batches: exact with the same data
-    # layout; CSV and synthetic data also when only batch-size or world-size changed
-    # (one permutation per epoch, dealt out to the ranks in turn), shards only roughly
-    skip = state.get("epoch_samples", 0) // (cfg.batch_size * world.world_size)
-    if skip and state.get("data_layout") != data_layout(cfg, world):
-        log.warning(f"{path} was saved mid-epoch with another data layout "
-                    f"({state.get('data_layout')}, now {data_layout(cfg, world)}): the batches "
-                    "left out of this epoch only approximate those already trained on")
-    where = f", {skip} batches into epoch {state['epoch'] + 1}" if skip else ""
-    log.info(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}{where}")
-    return state["epoch"], state["step"], skip
+               f"{run.dir / 'checkpoints' / ckpt.LATEST}")
+    return Preempted(signum, summary if world.is_main else None, run.name)

@@ -18,9 +18,8 @@ from typing import Iterator
 import open_clip
 import torch
 
-from bigbatch.checkpoint import refused_pickle, refused_pickle_message
+from bigbatch.checkpoint import Checkpoint, canonical_weights, model_shapes, peek
 from bigbatch.config import ConfigError
-from bigbatch.export import plain_state_dict
 from bigbatch.model import ModelBundle, create_model, hub_offline
 
 
@@ -46,7 +45,7 @@ def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = Fals
     path = Path(pretrained)
     if path.is_file():
         state = _peek(path)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        if isinstance(state, Checkpoint):
             return _checkpoint_weights(pretrained, state, model_name, ema)
         if ema:
             raise ConfigError(f"--ema: {pretrained} is a plain weights file with no EMA weights "
@@ -80,10 +79,10 @@ def checkpoint_model(pretrained: str) -> str:
         raise ConfigError(f"--pretrained {pretrained}: no such file; pass --model too when it is an "
                           "open_clip pretrained tag")
     state = _peek(path)
-    recorded = state.get("model") if isinstance(state, dict) else None
+    recorded = state.model if isinstance(state, Checkpoint) else None
     if not isinstance(recorded, str):
         raise ConfigError(f"--pretrained {pretrained} records no model (bigbatch checkpoints do): pass --model")
-    given = (state.get("config") or {}).get("model")
+    given = (state.config or {}).get("model")
     if isinstance(given, str) and given.endswith(".json") and Path(given).is_file():
         return given  # a config file: its name alone is unknown to open_clip
     if recorded not in open_clip.list_models():
@@ -93,30 +92,24 @@ def checkpoint_model(pretrained: str) -> str:
 
 
 def _peek(path: Path):
-    """The checkpoint's contents, memory-mapped where possible (an optimizer state several
-    times the weights is then never read), or None when torch cannot read it (safetensors,
-    TorchScript, numpy: open_clip's loader handles those). A file that pickles Python
-    objects is refused here, in one line: open_clip's loader would refuse it too."""
-    for mmap in (True, False):  # files of torch's legacy format cannot be memory-mapped
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as error:  # torch raises many types for a file it does not read
-            if refused_pickle(error):
-                raise ConfigError(f"--pretrained {refused_pickle_message(path)}") from None
-    return None
+    """The file's contents (bigbatch.checkpoint.peek); its pickled code refused as --pretrained's."""
+    try:
+        return peek(path)
+    except ConfigError as error:
+        raise ConfigError(f"--pretrained {error}") from None
 
 
-def _checkpoint_weights(pretrained: str, state: dict, model_name: str, ema: bool) -> Weights:
-    saved = state.get("model")
+def _checkpoint_weights(pretrained: str, state: Checkpoint, model_name: str, ema: bool) -> Weights:
+    saved = state.model
     if isinstance(saved, str) and saved != model_name:
         raise ConfigError(f"checkpoint {pretrained} is of model '{saved}', not --model '{model_name}': "
                           f"pass --model {saved} (or the config JSON it was trained from)")
-    if ema and "ema_state_dict" not in state:
+    if ema and state.ema_state_dict is None:
         raise ConfigError(f"checkpoint {pretrained} holds no EMA weights (no 'ema_state_dict'; train with "
                           "--ema-decay to keep them): drop --ema")
-    weights = plain_state_dict(state["ema_state_dict" if ema else "state_dict"], model_name)
+    weights = canonical_weights(state.ema_state_dict if ema else state.state_dict)
     return Weights(pretrained, "checkpoint", weights, siglip="logit_bias" in weights,
-                   step=state.get("step"), epoch=state.get("epoch"))
+                   step=state.step, epoch=state.epoch)
 
 
 def cached_tag_file(tag: dict, cache_dir: str | None = None) -> str | None:
@@ -185,11 +178,8 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
         with hub_offline(), _quiet_random_init():
             siglip = create_kwargs.pop("siglip", False) or weights.siglip
             bundle = create_model(model, pretrained=pretrained, siglip=siglip, **create_kwargs)
-        if weights.state_dict is not None:
-            own = bundle.model.state_dict()
-            # 1-element scalars (logit_scale) load into whatever shape the model gives them
-            state = {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 and v.shape != own[k].shape
-                     else v for k, v in weights.state_dict.items()}
+        if weights.state_dict is not None:  # 1-element scalars take the model's shape
+            state = canonical_weights(weights.state_dict, model_shapes(bundle.model))
             bundle.model.load_state_dict(state, strict=True)
     except ConfigError:
         raise
