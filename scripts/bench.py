@@ -69,7 +69,8 @@ from bigbatch.accumulation import cached_backward
 from bigbatch.device import autocast_factory
 from bigbatch.memory import MemoryMeter, storage_keys, tensor_bytes
 from bigbatch.model import create_model, parameter_groups
-from bigbatch.train import adamw, optimizer_step, unscale_and_clip  # the trainer's own optimizer and step
+from bigbatch.build import adamw  # the trainer's own optimizer and step
+from bigbatch.step import optimizer_step, unscale_and_clip
 
 MiB = 2**20
 PLAIN, ACCUM, PEER = "bigbatch plain", "bigbatch accumulated", "open_clip_train accumulated"

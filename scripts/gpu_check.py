@@ -339,7 +339,8 @@ def part_compile(cfg: dict, rec: Recorder) -> None:
     from bigbatch.device import autocast_factory
     from bigbatch.losses import create_loss
     from bigbatch.model import create_model, parameter_groups
-    from bigbatch.train import adamw, optimizer_step, step_inputs, unscale_and_clip
+    from bigbatch.build import adamw
+    from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
 
     device = torch.device(cfg["device"])
     b, k = cfg["compile_batch"], cfg["compile_k"]

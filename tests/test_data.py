@@ -481,7 +481,7 @@ def uneven_shards(tmp_path_factory) -> tuple[str, list[int]]:
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("batch_size, accum_freq", [(8, 1), (5, 3)])
 def test_an_epoch_trains_every_sample_exactly_once(uneven_shards, workers, world_size, batch_size, accum_freq):
-    from bigbatch.train import step_micro_batches
+    from bigbatch.step import step_micro_batches
     pattern, keys = uneven_shards
     trained, steps = [], []
     for rank in range(world_size):

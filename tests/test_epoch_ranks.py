@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bigbatch.data import DataSpec, make_data
-from bigbatch.train import step_micro_batches
+from bigbatch.step import step_micro_batches
 from test_data import PRE, good, key_tokenizer, png, write_shard
 from test_distributed import run_ranks
 

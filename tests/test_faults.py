@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bigbatch.step
 import bigbatch.train
 from bigbatch import faults, rundir
 from bigbatch.cli import main
@@ -113,9 +114,9 @@ def test_a_skipped_step_under_the_grad_scaler_leaves_it_ready_for_the_next_step(
     for factor in (float("nan"), 1.0):
         loss = model(torch.ones(1, 2)).sum() * factor
         scaler.scale(loss).backward()
-        grad_norm = bigbatch.train.unscale_and_clip(model, optimizer, scaler, None)
+        grad_norm = bigbatch.step.unscale_and_clip(model, optimizer, scaler, None)
         skip = bool(faults.nonfinite(loss.detach(), None))  # gradient overflow is the scaler's business
-        bigbatch.train.optimizer_step(model, optimizer, scaler, apply=not skip)
+        bigbatch.step.optimizer_step(model, optimizer, scaler, apply=not skip)
         assert torch.equal(model.weight, before) == skip and model.weight.grad is None
         before = model.weight.detach().clone()
     assert scaler.get_scale() == 512.0 and torch.isfinite(grad_norm)

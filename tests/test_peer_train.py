@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from bigbatch.cli import main
 from bigbatch.config import parse_config
 from bigbatch.model import create_model, open_clip_options
-from bigbatch.train import learning_rate
+from bigbatch.step import learning_rate
 
 MODEL = str(Path(__file__).parent / "assets" / "test-clip.json")
 FAST = ["--model", MODEL, "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--warmup", "1",

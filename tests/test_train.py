@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+import bigbatch.build
 import bigbatch.checkpoint
 import bigbatch.train
 from bigbatch.cli import main
@@ -312,7 +313,7 @@ def test_fused_adamw_steps_like_torch_default():
     default_model = open_clip_vit()
     default_model.load_state_dict(fused_model.state_dict())
     hyper = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
-    fused = bigbatch.train.adamw(parameter_groups(fused_model, 0.2), **hyper)
+    fused = bigbatch.build.adamw(parameter_groups(fused_model, 0.2), **hyper)
     default = torch.optim.AdamW(parameter_groups(default_model, 0.2), **hyper)
     assert fused.defaults["fused"] and not default.defaults["fused"]
     g = torch.Generator().manual_seed(0)

@@ -756,7 +756,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     from bigbatch.inputs import input_bytes
     from bigbatch.memory import step_peak_bytes
     from bigbatch.model import create_model, parameter_groups
-    from bigbatch.train import adamw, optimizer_step, step_inputs, unscale_and_clip
+    from bigbatch.build import adamw
+    from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
 
     device = torch.device(device)
     torch.manual_seed(seed)

@@ -1,5 +1,6 @@
-"""The run folder on disk: created (or one line naming why not), locked while a process
-trains in it, cleared of the temporary files a killed save left behind.
+"""The run folder on disk: named (the same on every rank), created (or one line naming why
+not), locked while a process trains in it, cleared of the temporary files a killed save
+left behind.
 
 The lock is an fcntl.flock on `train.lock` in the folder: the OS releases it when the
 process ends, however it ends, so a dead run never blocks its own `--resume latest`.
@@ -11,10 +12,15 @@ import contextlib
 import errno
 import fcntl
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-from bigbatch.config import ConfigError
+from bigbatch import checkpoint as ckpt
+from bigbatch.config import BatchLayout, Run, TrainConfig
+from bigbatch.distributed import World, broadcast_object
+from bigbatch.errors import ConfigError
+from bigbatch.runlog import log
 
 LOCK = "train.lock"
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -84,3 +90,70 @@ def copy_codebase(run_dir: Path) -> Path:
         shutil.copytree(Path(bigbatch.__file__).parent, target,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return target
+
+
+# --- naming and claiming a run
+
+def name_run(cfg: TrainConfig, world: World, layout: BatchLayout) -> Run:
+    """logs/NAME/ (to hold out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/):
+    rank 0 names the run and checks the name is free, or resumed; every rank gets the same
+    name or the same error. Nothing is created yet (claim_run_dir does)."""
+    name = problem = None
+    if world.is_main:
+        name = cfg.name
+        if name is None:
+            stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+            model = Path(cfg.model).stem
+            name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{layout.batch_size}x{layout.accum_freq}"
+        problem = name_taken(cfg, name)
+    name, problem = broadcast_object((name, problem))
+    if problem:
+        raise ConfigError(problem)
+    return Run(name, Path(cfg.logs) / name, layout)
+
+
+def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
+    """out.log of rank 0; with --log-local also out-RANK.log of each node's first process."""
+    if world.is_main:
+        return run_dir / "out.log"
+    if cfg.log_local and world.local_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)  # another node may not share the file system
+        return run_dir / f"out-{world.rank}.log"
+    return None
+
+
+def name_taken(cfg: TrainConfig, name: str) -> str | None:
+    if (Path(cfg.logs) / name).exists() and cfg.resume is None:
+        return (f"run '{name}' already exists in {cfg.logs}: pass --resume latest "
+                f"to continue it, or choose another --name")
+    return None
+
+
+def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> None:
+    """Rank 0 creates the run folder and locks it until the run ends (the name is checked
+    again: another process may have taken it while this one built its model)."""
+    problem = None
+    if world.is_main:
+        problem = name_taken(cfg, run.name)
+        try:
+            if problem is None:
+                on_exit.enter_context(claimed(run.dir, cfg.logs))
+                if cfg.copy_codebase:
+                    copy_codebase(run.dir)
+        except ConfigError as error:
+            problem = str(error)
+    problem = broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def finished(cfg: TrainConfig, run: Run) -> bool:
+    """--resume latest of a run that completed every epoch (the demo's command run twice):
+    say so, and how to train anew, instead of building a model with nothing to train."""
+    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else None
+    epochs = ckpt.completed_epochs(path) if path else None
+    if epochs is None or epochs < cfg.epochs:
+        return False
+    log.info(f"run {run.name} has finished: {path} completed {epochs} of --epochs {cfg.epochs}, "
+             f"nothing left to train; to train it anew, delete {run.dir} or pass another --name")
+    return True

@@ -1,5 +1,8 @@
 """The training loop: data -> cached_backward -> clip -> step, with logs, eval and checkpoints.
 
+It reads top to bottom: what a run is built from is in build.py, its folder in rundir.py,
+the step's pieces in step.py, its checkpoint in checkpoint.py.
+
 One optimizer step takes `accum_freq` micro-batches; `cached_backward` turns them into
 the exact gradient of the loss over all of them (the effective batch is
 batch-size x accum-freq x world-size). Micro-batches left at the end of an epoch
@@ -9,43 +12,34 @@ still make a (smaller) step. The learning-rate schedule counts optimizer steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import random
 import signal
-import time
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from bigbatch import checkpoint as ckpt
-from bigbatch import faults, plan, rundir
+from bigbatch import faults, rundir
 from bigbatch.accumulation import cached_backward
-from bigbatch.compiled import compile_model
+from bigbatch.build import (announce, batch_layout, build_losses, build_model, build_optimizer,
+                            check_user_data, data_spec, open_data, seed_everything, start_distributed)
 from bigbatch.config import BatchLayout, ConfigError, Run, TrainConfig, to_dict, wants_report
-from bigbatch.data import DataError, DataSpec, check_data, make_data
+from bigbatch.data import DataError
 from bigbatch.device import autocast_factory, resolve_precision, set_threads
-from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
-                                  gather_objects, init_distributed, wrap_model)
+from bigbatch.distributed import World, any_over_ranks, cleanup, gather_objects
+from bigbatch.ema import ModelEMA
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.imagenet import imagenet_zeroshot, open_trees
-from bigbatch.ema import ModelEMA
-from bigbatch.inputs import DeviceCopier
-from bigbatch.losses import CaptionLoss, Weighted, create_loss
-from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
-                            register_model_config, set_frozen_towers_to_eval, unwrap, use_bnb_linear)
+from bigbatch.losses import create_loss
+from bigbatch.model import set_frozen_towers_to_eval, unwrap
 from bigbatch.preemption import Preempted, SignalWatch
 from bigbatch.remote_sync import remote_sync
+from bigbatch.rundir import claim_run_dir, finished, log_file, name_run
 from bigbatch.runlog import (RunLog, close_log_file, log, note_in_log_file, setup_console_logging,
                              start_wandb)
-from bigbatch.weights import load_model, resolve_weights
-
-MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature no lower than 0.01
+from bigbatch.step import (learning_rate, logged_scalars, optimizer_step, set_learning_rate,
+                           step_inputs, step_micro_batches, unscale_and_clip)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -172,386 +166,6 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     if curves:
         log.info(f"curves saved to {curves.result()}")
     return metrics
-
-
-# --- setup
-
-def start_distributed(cfg: TrainConfig) -> World:
-    """Join torchrun's/SLURM's process group (none for one process) on this rank's device."""
-    backend = None if cfg.dist_backend == "auto" else cfg.dist_backend
-    try:
-        world = init_distributed(cfg.device, backend, init_method=cfg.dist_url,
-                                 set_device_rank=not cfg.no_set_device_rank)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if cfg.fsdp and world.world_size == 1:
-        cleanup()
-        raise ConfigError("--fsdp shards the model across ranks: launch with torchrun "
-                          "--nproc-per-node N (N > 1), or drop --fsdp for one process")
-    return world
-
-
-def build_model(cfg: TrainConfig, world: World, layout: BatchLayout):
-    """The open_clip model with its towers locked as asked, wrapped for this world; and the
-    model-input positions of fully frozen towers (run once per sample)."""
-    weights = resolve_weights(cfg.pretrained, register_model_config(cfg.model), cache_dir=cfg.cache_dir)
-    bundle = load_model(cfg.model, weights, world.device, siglip=cfg.siglip,
-                        force_patch_dropout=cfg.force_patch_dropout,
-                        grad_checkpointing=cfg.grad_checkpointing, **open_clip_options(cfg))
-    if cfg.use_bnb_linear:
-        use_bnb_linear(bundle.model, cfg.use_bnb_linear)
-        bundle.model.to(world.device)
-    frozen_inputs = lock_towers(
-        bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
-        image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,
-        text_unlocked_layers=cfg.lock_text_unlocked_layers,
-        text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
-    trainable = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
-    if all(n.startswith("logit_") for n in trainable):  # CoCa's decoder would still train
-        raise ConfigError("--lock-image and --lock-text together leave only the logit scale to "
-                          "train: unlock some layers (--lock-image-unlocked-groups / "
-                          "--lock-text-unlocked-layers) or lock one tower")
-    if cfg.use_bn_sync and world.world_size > 1:  # BatchNorm statistics over all ranks
-        bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bundle.model)
-    if cfg.torchcompile:
-        compile_model(bundle.model)
-    # DDP's static graph does not survive a cached step's two passes (its reducer asserts)
-    static_graph = cfg.ddp_static_graph and layout.accum_freq == 1
-    if cfg.ddp_static_graph and not static_graph:
-        log.warning("--ddp-static-graph ignored: DDP's static graph does not hold for the two "
-                    "passes of feature-cached accumulation (--accum-freq > 1)")
-    model = wrap_model(bundle.model, world, fsdp=cfg.fsdp, static_graph=static_graph)
-    return bundle, model, frozen_inputs
-
-
-def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn.Module):
-    """The contrastive loss over the global batch; for CoCa also its caption loss, whose
-    terms do not couple samples (cached_backward takes it per micro-batch in pass 2)."""
-    contrastive = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                              rank=world.rank, world_size=world.world_size, tile_size=cfg.loss_tile_size)
-    if not is_coca(model):
-        return contrastive, None
-    if cfg.coca_contrastive_loss_weight != 1.0:
-        contrastive = Weighted(contrastive, cfg.coca_contrastive_loss_weight)
-    return contrastive, CaptionLoss(cfg.coca_caption_loss_weight, pad_id=getattr(model, "pad_id", 0))
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """--opt adamw, sgd or timm/NAME; each group's lr_scale carries --layer-decay and
-    --lr-image/--lr-text."""
-    tower_lr_scale = tuple((lr if lr is not None else cfg.lr) / cfg.lr
-                           for lr in (cfg.lr_image, cfg.lr_text))
-    groups = parameter_groups(model, cfg.wd, layer_decay=cfg.layer_decay,
-                              tower_lr_scale=tower_lr_scale)
-    if cfg.opt == "adamw":
-        return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
-    from timm.optim import create_optimizer_v2
-    extra = {} if cfg.momentum is None else {"momentum": cfg.momentum}
-    try:
-        return create_optimizer_v2(groups, cfg.opt.removeprefix("timm/"), lr=cfg.lr,
-                                   weight_decay=cfg.wd, **extra)
-    except (AssertionError, ValueError, TypeError) as error:
-        raise ConfigError(f"--opt {cfg.opt}: timm cannot build it ({error}); see "
-                          f"timm.optim.list_optimizers()") from None
-
-
-def adamw(groups: list[dict], **hyperparameters) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where the parameters' device has one (CPU, CUDA).
-
-    The fused step reads each parameter, gradient and moment once; the default per-tensor
-    loop makes many passes. On the 2-core CPU the step of bigbatch-small takes 12 ms
-    instead of 68 ms, on GPUs it beats foreach; the update is the same AdamW.
-    """
-    params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                 for p in params)
-    return torch.optim.AdamW(groups, fused=fused, **hyperparameters)
-
-
-def announce(cfg, run: Run, world, model, precision, samples_per_epoch, steps_per_epoch) -> None:
-    n_params = sum(p.numel() for p in model.parameters())
-    wrapper = "FSDP2" if cfg.fsdp else "DDP" if world.world_size > 1 else "one process"
-    layout = run.layout
-    log.info(f"run {run.name} in {run.dir}")
-    log.info(f"model {cfg.model}: {n_params / 1e6:.1f} M parameters on {world.device}, "
-             f"{precision}, {wrapper}")
-    log.info(f"effective batch {layout.effective_batch} = batch-size {layout.batch_size} x "
-             f"accum-freq {layout.accum_freq} x world-size {layout.world_size}; "
-             f"{samples_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
-             f"{steps_per_epoch * cfg.epochs} steps")
-
-
-def batch_layout(cfg: TrainConfig, world: World, precision: str) -> BatchLayout:
-    """--batch-size auto: the largest micro-batch the GPU holds (bigbatch plan's estimate);
-    --global-batch-size G: accum-freq = G / (batch-size x world-size); --offload-inputs
-    where the step's inputs would not fit on the GPU."""
-    batch_size, accum_freq = cfg.batch_size, cfg.accum_freq
-    if batch_size == "auto":
-        if world.device.type != "cuda":
-            raise ConfigError("--batch-size auto sizes the micro-batch to the GPU's memory: "
-                              "on CPU give a number")
-        batch_size = plan.find_max_batch_size(
-            register_model_config(cfg.model), world_size=world.world_size,
-            gpu_memory_bytes=torch.cuda.get_device_properties(world.device).total_memory,
-            global_batch_size=cfg.global_batch_size,
-            accum_freq=None if cfg.global_batch_size else cfg.accum_freq, precision=precision,
-            grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
-            tile=cfg.loss_tile_size, device=str(world.device), siglip=cfg.siglip,
-            offload_inputs=cfg.offload_inputs, force_patch_dropout=cfg.force_patch_dropout)
-        batch_size = smallest_over_ranks(batch_size, world)  # ranks must agree
-        log.info(f"--batch-size auto: {batch_size} per GPU")
-    if cfg.global_batch_size is not None:
-        accum_freq = plan.derive_accum_freq(cfg.global_batch_size, batch_size, world.world_size)
-    layout = BatchLayout(batch_size, accum_freq, world.world_size, cfg.offload_inputs)
-    if world.device.type == "cuda" and accum_freq > 1 and not cfg.offload_inputs:
-        layout = dataclasses.replace(layout, offload_inputs=offload_if_needed(cfg, layout, world, precision))
-    return layout
-
-
-def offload_if_needed(cfg: TrainConfig, layout: BatchLayout, world: World, precision: str) -> bool:
-    """--offload-inputs, chosen when bigbatch plan says the step's K micro-batches of uint8
-    images do not fit on the GPU beside the rest but one at a time would; and said so."""
-    memory = torch.cuda.get_device_properties(world.device).total_memory
-    crowded = plan.inputs_must_wait_on_host(
-        register_model_config(cfg.model), gpu_memory=memory, batch_size=layout.batch_size,
-        accum_freq=layout.accum_freq, world_size=world.world_size, precision=precision,
-        grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
-        tile=cfg.loss_tile_size, siglip=cfg.siglip, force_patch_dropout=cfg.force_patch_dropout)
-    if crowded is not None:
-        log.info(f"--offload-inputs chosen: the step's inputs ({crowded.inputs / 2**30:.1f} GiB) do not "
-                 f"fit on the GPU beside the rest (planned peak {crowded.peak / 2**30:.1f} of "
-                 f"{crowded.usable_memory / 2**30:.1f} GiB usable); they wait in pinned host memory")
-    return crowded is not None
-
-
-def smallest_over_ranks(value: int, world: World) -> int:
-    return min(gather_objects(value))
-
-
-def name_run(cfg: TrainConfig, world: World, layout: BatchLayout) -> Run:
-    """logs/NAME/ (to hold out.log, metrics.jsonl, checkpoints/, curves.png, tensorboard/):
-    rank 0 names the run and checks the name is free, or resumed; every rank gets the same
-    name or the same error. Nothing is created yet (claim_run_dir does)."""
-    name = problem = None
-    if world.is_main:
-        name = cfg.name
-        if name is None:
-            stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-            model = Path(cfg.model).stem
-            name = f"{stamp}-model_{model}-lr_{cfg.lr:g}-b_{layout.batch_size}x{layout.accum_freq}"
-        problem = name_taken(cfg, name)
-    name, problem = broadcast_object((name, problem))
-    if problem:
-        raise ConfigError(problem)
-    return Run(name, Path(cfg.logs) / name, layout)
-
-
-def log_file(cfg: TrainConfig, run_dir: Path, world: World) -> Path | None:
-    """out.log of rank 0; with --log-local also out-RANK.log of each node's first process."""
-    if world.is_main:
-        return run_dir / "out.log"
-    if cfg.log_local and world.local_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)  # another node may not share the file system
-        return run_dir / f"out-{world.rank}.log"
-    return None
-
-
-def name_taken(cfg: TrainConfig, name: str) -> str | None:
-    if (Path(cfg.logs) / name).exists() and cfg.resume is None:
-        return (f"run '{name}' already exists in {cfg.logs}: pass --resume latest "
-                f"to continue it, or choose another --name")
-    return None
-
-
-def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> None:
-    """Rank 0 creates the run folder and locks it until the run ends (the name is checked
-    again: another process may have taken it while this one built its model)."""
-    problem = None
-    if world.is_main:
-        problem = name_taken(cfg, run.name)
-        try:
-            if problem is None:
-                on_exit.enter_context(rundir.claimed(run.dir, cfg.logs))
-                if cfg.copy_codebase:
-                    rundir.copy_codebase(run.dir)
-        except ConfigError as error:
-            problem = str(error)
-    problem = broadcast_object(problem)
-    if problem:
-        raise ConfigError(problem)
-
-
-def finished(cfg: TrainConfig, run: Run) -> bool:
-    """--resume latest of a run that completed every epoch (the demo's command run twice):
-    say so, and how to train anew, instead of building a model with nothing to train."""
-    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else None
-    epochs = ckpt.completed_epochs(path) if path else None
-    if epochs is None or epochs < cfg.epochs:
-        return False
-    log.info(f"run {run.name} has finished: {path} completed {epochs} of --epochs {cfg.epochs}, "
-             f"nothing left to train; to train it anew, delete {run.dir} or pass another --name")
-    return True
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def data_spec(cfg: TrainConfig, world: World, layout: BatchLayout, *, train: bool) -> DataSpec:
-    """Training and validation data are split across ranks (validation without padding:
-    no sample is counted twice; evaluate gathers the ranks' features)."""
-    return DataSpec(
-        paths=cfg.train_data if train else cfg.val_data,
-        dataset_type=cfg.dataset_type, batch_size=layout.batch_size,
-        num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
-        resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
-        upsampling_factors=cfg.train_data_upsampling_factors if train else None,
-        is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
-        csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,
-        rank=world.rank, world_size=world.world_size)
-
-
-def check_user_data(spec: DataSpec) -> None:
-    """make_data's checks that need no model: paths, columns (before one is built)."""
-    try:
-        check_data(spec)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(str(error)) from None
-
-
-def open_data(spec: DataSpec, preprocess, tokenizer):
-    """The data layer reports a user's mistake (no such shard, missing column) as ValueError."""
-    try:
-        return make_data(spec, preprocess, tokenizer)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(str(error)) from None
-
-
-# --- the step
-
-class StepBatches:
-    """One optimizer step's micro-batches, `accum_freq` of them (fewer at the epoch's end),
-    taken from the loader only when the step asks for the next one: loading overlaps pass 1.
-    Iterate it once, to its end. It counts what it gave, for the log; it holds no batch."""
-
-    def __init__(self, batches: Iterator, first, accum_freq: int, waited: float):
-        self.batches, self.first, self.accum_freq = batches, first, accum_freq
-        self.data_seconds = waited  # spent waiting for the loader
-        self.count, self.samples, self.skipped = 0, 0, Counter()
-
-    def __iter__(self) -> Iterator:
-        batch, self.first = self.first, None
-        while batch is not None:
-            self.count += 1
-            self.samples += len(batch.images)
-            self.skipped.update(batch.skipped)
-            yield batch
-            if self.count == self.accum_freq:
-                return
-            batch = self._next()
-
-    def _next(self):
-        start = time.perf_counter()
-        batch = next(self.batches, None)
-        self.data_seconds += time.perf_counter() - start
-        return batch
-
-
-def step_micro_batches(loader: Iterable, accum_freq: int) -> Iterator[StepBatches]:
-    """The epoch's steps; each one's first micro-batch is taken before the step starts (there
-    is a step only if there is a batch)."""
-    batches = iter(loader)
-    while True:
-        start = time.perf_counter()
-        first = next(batches, None)
-        if first is None:
-            return
-        yield StepBatches(batches, first, accum_freq, time.perf_counter() - start)
-
-
-def step_inputs(micro_batches: Iterable, device: torch.device, offload: bool):
-    """The step's (images, texts) micro-batches as they arrive (uint8 images, pinned for a
-    GPU) and the move cached_backward applies before each forward. Each goes to the device
-    on arrival; or, with --offload-inputs, stays on the host and is copied one ahead of the
-    forward that needs it: pass 1 in order, then pass 2's recomputes (all but the last)."""
-    copier = DeviceCopier(device)
-
-    def arriving() -> Iterator[tuple]:
-        host = []
-        for b in micro_batches:
-            inputs = (b.images, b.texts)
-            if not offload:
-                yield copier(inputs)  # later moves of device tensors are no-ops
-                continue
-            copier.expect(inputs)
-            host.append(inputs)
-            yield inputs
-        copier.expect(*host[:-1])  # pass 2's order, known once the engine looks past the last
-
-    return arriving(), copier
-
-
-def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup over `warmup` optimizer steps, then cosine to zero, constant, or
-    constant until the last --epochs-cooldown epochs decay it polynomially to
-    --lr-cooldown-end. --skip-scheduler: --lr throughout."""
-    if cfg.skip_scheduler:
-        return cfg.lr
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_scheduler == "const":
-        return cfg.lr
-    if cfg.lr_scheduler == "const-cooldown":
-        cooldown = total_steps // cfg.epochs * cfg.epochs_cooldown  # steps per epoch x epochs
-        start = total_steps - cooldown
-        if step < start:
-            return cfg.lr
-        decay = (1 - (step - start) / cooldown) ** cfg.lr_cooldown_power
-        return decay * (cfg.lr - cfg.lr_cooldown_end) + cfg.lr_cooldown_end
-    progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * cfg.lr
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """The schedule's lr, times each group's scale (layer decay, tower lr)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
-
-
-def unscale_and_clip(model, optimizer, scaler, clip_norm: float | None) -> torch.Tensor:
-    """Unscale (fp16) the accumulated gradient and clip it; its global norm before clipping
-    (a tensor on the device: no host sync)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if clip_norm is not None:
-        return as_local(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm))
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return as_local(torch.nn.utils.get_total_norm(grads))
-
-
-def optimizer_step(model, optimizer, scaler, apply: bool = True) -> None:
-    """Step (unless a non-finite step is dropped), zero the gradient, clamp the logit scale."""
-    if scaler is not None:
-        if apply:
-            scaler.step(optimizer)
-        scaler.update()
-    elif apply:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-
-
-def logged_scalars(model, grad_norm: torch.Tensor, nonfinite_steps: int) -> dict[str, float]:
-    """What a progress line adds to the loss: read at log steps only (host syncs; FSDP2's
-    full logit scale is a collective, and every rank logs at the same steps)."""
-    return {"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
-            "grad_norm": grad_norm.item(), "nonfinite_steps": nonfinite_steps}
 
 
 def due(completed_epochs: int, frequency: int, total_epochs: int) -> bool:
