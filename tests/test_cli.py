@@ -9,7 +9,7 @@ import pytest
 
 from bigbatch import plan_cli
 from bigbatch.cli import main
-from bigbatch.config import build_parser
+from bigbatch.parse import build_parser
 
 
 @pytest.mark.parametrize("argv, flag", [

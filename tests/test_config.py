@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import BatchLayout, ConfigError, TrainConfig, parse_config
+from bigbatch.config import BatchLayout, ConfigError, TrainConfig
+from bigbatch.parse import parse_config
 
 SYNTH = ["--dataset-type", "synthetic"]
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from bigbatch import eval_cli
 from bigbatch.checkpoint import save_checkpoint
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch import weights as weights_module
 from bigbatch.model import create_model, register_model_config
 from bigbatch.zeroshot import builtin_classnames, builtin_templates

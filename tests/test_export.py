@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from bigbatch import export
 from bigbatch.checkpoint import save_checkpoint
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.model import create_model, register_model_config
 
 CONFIG = Path(__file__).parent / "assets" / "test-clip.json"

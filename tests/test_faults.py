@@ -18,7 +18,7 @@ import bigbatch.step
 import bigbatch.train
 from bigbatch import faults, rundir
 from bigbatch.cli import main
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.preemption import resume_command, shield_loader_worker
 
 MODEL = str(Path(__file__).parent / "assets" / "test-clip.json")

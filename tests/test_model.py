@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.model import create_model, lock_towers, parameter_groups
 from tiny_models import open_clip_vit
 

@@ -9,7 +9,8 @@ from unittest import mock
 
 import pytest
 
-from bigbatch.config import ConfigError, build_parser, parse_config
+from bigbatch.errors import ConfigError
+from bigbatch.parse import build_parser, parse_config
 from bigbatch.peer_flags import REFUSED, TABLE, markdown_table
 
 SYNTH = ["--dataset-type", "synthetic"]

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from bigbatch.cli import main
-from bigbatch.config import parse_config
+from bigbatch.parse import parse_config
 from bigbatch.model import create_model, open_clip_options
 from bigbatch.step import learning_rate
 
@@ -102,7 +102,7 @@ def test_timm_augmentation_keeps_float_images_normalised():
 
 
 def test_model_schemas(tmp_path):
-    from bigbatch.config import ConfigError
+    from bigbatch.errors import ConfigError
     with pytest.raises(ConfigError, match="no open_clip_config.json"):
         create_model(f"local-dir:{tmp_path}")
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
@@ -177,7 +177,7 @@ def imagenet_tree(root: Path, folders: list[str], images: dict[str, int]) -> Pat
 
 
 def test_imagenet_folders_map_to_imagenet_classes(tmp_path):
-    from bigbatch.config import ConfigError
+    from bigbatch.errors import ConfigError
     from bigbatch.imagenet import ClassFolders
     synsets = [f"n{i:08d}" for i in range(1000)]
     tree = imagenet_tree(tmp_path / "val", synsets, {synsets[3]: 1, synsets[999]: 2})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigbatch import plan
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.losses import CaptionLoss
 from bigbatch.model import create_model, register_model_config
 from bigbatch.plan import (MemoryPlan, derive_accum_freq, estimate_memory, find_max_batch_size,

@@ -422,5 +422,5 @@ def test_threads_sets_torchs_thread_count(tmp_path, monkeypatch):
         "--epochs", "1", "--threads", "1")
     assert counts == [1]
     with pytest.raises(Exception, match="--threads must be at least 1"):
-        from bigbatch.config import parse_config
+        from bigbatch.parse import parse_config
         parse_config(["--dataset-type", "synthetic", "--threads", "0"])

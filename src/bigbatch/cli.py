@@ -58,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 def user_errors() -> tuple[type[Exception], ...]:
     """Mistakes a user can make: one line, no traceback. Imported only once one happened:
     the data layer imports torch, which `--help` and flag errors do without."""
-    from bigbatch.config import ConfigError
+    from bigbatch.errors import ConfigError
     from bigbatch.data import DataError
     return ConfigError, DataError
 
 
 def _train(argv: list[str]) -> int:
-    from bigbatch.config import parse_config
+    from bigbatch.parse import parse_config
 
     cfg = parse_config(argv)  # flags first: --help and mistakes need no torch
     from bigbatch.train import train

@@ -1,14 +1,11 @@
-"""All training options: one dataclass, exposed as flags (open_clip_train's names) and YAML.
-
-Precedence: dataclass defaults < `--config FILE.yaml` < flags on the command line.
-YAML keys are the field names (underscores or dashes). `validate` stops a bad
-combination before any work starts, with one message that names the fix.
+"""All training options: one frozen dataclass, exposed as flags (open_clip_train's names)
+and YAML by bigbatch.parse. `validate` stops a bad combination before any work starts,
+with one message that names the fix. What the options resolve to once the world is known
+(the batch layout, the run's name and folder) is `Run`, also frozen.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import difflib
 import math
@@ -16,10 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bigbatch.errors import ConfigError  # noqa: F401  (re-exported: bigbatch.config.ConfigError)
-from bigbatch.flags import Parser
+from bigbatch.errors import ConfigError
 
 
 def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
@@ -178,20 +172,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for f in fields(cfg):  # argparse checks choices of flags, not of YAML values
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) is not None and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"--{_flag(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
+            raise ConfigError(f"--{flag_name(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
     positive = ["accum_freq", "epochs", "log_every_n_steps"]
     if cfg.threads is not None:
         positive.append("threads")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"--{flag_name(name)} must be at least 1, got {getattr(cfg, name)}")
     non_negative = ["workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency",
                     "max_nonfinite_steps",
                     "zeroshot_frequency", "wd",
                     "coca_caption_loss_weight", "coca_contrastive_loss_weight"]
     for name in non_negative:
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{_flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+            raise ConfigError(f"--{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.batch_size != "auto" and cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 or 'auto', got {cfg.batch_size}")
     if cfg.global_batch_size is not None and cfg.global_batch_size < 1:
@@ -231,7 +225,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "--fsdp is there to avoid: drop one of them")
     for name in ("lr_image", "lr_text"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
-            raise ConfigError(f"--{_flag(name)} must be 0 or more")
+            raise ConfigError(f"--{flag_name(name)} must be 0 or more")
     if cfg.local_loss and not cfg.gather_with_grad:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")
@@ -269,7 +263,7 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
     for name in ("image_mean", "image_std"):
         values = getattr(cfg, name)
         if values is not None and len(values) not in (1, 3):
-            raise ConfigError(f"--{_flag(name)} takes one value, or one per RGB channel (3)")
+            raise ConfigError(f"--{flag_name(name)} takes one value, or one per RGB channel (3)")
     if cfg.image_std is not None and min(cfg.image_std) <= 0:
         raise ConfigError("--image-std values must be positive")
     if cfg.aug_cfg:
@@ -292,7 +286,7 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
         raise ConfigError("--remote-sync-frequency must be at least 1 (seconds)")
     for name in ("imagenet_val", "imagenet_v2"):
         if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_dir():
-            raise ConfigError(f"--{_flag(name)} {getattr(cfg, name)}: no such folder (give an "
+            raise ConfigError(f"--{flag_name(name)} {getattr(cfg, name)}: no such folder (give an "
                               f"ImageFolder tree, one sub-folder per class)")
 
 
@@ -340,139 +334,19 @@ def _check_lines_file(name: str, path: str | None) -> None:
         return
     from bigbatch.evaluate import load_lines  # the reader evaluation uses (torch: import late)
     if not Path(path).is_file():
-        raise ConfigError(f"--{_flag(name)} {path}: no such file")
+        raise ConfigError(f"--{flag_name(name)} {path}: no such file")
     try:
         lines = load_lines(path)
     except ValueError as error:
-        raise ConfigError(f"--{_flag(name)} {error}") from None
+        raise ConfigError(f"--{flag_name(name)} {error}") from None
     if name == "zeroshot_templates" and not all("{}" in line for line in lines):
-        raise ConfigError(f"--{_flag(name)} {path}: every template needs '{{}}' where the "
+        raise ConfigError(f"--{flag_name(name)} {path}: every template needs '{{}}' where the "
                           f"class name goes")
-
-
-# --- parsing
-
-def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
-    parser = Parser(
-        prog=prog, argument_default=argparse.SUPPRESS, usage="%(prog)s [--config FILE.yaml] [flags]",
-        description="Train a CLIP-style model. Effective batch = batch-size x accum-freq x world-size.")
-    parser.add_argument("--config", help="YAML file of options (field names as keys); flags override it")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(TrainConfig):
-        meta = dict(f.metadata)
-        group_name = meta.pop("group")
-        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        if f.default is not None and "(default:" not in meta["help"]:
-            meta["help"] += f" (default: {f.default!r})"
-        if f.type in ("bool", bool):
-            group.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **meta)
-        else:
-            group.add_argument(f"--{_flag(f.name)}", type=_parse_type(f), **meta)
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags and --config YAML into a validated TrainConfig; a ConfigError names the fix."""
-    given = vars(build_parser().parse_args(argv))
-    config_path = given.pop("config", None)
-    values = load_yaml(config_path) if config_path else {}
-    values.update(_collect(given))
-    return validate(TrainConfig(**values))
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path}: {_yaml_problem(error)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config {path}: not a text file (not UTF-8): pass a YAML file") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a mapping of option names to values")
-    known = {f.name: f for f in fields(TrainConfig)}
-    values = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{path}: unknown option '{key}'{hint}")
-        values[name] = _coerce(known[name], value, path)
-    return values
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """What is wrong where, and the fix: safe_load builds no Python objects from tags."""
-    mark = getattr(error, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    if isinstance(error, yaml.constructor.ConstructorError) and "tag" in (error.problem or ""):
-        return (f"{where}{error.problem}; options are plain values (numbers, strings, "
-                f"true/false), never Python objects: remove the tag")
-    return f"{where}not valid YAML ({getattr(error, 'problem', None) or error}): fix the file"
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _parse_type(f: dataclasses.Field):
-    """The parser of one value (one item, for list and key=value options)."""
-    base = str(f.type).replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "int | str": _int_or_auto,
-            "list[int]": int, "list[float]": float, "dict": _key_value}[base]
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """'scale=(0.5, 1.0)' -> ('scale', (0.5, 1.0)); a value that is no Python literal stays a string."""
-    key, sep, value = str(text).partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
-def _collect(values: dict[str, Any]) -> dict[str, Any]:
-    """argparse gives key=value options as a list of pairs: make them the dict they mean."""
-    for f in fields(TrainConfig):
-        if str(f.type).startswith("dict") and isinstance(values.get(f.name), list):
-            values[f.name] = dict(values[f.name])
-    return values
-
-
-def _int_or_auto(value: Any) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {value!r}") from None
-
-
-def _coerce(f: dataclasses.Field, value: Any, path: Path) -> Any:
-    """YAML values to the field's type (YAML reads 1e-3 as a string, for instance)."""
-    if value is None or isinstance(value, bool) and f.type in ("bool", bool):
-        return value
-    if f.type in ("bool", bool):  # a quoted "no" would otherwise be a true string
-        words = {"true": True, "yes": True, "on": True, "1": True,
-                 "false": False, "no": False, "off": False, "0": False}
-        if str(value).strip().lower() in words:
-            return words[str(value).strip().lower()]
-        raise ConfigError(f"{path}: option '{f.name}' expects true or false, got {value!r}")
-    try:
-        if str(f.type).startswith("list"):  # a YAML list, or one number
-            items = value if isinstance(value, (list, tuple)) else [value]
-            return [_parse_type(f)(item) for item in items]
-        if str(f.type).startswith("dict"):  # a YAML mapping, or a list of key=value
-            return dict(value) if isinstance(value, dict) else dict(map(_key_value, value))
-        return _parse_type(f)(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise ConfigError(f"{path}: option '{f.name}' expects {str(f.type)}, got {value!r}") from None

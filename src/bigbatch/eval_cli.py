@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.flags import Parser
 
 DATA_FLAG = "--val-data"  # how bigbatch.data names evaluation data in its messages

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.runlog import log
 
 LIKELY_CAUSES = ("likely causes: --lr too high (lower it, or set --grad-clip-norm), fp16 "

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.distributed import gather_objects
 from bigbatch.evaluate import _eval_mode, build_zeroshot_classifier
 from bigbatch.zeroshot import builtin_classnames, builtin_templates

@@ -19,7 +19,7 @@ import open_clip
 import torch
 from torch import nn
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.inputs import normalize_on_device, uint8_transform
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's schemas

@@ -67,7 +67,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss, create_loss
 from bigbatch.tiled import loss_working_set_bytes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.flags import Parser
 
 RESERVE_HELP = "0.1"  # bigbatch.plan.DEFAULT_RESERVE, which imports torch (a test keeps them equal)

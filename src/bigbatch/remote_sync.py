@@ -17,7 +17,7 @@ from typing import Iterator
 
 import fsspec
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.rundir import LOCK
 
 log = logging.getLogger("bigbatch")

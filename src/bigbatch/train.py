@@ -24,10 +24,11 @@ from bigbatch import faults, rundir
 from bigbatch.accumulation import cached_backward
 from bigbatch.build import (announce, batch_layout, build_losses, build_model, build_optimizer,
                             check_user_data, data_spec, open_data, seed_everything, start_distributed)
-from bigbatch.config import BatchLayout, ConfigError, Run, TrainConfig, to_dict, wants_report
+from bigbatch.config import BatchLayout, Run, TrainConfig, to_dict, wants_report
 from bigbatch.data import DataError
 from bigbatch.device import autocast_factory, resolve_precision, set_threads
 from bigbatch.distributed import World, any_over_ranks, cleanup, gather_objects
+from bigbatch.errors import ConfigError
 from bigbatch.ema import ModelEMA
 from bigbatch.evaluate import evaluate, format_metrics, load_lines
 from bigbatch.imagenet import imagenet_zeroshot, open_trees

@@ -19,7 +19,7 @@ import open_clip
 import torch
 
 from bigbatch.checkpoint import Checkpoint, canonical_weights, model_shapes, peek
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.model import ModelBundle, create_model, hub_offline
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.evaluate import load_lines
 
 CLASSNAMES = {"imagenet": "imagenet_classnames.txt"}
