@@ -21,7 +21,7 @@ import torchvision.transforms as T
 
 import bigbatch.data.wds_source
 from bigbatch.data import Batch, DataError, DataSpec, make_data
-from bigbatch.data.demo import main as demo_main
+from bigbatch.demo_data import main as demo_main
 from bigbatch.data.demo import write_demo_dataset
 from bigbatch.data.shapes import CLASSNAMES, COLORS, TEMPLATES, draw_sample
 

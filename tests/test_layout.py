@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bigbatch"
 COMMANDS = {"bigbatch.cli", "bigbatch.eval_cli", "bigbatch.export", "bigbatch.plan_cli",
-            "bigbatch.plan.command", "bigbatch.bench", "bigbatch.demo", "bigbatch.__main__"}
+            "bigbatch.plan.command", "bigbatch.bench", "bigbatch.demo_data", "bigbatch.__main__"}
 DATA_TABLES = {"bigbatch.peer_flags", "bigbatch.zeroshot"}  # tables of names, not logic
 NOT_YET_SPLIT = {"bigbatch.plan"}  # becoming a package (plan/)
 MAX_LINES = 420
