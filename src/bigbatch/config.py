@@ -141,8 +141,8 @@ class TrainConfig:
     # --- evaluation
     val_frequency: int = option(1, "evaluate on --val-data every N epochs (0: never)", "evaluation")
     zeroshot_frequency: int = option(2, "zero-shot classification every N epochs (0: never)", "evaluation")
-    zeroshot_classnames: str | None = option(None, "text file of class names, one per line, in label order", "evaluation")
-    zeroshot_templates: str | None = option(None, "text file of prompt templates with '{}' for the class name", "evaluation")
+    zeroshot_classnames: str | None = option(None, "class names in label order: a built-in set ('imagenet') or a text file, one per line", "evaluation")
+    zeroshot_templates: str = option("openai", "prompt templates: a built-in set ('openai': 80, 'simple': 7) or a text file, one per line with '{}' for the class name", "evaluation")
     imagenet_val: str | None = option(None, "ImageNet-1k validation as an ImageFolder tree (1000 synset folders): zero-shot top-1/5 every --zeroshot-frequency epochs", "evaluation")
     imagenet_v2: str | None = option(None, "ImageNetV2 as an ImageFolder tree (synset folders, or folders 0..999)", "evaluation")
 
@@ -188,11 +188,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type synthetic")
     if cfg.dataset_type == "synthetic" and cfg.train_data is not None:
         raise ConfigError("--dataset-type synthetic draws its own data: drop --train-data or pick another --dataset-type")
-    wants_zeroshot = cfg.zeroshot_frequency > 0 and cfg.val_data is not None
-    if wants_zeroshot and (cfg.zeroshot_classnames is None) != (cfg.zeroshot_templates is None):
-        raise ConfigError("zero-shot evaluation needs both --zeroshot-classnames and --zeroshot-templates")
-    for name in ("zeroshot_classnames", "zeroshot_templates"):
-        _check_lines_file(name, getattr(cfg, name))
+    _check_zeroshot_sets(cfg)
     if cfg.global_batch_size is not None and cfg.accum_freq != 1:
         raise ConfigError("--global-batch-size sets --accum-freq (G / (batch-size x world-size)): "
                           "give one of them, not both")
@@ -268,9 +264,14 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"--loss-dist-impl {cfg.loss_dist_impl}: choose one of {list(LOSS_DIST_IMPLS)}")
     if cfg.remote_sync_frequency < 1:
         raise ConfigError("--remote-sync-frequency must be at least 1 (seconds)")
-    for name in ("imagenet_val", "imagenet_v2"):
-        if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_dir():
-            raise ConfigError(f"--{_flag(name)} {getattr(cfg, name)}: no such folder (give an "
+    check_imagenet_dirs(cfg.imagenet_val, cfg.imagenet_v2)
+
+
+def check_imagenet_dirs(imagenet_val: str | None, imagenet_v2: str | None) -> None:
+    """--imagenet-val / --imagenet-v2 (train and eval): folders, read when evaluated."""
+    for name, path in (("imagenet_val", imagenet_val), ("imagenet_v2", imagenet_v2)):
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"--{_flag(name)} {path}: no such folder (give an "
                               f"ImageFolder tree, one sub-folder per class)")
 
 
@@ -312,20 +313,15 @@ def _check_upsampling(cfg: TrainConfig) -> None:
                           f"'::'-joined, e.g. {'::'.join(['1'] * max(len(sources), 2))}")
 
 
-def _check_lines_file(name: str, path: str | None) -> None:
+def _check_zeroshot_sets(cfg: TrainConfig) -> None:
     """Class names / templates: read now, not after the first epoch of training."""
-    if path is None:
-        return
-    from bigbatch.evaluate import load_lines  # the reader evaluation uses (torch: import late)
-    if not Path(path).is_file():
-        raise ConfigError(f"--{_flag(name)} {path}: no such file")
-    try:
-        lines = load_lines(path)
-    except ValueError as error:
-        raise ConfigError(f"--{_flag(name)} {error}") from None
-    if name == "zeroshot_templates" and not all("{}" in line for line in lines):
-        raise ConfigError(f"--{_flag(name)} {path}: every template needs '{{}}' where the "
-                          f"class name goes")
+    from bigbatch.zeroshot import load_classnames, load_templates  # (torch: import late)
+    load_templates(cfg.zeroshot_templates, "--zeroshot-templates")
+    if cfg.zeroshot_classnames is not None:
+        load_classnames(cfg.zeroshot_classnames, "--zeroshot-classnames")
+    elif cfg.zeroshot_templates != TrainConfig.zeroshot_templates:
+        raise ConfigError("--zeroshot-templates needs --zeroshot-classnames (the class names in label "
+                          "order: 'imagenet' or a text file, one per line)")
 
 
 # --- parsing
@@ -337,16 +333,30 @@ def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (field names as keys); flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
-        meta = dict(f.metadata)
-        group_name = meta.pop("group")
-        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        if f.default is not None and "(default:" not in meta["help"]:
-            meta["help"] += f" (default: {f.default!r})"
-        if f.type in ("bool", bool):
-            group.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **meta)
-        else:
-            group.add_argument(f"--{_flag(f.name)}", type=_parse_type(f), **meta)
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        _add_option(group, f)
     return parser
+
+
+def add_options(group, *names: str, **overrides: dict) -> None:
+    """Add these TrainConfig options to another command's parser (or argument group), with
+    train's flag, default, help and choices: what commands share is defined once.
+    ``overrides``: per option, add_argument keywords that differ (a narrower type or choices)
+    and ``aliases``, older spellings the command keeps accepting."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    for name in names:
+        _add_option(group, known[name], default=known[name].default, **overrides.get(name, {}))
+
+
+def _add_option(group, f: dataclasses.Field, aliases: tuple[str, ...] = (), **overrides: Any) -> None:
+    meta = {key: value for key, value in f.metadata.items() if key != "group"}
+    if f.default is not None and "(default:" not in meta["help"]:
+        meta["help"] += f" (default: {f.default!r})"
+    if f.type in ("bool", bool):
+        meta["action"] = argparse.BooleanOptionalAction
+    else:
+        meta["type"] = _parse_type(f)
+    group.add_argument(f"--{_flag(f.name)}", *aliases, **{**meta, **overrides})
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

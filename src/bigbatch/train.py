@@ -32,7 +32,7 @@ from bigbatch.device import autocast_factory, resolve_precision, set_threads
 from bigbatch.distributed import (World, any_over_ranks, as_local, broadcast_object, cleanup,
                                   full_state, gather_objects, init_distributed,
                                   load_full_model_state, load_full_optimizer_state, wrap_model)
-from bigbatch.evaluate import evaluate, format_metrics, load_lines
+from bigbatch.evaluate import evaluate, format_metrics
 from bigbatch.imagenet import imagenet_zeroshot, open_trees
 from bigbatch.ema import ModelEMA
 from bigbatch.inputs import DeviceCopier
@@ -40,6 +40,7 @@ from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
                             register_model_config, set_frozen_towers_to_eval, unwrap, use_bnb_linear)
 from bigbatch.preemption import Preempted, SignalWatch
+from bigbatch.zeroshot import load_classnames, load_templates
 from bigbatch.remote_sync import remote_sync
 from bigbatch.runlog import (RunLog, close_log_file, log, note_in_log_file, setup_console_logging,
                              start_wandb)
@@ -585,7 +586,8 @@ def draw_curves(run_dir: Path, world: World) -> Future | None:
 def run_validation(cfg, model, val_data, tokenizer, loss_fn, device, autocast, zeroshot: bool) -> dict:
     classnames = templates = None
     if zeroshot and cfg.zeroshot_classnames:
-        classnames, templates = load_lines(cfg.zeroshot_classnames), load_lines(cfg.zeroshot_templates)
+        classnames = load_classnames(cfg.zeroshot_classnames, "--zeroshot-classnames")
+        templates = load_templates(cfg.zeroshot_templates, "--zeroshot-templates")
     with unsharded(model):
         metrics = evaluate(unwrap(model), val_data.loader, loss_fn=loss_fn, tokenizer=tokenizer,
                            classnames=classnames, templates=templates, device=device,

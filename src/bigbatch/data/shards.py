@@ -70,12 +70,13 @@ def read_shard(url: str) -> Iterator[dict[str, bytes | str]]:
         raise CorruptShard(f"{type(error).__name__}: {error}") from None
 
 
-def parse_sample(raw: dict) -> tuple[bytes, str, int | None]:
-    """(encoded image, caption, label or None) of a raw sample; raises ``BadSample``."""
+def parse_sample(raw: dict, captions: bool = True) -> tuple[bytes, str, int | None]:
+    """(encoded image, caption, label or None) of a raw sample; raises ``BadSample``.
+    ``captions=False``: the caption is not read (an empty one is returned)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         raise BadSample(MISSING_IMAGE, f"no {'/'.join(IMAGE_EXTENSIONS)} file for key {raw['__key__']!r}")
-    return raw[ext], read_caption(raw.get("txt")), read_label(raw.get("cls"))
+    return raw[ext], read_caption(raw.get("txt")) if captions else "", read_label(raw.get("cls"))
 
 
 def check_shards(shards: list[str], spec: DataSpec) -> None:
@@ -98,7 +99,7 @@ def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> N
         try:
             for raw in read_shard(url):
                 try:
-                    image, _, _ = parse_sample(raw)
+                    image, _, _ = parse_sample(raw, spec.captions)
                     with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
                         load_image(image, preprocess)
                     return

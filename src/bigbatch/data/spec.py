@@ -38,20 +38,22 @@ class DataSpec:
     """Train: shuffle, repeat to fill the epoch. Val: read everything once, in order."""
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
+    captions: bool = True
+    """False: samples need no caption (zero-shot images with labels); their texts are empty."""
     csv_separator: str = "\t"
     csv_label_key: str | None = None
     """Optional integer class-id column (zero-shot evaluation on a CSV)."""
     rank: int = 0
     world_size: int = 1
+    flag: str = ""
+    """The flag that named ``paths``, for messages (default: --train-data / --val-data)."""
+    num_samples_flag: str = ""
+    """The flag of ``num_samples`` (default: --train-num-samples / --val-num-samples)."""
 
-    @property
-    def flag(self) -> str:
-        """The CLI flag that named these paths, for error messages."""
-        return "--train-data" if self.is_train else "--val-data"
-
-    @property
-    def num_samples_flag(self) -> str:
-        return "--train-num-samples" if self.is_train else "--val-num-samples"
+    def __post_init__(self):
+        self.flag = self.flag or ("--train-data" if self.is_train else "--val-data")
+        self.num_samples_flag = self.num_samples_flag or ("--train-num-samples" if self.is_train
+                                                          else "--val-num-samples")
 
 
 @dataclass
