@@ -112,12 +112,12 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.model is None and args.pretrained is None:
         raise ConfigError("which model? pass --pretrained CKPT (a bigbatch checkpoint records its model) "
                           "or --model NAME (random weights: a chance-level baseline)")
-    from bigbatch.data.spec import expand_paths, is_local
+    from bigbatch.data.spec import expand_paths, local_path
     for flag, paths in (("--zeroshot-data", args.zeroshot_data), ("--retrieval-data", args.retrieval_data)):
         if paths is None:
             continue
         files = expand_paths(paths)
-        missing = [p for p in files if is_local(p) and not os.path.isfile(p)]
+        missing = [p for p in files if local_path(p) is not None and not os.path.isfile(local_path(p))]
         if not files or missing:
             raise ConfigError(f"{flag} {paths}: no such file" + (f" ({missing[0]})" if len(files) > 1 else "")
                               + ": give a CSV file or webdataset shards ('dir/{000000..000009}.tar')")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import braceexpand
 
@@ -95,6 +98,30 @@ def shard_weights(paths: str, factors: str | None) -> list[float] | None:
             for _ in expand_paths(source)]
 
 
+TAR_EXTENSIONS = (".tar", ".tgz", ".tar.gz")
+
+
+def local_path(path: str) -> str | None:
+    """The file a shard path names on this machine (a plain path, or a file:// URL's
+    path); None for a ``pipe:`` command or a remote URL."""
+    if path.startswith("file://"):
+        return url2pathname(urlparse(path).path)
+    return None if "://" in path or path.startswith("pipe:") else path
+
+
 def is_local(path: str) -> bool:
-    """Whether a shard path is a plain file (not a URL or a ``pipe:`` command)."""
-    return "://" not in path and not path.startswith("pipe:")
+    """Whether a shard path is a file on this machine (not a remote URL or a ``pipe:`` command)."""
+    return local_path(path) is not None
+
+
+def location(path: str) -> str:
+    """Where the shard lies: for ``pipe:CMD`` the command's argument that names a tar file
+    (``pipe:cat /data/0.tar``, ``pipe:aws s3 cp s3://b/0.tar -``), else the path or URL itself.
+    Its extension says the data type; a sizes.json beside it gives its sample count."""
+    if not path.startswith("pipe:"):
+        return path
+    try:
+        words = shlex.split(path[len("pipe:"):])
+    except ValueError:
+        words = path[len("pipe:"):].split()
+    return next((w for w in reversed(words) if w.lower().endswith(TAR_EXTENSIONS)), path)
