@@ -315,13 +315,14 @@ def _check_upsampling(cfg: TrainConfig) -> None:
 
 def _check_zeroshot_sets(cfg: TrainConfig) -> None:
     """Class names / templates: read now, not after the first epoch of training."""
+    if cfg.zeroshot_classnames is None and cfg.zeroshot_templates == TrainConfig.zeroshot_templates:
+        return  # no zero-shot evaluation: nothing to read
     from bigbatch.zeroshot import load_classnames, load_templates  # (torch: import late)
     load_templates(cfg.zeroshot_templates, "--zeroshot-templates")
-    if cfg.zeroshot_classnames is not None:
-        load_classnames(cfg.zeroshot_classnames, "--zeroshot-classnames")
-    elif cfg.zeroshot_templates != TrainConfig.zeroshot_templates:
+    if cfg.zeroshot_classnames is None:
         raise ConfigError("--zeroshot-templates needs --zeroshot-classnames (the class names in label "
                           "order: 'imagenet' or a text file, one per line)")
+    load_classnames(cfg.zeroshot_classnames, "--zeroshot-classnames")
 
 
 # --- parsing

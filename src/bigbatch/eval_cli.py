@@ -165,7 +165,7 @@ def _progress(loader: Iterable, what: str) -> Iterator:
           file=sys.stderr)
 
 
-# --------------------------------------------------------------------------- the two evaluations
+# --------------------------------------------------------------------------- the evaluations
 
 
 def zeroshot_eval(bundle, loader: Iterable, classnames: list[str], templates: list[str], *,
