@@ -332,50 +332,16 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
 
 
 def part_compile(cfg: dict, rec: Recorder) -> None:
-    """Seconds per accumulated step, eager and compiled, interleaved after the compile."""
+    """Seconds per accumulated step, eager and compiled, interleaved after the compile:
+    scripts/bench_compile.py's measurement, on this device."""
     import torch
-    from bigbatch.accumulation import cached_backward
-    from bigbatch.compiled import compile_model
-    from bigbatch.device import autocast_factory
-    from bigbatch.losses import create_loss
-    from bigbatch.model import create_model, parameter_groups
-    from bigbatch.build import adamw
-    from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
 
     device = torch.device(cfg["device"])
-    b, k = cfg["compile_batch"], cfg["compile_k"]
-    setups = {}
-    for name in ("eager", "compiled"):
-        torch.manual_seed(0)
-        net = create_model(cfg["compile_model"], device=device).model
-        if name == "compiled":
-            compile_model(net, cfg["compile_backend"])
-        setups[name] = (net, adamw(parameter_groups(net, 0.2), lr=1e-5))
-    batches = host_micro_batches(setups["eager"][0], b, k, seed=0, pin=device.type == "cuda")
-    autocast, loss_fn = autocast_factory(cfg["precision"], device), create_loss("clip")
-
-    def step(name: str) -> float:
-        net, optimizer = setups[name]
-        _sync(device)
-        start = time.perf_counter()
-        inputs, to_device = step_inputs(batches, device, False)
-        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
-        unscale_and_clip(net, optimizer, None, 1.0)
-        optimizer_step(net, optimizer, None)
-        _sync(device)
-        return time.perf_counter() - start
-
-    rec["compile_seconds"] = round(step("compiled") + step("compiled"), 1)  # both grad modes, both sizes
-    step("eager")
-    times = {"eager": [], "compiled": []}
-    for _ in range(5 if device.type == "cuda" else 1):
-        for name in times:
-            times[name].append(step(name))
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    rec["result"] = {"backend": cfg["compile_backend"], "batch": f"{b} x {k}",
-                     "eager_samples_per_s": round(b * k / median["eager"], 1),
-                     "compiled_samples_per_s": round(b * k / median["compiled"], 1),
-                     "speedup": round(median["eager"] / median["compiled"], 3)}
+    result = _load_script("bench_compile").measure(
+        cfg["compile_model"], cfg["compile_batch"], cfg["compile_k"], device=device,
+        backend=cfg["compile_backend"], precision=cfg["precision"], rounds=5 if device.type == "cuda" else 1)
+    rec["compile_seconds"] = result.pop("compile_seconds")
+    rec["result"] = result
 
 
 # --------------------------------------------------------------------------- helpers

@@ -66,7 +66,9 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--resume", "latest"], "also pass --name"),
     (["--resume", "/nope.pt"], "no such checkpoint"),
     (["--accum-freq", "4", "--global-batch-size", "64"], "give one of them, not both"),
-    (["--val-data", "v.tar", "--zeroshot-classnames", __file__], "needs both"),
+    (["--val-data", "v.tar", "--zeroshot-templates", "simple"], "--zeroshot-templates needs --zeroshot-classnames"),
+    (["--zeroshot-classnames", "cifar10"], r"--zeroshot-classnames 'cifar10': not a built-in set \(imagenet\)"),
+    (["--zeroshot-templates", "fancy"], r"--zeroshot-templates 'fancy': not a built-in set \(openai, simple\)"),
 ])
 def test_bad_values_and_combinations(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,7 +112,7 @@ def test_zeroshot_files_are_checked_before_training(tmp_path):
                               "--zeroshot-templates", str(templates)])
     names.write_text("cat\ndog\n")
     templates.write_text("a photo of a cat\n")
-    with pytest.raises(ConfigError, match="needs '{}'"):
+    with pytest.raises(ConfigError, match="must contain '{}' exactly once"):
         parse_config(SYNTH + ["--val-data", "v.tar", "--zeroshot-classnames", str(names),
                               "--zeroshot-templates", str(templates)])
 

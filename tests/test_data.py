@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import random
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -532,3 +533,55 @@ def test_csv_rows_with_an_oversized_field_or_non_utf8_bytes_are_skipped_and_name
     assert sum(len(b.images) for b in batches) == 10
     assert skipped(batches) == {"undecodable text": 1, "oversized field": 1}
     assert "train.csv row 12: " in caplog.text and "train.csv row 13: " in caplog.text
+
+
+# --- shards through pipe: commands and fsspec URLs
+
+
+def _in_memory(root: Path, name: str, sizes: bool = True) -> str:
+    """The uneven shards (and their sizes.json) copied into fsspec's memory filesystem."""
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for path in root.glob("*.tar" if not sizes else "*"):
+        fs.pipe(f"/{name}/{path.name}", path.read_bytes())
+    return f"memory://{name}/{{0..4}}.tar"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipe_and_fsspec_urls_read_the_epoch_of_the_local_path(uneven_shards, workers):
+    """`pipe:cat` and fsspec URLs (file://, memory://) give the local path's batches, counted
+    exactly by the sizes.json beside the shards (beside the file a pipe: command names)."""
+    pattern, keys = uneven_shards
+    root = Path(pattern).parent
+
+    def epoch(paths: str, **kw) -> tuple[object, list[list[int]]]:
+        info = make_data(DataSpec(paths, "auto", 8, workers=workers, seed=3, **kw), PRE, key_tokenizer)
+        info.set_epoch(1)
+        return info, [b.texts[:, 0].tolist() for b in info.loader]
+
+    local_info, local = epoch(pattern)
+    assert sorted(k for b in local for k in b) == keys
+    for paths in (f"pipe:cat {root}/{{0..4}}.tar", f"file://{root}/{{0..4}}.tar", _in_memory(root, "sized")):
+        info, batches = epoch(paths)
+        assert (info.num_samples, info.num_batches, batches) == (local_info.num_samples, local_info.num_batches, local)
+    # validation reads them once, in order, as well
+    assert epoch(f"pipe:cat {root}/{{0..4}}.tar", is_train=False)[1] == epoch(pattern, is_train=False)[1]
+
+
+def test_pipe_and_fsspec_shards_without_counts_name_the_fix(uneven_shards, tmp_path):
+    pattern, _ = uneven_shards
+    for path in Path(pattern).parent.glob("*.tar"):
+        shutil.copy(path, tmp_path)
+    for paths in (f"pipe:cat {tmp_path}/{{0..4}}.tar", _in_memory(tmp_path, "unsized", sizes=False)):
+        where = paths.split()[-1] if paths.startswith("pipe:") else paths
+        beside = where.replace("{0..4}.tar", "sizes.json")
+        with pytest.raises(ValueError, match=rf"--train-data: no sizes.json lists shard '0.tar' .* write "
+                                             rf"{re.escape(beside)} .* or pass --dataset-resampled with --train-num-samples"):
+            make_data(DataSpec(paths, "auto", 8, workers=0), PRE, key_tokenizer)
+        info = make_data(DataSpec(paths, "auto", 8, num_samples=20, resampled=True, workers=0), PRE, key_tokenizer)
+        assert sum(len(b.images) for b in info.loader) == info.num_samples == 20
+    with pytest.raises(ValueError, match=r"--train-data 'nofs://x/0.tar': fsspec cannot read nofs://"):
+        make_data(DataSpec("nofs://x/0.tar", "auto", 8), PRE, key_tokenizer)
+    # the data type comes from the file the pipe names, whatever follows it
+    from bigbatch.data.factory import resolve_type
+    assert resolve_type(DataSpec("pipe:aws s3 cp s3://bucket/0.tar -", "auto", 8)) == "webdataset"

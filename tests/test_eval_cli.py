@@ -3,6 +3,7 @@
 import datetime
 import io
 import json
+import re
 from pathlib import Path
 
 import open_clip
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
 
 def _args(root, ckpt, *extra):
     return ["--model", str(CONFIG), "--pretrained", str(ckpt), "--batch-size", "4", "--workers", "0",
-            "--device", "cpu", "--precision", "fp32", *extra]
+            "--device", "cpu", "--precision", "fp32", "--csv-label-key", "label", *extra]
 
 
 @torch.no_grad()
@@ -148,13 +149,16 @@ def test_builtin_sets():
 @pytest.mark.parametrize("extra, message", [
     (["--retrieval-data", "MISSING.csv"], r"--retrieval-data MISSING.csv: no such file"),
     ([], "nothing to evaluate"),
-    (["--zeroshot-data", "DATA"], "--zeroshot-data needs --classnames"),
-    (["--zeroshot-data", "DATA", "--classnames", "nope/classes.txt"], r"--classnames nope/classes.txt: no such file"),
+    (["--zeroshot-data", "DATA"], "--zeroshot-data needs --zeroshot-classnames"),
+    (["--zeroshot-data", "DATA", "--classnames", "nope/classes.txt"], r"--zeroshot-classnames nope/classes.txt: no such file"),
     (["--zeroshot-data", "DATA", "--classnames", "cifar10"], r"'cifar10': not a built-in set \(imagenet\)"),
     (["--zeroshot-data", "DATA", "--classnames", "imagenet", "--templates", "fancy"], r"not a built-in set \(openai, simple\)"),
     (["--zeroshot-data", "DATA", "--classnames", "imagenet", "--templates", "CLASSES"], "must contain '{}' exactly once"),
     (["--zeroshot-data", "DATA", "--classnames", "imagenet", "--csv-label-key", "cls"],
      r"has no column 'cls'.*set --csv-label-key"),
+    (["--zeroshot-data", "DATA", "--zeroshot-classnames", "imagenet", "--csv-label-key", None],
+     r"--zeroshot-data .*data.csv is a CSV: name its column of integer class ids with --csv-label-key"),
+    (["--imagenet-val", "nowhere"], r"--imagenet-val nowhere: no such folder"),
     (["--retrieval-data", "DATA", "--csv-caption-key", "caption"], r"has no column 'caption'.*set --csv-caption-key"),
     (["--retrieval-data", "DATA", "--precision", "amp"], "amp.*is for CUDA"),
 ])
@@ -163,14 +167,18 @@ def test_user_errors(setup, monkeypatch, extra, message):
     root, ckpt, _, _ = setup
     monkeypatch.setattr(weights_module, "load_model", lambda *a, **k: pytest.fail("the model was built"))
     extra = [{"DATA": str(root / "data.csv"), "CLASSES": str(root / "classes.txt")}.get(a, a) for a in extra]
+    argv = _args(root, ckpt, *extra)
+    if None in argv:  # drop the flag before None, and the default _args gave it
+        flag = argv[argv.index(None) - 1]
+        argv = [a for i, a in enumerate(argv) if a != flag and (i == 0 or argv[i - 1] != flag)]
     with pytest.raises(ConfigError, match=message):
-        eval_cli.main(_args(root, ckpt, *extra))
+        eval_cli.main(argv)
 
 
 def test_labels_beyond_classnames(setup, tmp_path):
     root, ckpt, _, _ = setup
     (tmp_path / "three.txt").write_text("red\ngreen\nblue\n")
-    with pytest.raises(ConfigError, match=r"has label [34] but --classnames gives only 3 classes"):
+    with pytest.raises(ConfigError, match=r"--zeroshot-data .* has label 4 but there are only 3 class names"):
         eval_cli.main(_args(root, ckpt, "--zeroshot-data", str(root / "data.csv"),
                             "--classnames", str(tmp_path / "three.txt")))
 
@@ -246,10 +254,13 @@ def test_webdataset_shards_with_cls_labels(setup, tmp_path):
         assert from_shards["zeroshot"][key] == pytest.approx(from_csv[key]), key
     assert from_shards["retrieval"]["num_samples"] == 10
 
-    # shards without captions: the data layer skips every sample; say what to add
+    # zero-shot shards need no captions; retrieval shards do, and say so naming their flag
     bare = _shard(tmp_path / "bare-000000.tar", root, captions=False)
-    with pytest.raises(ConfigError, match=r"no usable sample .*--zeroshot-data .*missing caption.*a \.txt caption per sample"):
-        eval_cli.main(_args(root, ckpt, "--zeroshot-data", bare, *flags))
+    from_bare = eval_cli.run(eval_cli.build_parser().parse_args(_args(root, ckpt, "--zeroshot-data", bare, *flags)))
+    for key in ("num_samples", "zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class"):
+        assert from_bare["zeroshot"][key] == pytest.approx(from_csv[key]), key
+    with pytest.raises(ConfigError, match=r"no usable sample .* of --retrieval-data .*missing caption"):
+        eval_cli.main(_args(root, ckpt, "--retrieval-data", bare))
 
 
 def test_model_is_read_from_a_bigbatch_checkpoint_and_one_progress_line_per_pass(setup, tmp_path, capsys):
@@ -273,3 +284,38 @@ def test_model_is_read_from_a_bigbatch_checkpoint_and_one_progress_line_per_pass
         eval_cli.main(["--pretrained", str(tmp_path / "plain.pt"), *flags])
     with pytest.raises(ConfigError, match="which model\\? pass --pretrained CKPT .* or --model NAME"):
         eval_cli.main(flags)
+
+
+def test_imagenet_flags_as_in_training(setup, tmp_path, monkeypatch, capsys):
+    """--imagenet-val / --imagenet-v2: the trees, class names, templates and metric names of training."""
+    import bigbatch.imagenet
+    from bigbatch.evaluate import build_zeroshot_classifier
+    from bigbatch.imagenet import ClassFolders
+
+    root, ckpt, model, _ = setup
+    monkeypatch.setattr(bigbatch.imagenet, "TEMPLATES", "simple")  # 7 templates: a faster classifier
+    val, v2 = tmp_path / "val", tmp_path / "v2"
+    for tree, folders in ((val, [f"n{i:08d}" for i in range(1000)]), (v2, [str(i) for i in range(1000)])):
+        for name in folders:
+            (tree / name).mkdir(parents=True)
+    for i, label in enumerate(LABELS):  # the setup's images, under ImageNet classes 0..4
+        (root / f"img{i}.png").link_to(val / f"n{label:08d}" / f"{i}.png")
+        (root / f"img{i}.png").link_to(v2 / str(label) / f"{i}.png")
+    results = eval_cli.run(eval_cli.build_parser().parse_args(_args(
+        root, ckpt, "--imagenet-val", str(val), "--imagenet-v2", str(v2))))["imagenet"]
+
+    preprocess, tokenizer = open_clip.create_model_and_transforms(NAME)[2], open_clip.get_tokenizer(NAME)
+    classifier = build_zeroshot_classifier(model.eval(), tokenizer, builtin_classnames("imagenet"),
+                                           builtin_templates("simple"))
+    data = ClassFolders(val, preprocess)
+    with torch.no_grad():
+        scores = model.encode_image(torch.stack([image for image, _ in data]), normalize=True) @ classifier
+    best = scores.topk(5, dim=1).indices
+    labels = torch.tensor([label for _, label in data])
+    expected = {1: (best[:, 0] == labels).float().mean().item(), 5: (best == labels[:, None]).any(1).float().mean().item()}
+    for prefix in ("imagenet-zeroshot-val", "imagenetv2-zeroshot-val"):
+        for k in (1, 5):
+            assert results[f"{prefix}-top{k}"] == pytest.approx(expected[k]), (prefix, k)
+    assert (results["imagenet_val_samples"], results["imagenet_v2_samples"]) == (10, 10)
+    eval_cli.main(_args(root, ckpt, "--imagenet-val", str(val)))
+    assert re.search(rf"imagenet-zeroshot-val-top1 +{100 * expected[1]:.1f}%", capsys.readouterr().out)

@@ -135,8 +135,8 @@ class TrainConfig:
     # --- evaluation
     val_frequency: int = option(1, "evaluate on --val-data every N epochs (0: never)", "evaluation")
     zeroshot_frequency: int = option(2, "zero-shot classification every N epochs (0: never)", "evaluation")
-    zeroshot_classnames: str | None = option(None, "text file of class names, one per line, in label order", "evaluation")
-    zeroshot_templates: str | None = option(None, "text file of prompt templates with '{}' for the class name", "evaluation")
+    zeroshot_classnames: str | None = option(None, "class names in label order: a built-in set ('imagenet') or a text file, one per line", "evaluation")
+    zeroshot_templates: str = option("openai", "prompt templates: a built-in set ('openai': 80, 'simple': 7) or a text file, one per line with '{}' for the class name", "evaluation")
     imagenet_val: str | None = option(None, "ImageNet-1k validation as an ImageFolder tree (1000 synset folders): zero-shot top-1/5 every --zeroshot-frequency epochs", "evaluation")
     imagenet_v2: str | None = option(None, "ImageNetV2 as an ImageFolder tree (synset folders, or folders 0..999)", "evaluation")
 
@@ -204,11 +204,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type synthetic")
     if cfg.dataset_type == "synthetic" and cfg.train_data is not None:
         raise ConfigError("--dataset-type synthetic draws its own data: drop --train-data or pick another --dataset-type")
-    wants_zeroshot = cfg.zeroshot_frequency > 0 and cfg.val_data is not None
-    if wants_zeroshot and (cfg.zeroshot_classnames is None) != (cfg.zeroshot_templates is None):
-        raise ConfigError("zero-shot evaluation needs both --zeroshot-classnames and --zeroshot-templates")
-    for name in ("zeroshot_classnames", "zeroshot_templates"):
-        _check_lines_file(name, getattr(cfg, name))
+    _check_zeroshot_sets(cfg)
     if cfg.global_batch_size is not None and cfg.accum_freq != 1:
         raise ConfigError("--global-batch-size sets --accum-freq (G / (batch-size x world-size)): "
                           "give one of them, not both")
@@ -284,9 +280,14 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"--loss-dist-impl {cfg.loss_dist_impl}: choose one of {list(LOSS_DIST_IMPLS)}")
     if cfg.remote_sync_frequency < 1:
         raise ConfigError("--remote-sync-frequency must be at least 1 (seconds)")
-    for name in ("imagenet_val", "imagenet_v2"):
-        if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_dir():
-            raise ConfigError(f"--{flag_name(name)} {getattr(cfg, name)}: no such folder (give an "
+    check_imagenet_dirs(cfg.imagenet_val, cfg.imagenet_v2)
+
+
+def check_imagenet_dirs(imagenet_val: str | None, imagenet_v2: str | None) -> None:
+    """--imagenet-val / --imagenet-v2 (train and eval): folders, read when evaluated."""
+    for name, path in (("imagenet_val", imagenet_val), ("imagenet_v2", imagenet_v2)):
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"--{flag_name(name)} {path}: no such folder (give an "
                               f"ImageFolder tree, one sub-folder per class)")
 
 
@@ -328,20 +329,16 @@ def _check_upsampling(cfg: TrainConfig) -> None:
                           f"'::'-joined, e.g. {'::'.join(['1'] * max(len(sources), 2))}")
 
 
-def _check_lines_file(name: str, path: str | None) -> None:
+def _check_zeroshot_sets(cfg: TrainConfig) -> None:
     """Class names / templates: read now, not after the first epoch of training."""
-    if path is None:
-        return
-    from bigbatch.evaluate import load_lines  # the reader evaluation uses (torch: import late)
-    if not Path(path).is_file():
-        raise ConfigError(f"--{flag_name(name)} {path}: no such file")
-    try:
-        lines = load_lines(path)
-    except ValueError as error:
-        raise ConfigError(f"--{flag_name(name)} {error}") from None
-    if name == "zeroshot_templates" and not all("{}" in line for line in lines):
-        raise ConfigError(f"--{flag_name(name)} {path}: every template needs '{{}}' where the "
-                          f"class name goes")
+    if cfg.zeroshot_classnames is None and cfg.zeroshot_templates == TrainConfig.zeroshot_templates:
+        return  # no zero-shot evaluation: nothing to read
+    from bigbatch.zeroshot import load_classnames, load_templates  # (torch: import late)
+    load_templates(cfg.zeroshot_templates, "--zeroshot-templates")
+    if cfg.zeroshot_classnames is None:
+        raise ConfigError("--zeroshot-templates needs --zeroshot-classnames (the class names in label "
+                          "order: 'imagenet' or a text file, one per line)")
+    load_classnames(cfg.zeroshot_classnames, "--zeroshot-classnames")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

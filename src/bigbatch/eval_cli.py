@@ -1,12 +1,14 @@
 """`bigbatch eval`: zero-shot classification and image-text retrieval of a trained model.
 
     bigbatch eval --pretrained logs/run/checkpoints/epoch_32.pt \\
-        --zeroshot-data imagenet-val.csv --classnames imagenet --templates openai \\
-        --retrieval-data coco-val.csv --output results.json
+        --zeroshot-data val.csv --csv-label-key label --zeroshot-classnames imagenet \\
+        --imagenet-val imagenet/val --retrieval-data coco-val.csv --output results.json
 
 The metrics are bigbatch.evaluate's, the functions the training loop reports:
-zero-shot top-1/top-5/mean per-class accuracy (`build_zeroshot_classifier`,
-`zeroshot_accuracy`) and image<->text recall@1/5/10 (`evaluate`). The flow:
+zero-shot top-1/top-5/mean per-class accuracy (`zeroshot_classification`), ImageNet as
+open_clip_train reports it (`imagenet.imagenet_zeroshot`) and image<->text recall@1/5/10
+(`evaluate`). The flags eval shares with `bigbatch train` are train's own definitions
+(`config.add_options`): same names, defaults and meaning. The flow:
 
 1. check the flags, read class names and templates (a file or a built-in set);
 2. resolve --pretrained: a bigbatch (or open_clip_train) checkpoint is read here, its
@@ -14,8 +16,8 @@ zero-shot top-1/top-5/mean per-class accuracy (`build_zeroshot_classifier`,
    `ema_state_dict`) loaded into the model; any other file, or an open_clip tag found
    in the local cache, is handed to open_clip (nothing is downloaded);
 3. zero-shot: embed the images only (the captions of a classification set mean
-   nothing, and `evaluate` would also embed them and rank all N x N pairs), then score
-   them against the class embeddings; retrieval: one `evaluate` pass;
+   nothing, and need not exist), then score them against the class embeddings;
+   retrieval: one `evaluate` pass;
 4. print a table; with --output, write the numbers and what produced them as JSON.
 
 torch, open_clip and the data layer are imported inside the functions that use them,
@@ -33,14 +35,13 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from bigbatch.config import check_imagenet_dirs
 from bigbatch.errors import ConfigError
 from bigbatch.flags import Parser
-
-DATA_FLAG = "--val-data"  # how bigbatch.data names evaluation data in its messages
+from bigbatch.parse import add_options
 
 
 # --------------------------------------------------------------------------- flags
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="bigbatch eval",
         description="Zero-shot classification and image-text retrieval of a trained model. "
-                    "Give --zeroshot-data, --retrieval-data or both.")
+                    "Give --zeroshot-data, --imagenet-val/--imagenet-v2, --retrieval-data, or several.")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
                        help="open_clip model name (open_clip.list_models()), bigbatch-tiny/bigbatch-small, or a "
@@ -64,32 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot = parser.add_argument_group("zero-shot classification")
     zeroshot.add_argument("--zeroshot-data", default=None,
                           help="labelled images: a CSV with --csv-label-key, or webdataset shards with .cls files")
-    zeroshot.add_argument("--classnames", default=None,
-                          help="class names in label order: 'imagenet' or a text file, one per line")
-    zeroshot.add_argument("--templates", default="openai",
-                          help="prompt templates: 'openai' (80), 'simple' (7) or a text file, one per line "
-                               "with '{}' for the class name (default: openai)")
+    add_options(zeroshot, "zeroshot_classnames", "zeroshot_templates", "imagenet_val", "imagenet_v2",
+                zeroshot_classnames={"aliases": ("--classnames",)},
+                zeroshot_templates={"aliases": ("--templates",)},
+                imagenet_val={"help": "ImageNet-1k validation as an ImageFolder tree (1000 synset folders): "
+                                      "top-1/5 as imagenet-zeroshot-val-top1/top5, as in training"})
     retrieval = parser.add_argument_group("retrieval")
     retrieval.add_argument("--retrieval-data", default=None,
                            help="image-caption pairs: a CSV or webdataset shards (.txt captions)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset"],
-                      help="format of the data ('auto' picks by file extension)")
-    data.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (default: filepath)")
-    data.add_argument("--csv-caption-key", default="title",
-                      help="CSV column of captions, for --retrieval-data (default: title); "
-                           "--zeroshot-data needs no caption column")
-    data.add_argument("--csv-label-key", default="label",
-                      help="CSV column of integer class ids, for --zeroshot-data (default: label)")
-    data.add_argument("--csv-separator", default="\t", help="CSV separator (default: tab)")
-    data.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
-    data.add_argument("--workers", type=int, default=1, help="data loader processes (default: 1)")
+    add_options(data, "dataset_type", "csv_img_key", "csv_caption_key", "csv_label_key", "csv_separator",
+                "batch_size", "workers",
+                dataset_type={"choices": ["auto", "webdataset", "csv"]},
+                batch_size={"type": int, "help": "images per forward (default: 64)"})
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
-    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "amp", "amp_bf16"],
-                     help="'auto' = amp on CUDA, fp32 on CPU")
-    run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's choice, one per core)")
+    add_options(run, "device", "precision", "threads",
+                precision={"choices": ["auto", "fp32", "amp", "amp_bf16", "amp_bfloat16"],
+                           "help": "'auto' = amp on CUDA, fp32 on CPU (default: 'auto')"})
     run.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser
 
@@ -105,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.zeroshot_data is None and args.retrieval_data is None:
-        raise ConfigError("nothing to evaluate: pass --zeroshot-data (labelled images, with --classnames) "
-                          "and/or --retrieval-data (image-caption pairs)")
-    if args.zeroshot_data is not None and args.classnames is None:
-        raise ConfigError("--zeroshot-data needs --classnames: 'imagenet' or a text file of the class "
+    if not (args.zeroshot_data or args.retrieval_data or args.imagenet_val or args.imagenet_v2):
+        raise ConfigError("nothing to evaluate: pass --zeroshot-data (labelled images, with --zeroshot-classnames), "
+                          "--imagenet-val/--imagenet-v2 DIR and/or --retrieval-data (image-caption pairs)")
+    if args.zeroshot_data is not None and args.zeroshot_classnames is None:
+        raise ConfigError("--zeroshot-data needs --zeroshot-classnames: 'imagenet' or a text file of the class "
                           "names in label order, one per line")
-    if args.zeroshot_data is None and args.classnames is not None:
-        raise ConfigError("--classnames is for zero-shot classification: add --zeroshot-data or drop --classnames")
+    if args.zeroshot_data is None and args.zeroshot_classnames is not None:
+        raise ConfigError("--zeroshot-classnames is for --zeroshot-data: add --zeroshot-data or drop "
+                          "--zeroshot-classnames (--imagenet-val has its own)")
+    check_imagenet_dirs(args.imagenet_val, args.imagenet_v2)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
@@ -120,12 +114,12 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.model is None and args.pretrained is None:
         raise ConfigError("which model? pass --pretrained CKPT (a bigbatch checkpoint records its model) "
                           "or --model NAME (random weights: a chance-level baseline)")
-    from bigbatch.data.spec import expand_paths, is_local
+    from bigbatch.data.spec import expand_paths, local_path
     for flag, paths in (("--zeroshot-data", args.zeroshot_data), ("--retrieval-data", args.retrieval_data)):
         if paths is None:
             continue
         files = expand_paths(paths)
-        missing = [p for p in files if is_local(p) and not os.path.isfile(p)]
+        missing = [p for p in files if local_path(p) is not None and not os.path.isfile(local_path(p))]
         if not files or missing:
             raise ConfigError(f"{flag} {paths}: no such file" + (f" ({missing[0]})" if len(files) > 1 else "")
                               + ": give a CSV file or webdataset shards ('dir/{000000..000009}.tar')")
@@ -134,34 +128,26 @@ def _check_flags(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def data_spec(args: argparse.Namespace, paths: str, *, zeroshot: bool):
-    """Evaluation data: read once, in order. Zero-shot samples need no caption, but the data
-    layer requires one: the label column stands in for it (it exists in every labelled CSV)."""
+def data_spec(args: argparse.Namespace, flag: str, *, zeroshot: bool):
+    """Evaluation data: read once, in order. Zero-shot samples need no caption, only a label."""
     from bigbatch.data import DataSpec
 
     return DataSpec(
-        paths=paths, dataset_type=args.dataset_type, batch_size=args.batch_size,
-        workers=args.workers, is_train=False, csv_img_key=args.csv_img_key,
-        csv_caption_key=args.csv_label_key if zeroshot else args.csv_caption_key,
-        csv_separator=args.csv_separator, csv_label_key=args.csv_label_key if zeroshot else None)
+        paths=getattr(args, flag[2:].replace("-", "_")), dataset_type=args.dataset_type, batch_size=args.batch_size,
+        workers=args.workers, is_train=False, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+        captions=not zeroshot, csv_separator=args.csv_separator,
+        csv_label_key=args.csv_label_key if zeroshot else None, flag=flag)
 
 
 @contextlib.contextmanager
-def _user_errors(flag: str, *, zeroshot: bool = False) -> Iterator[None]:
-    """The data layer reports a user's mistake as a ValueError (DataError included) naming
-    --val-data; say it in this command's terms."""
+def _user_errors() -> Iterator[None]:
+    """The data layer reports a user's mistake as a ValueError that names the flag."""
     try:
         yield
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as error:
-        message = str(error).replace(DATA_FLAG, flag)
-        if zeroshot:  # the label column stands in for the captions (see data_spec)
-            message = message.replace("--csv-caption-key", "--csv-label-key")
-            if "missing caption" in message or "gave no batch" in message:
-                message += (" (zero-shot shards need a .cls label and, for now, a .txt caption per sample, "
-                            "any text such as the class name: the data layer skips caption-less samples)")
-        raise ConfigError(message) from None
+        raise ConfigError(str(error)) from None
 
 
 def _progress(loader: Iterable, what: str) -> Iterator:
@@ -181,42 +167,28 @@ def _progress(loader: Iterable, what: str) -> Iterator:
           file=sys.stderr)
 
 
-# --------------------------------------------------------------------------- the two evaluations
+# --------------------------------------------------------------------------- the evaluations
 
 
 def zeroshot_eval(bundle, loader: Iterable, classnames: list[str], templates: list[str], *,
                   device, autocast, name: str = "--zeroshot-data") -> dict:
     """Top-1/top-5/per-class accuracy of the images of `loader` against the class names."""
-    import torch
+    from bigbatch.data import DataError
+    from bigbatch.evaluate import build_zeroshot_classifier, zeroshot_classification
 
-    from bigbatch.evaluate import build_zeroshot_classifier, zeroshot_accuracy
-
-    with torch.no_grad():
-        model = bundle.model
-        features, labels, skipped = [], [], Counter()
-        for batch in _progress(loader, "zero-shot"):
-            if batch[2] is None:
-                raise ConfigError(f"{name} has samples without a class label: webdataset shards need a .cls "
-                                  "file per sample, a CSV an integer column named by --csv-label-key")
-            if len(batch[2]) and batch[2].max() >= len(classnames):
-                raise ConfigError(f"{name} has label {batch[2].max().item()} but --classnames gives only "
-                                  f"{len(classnames)} classes: labels count from 0 in the order of the class names")
-            with autocast():
-                embedded = model.encode_image(batch[0].to(device=device, non_blocking=True), normalize=True)
-            features.append(embedded.float().cpu())  # (B, D); the device holds one batch at a time
-            labels.append(batch[2])
-            if len(batch) > 3 and batch[3]:
-                skipped.update(batch[3])
-        if not features:
-            raise ConfigError(f"{name} gave no images: check the data")
-        classifier = build_zeroshot_classifier(model, bundle.tokenizer, classnames, templates, device, autocast)  # (D, C)
-        labels = torch.cat(labels)
-        metrics = zeroshot_accuracy(torch.cat(features).to(device), labels, classifier)
-        counts = torch.bincount(labels, minlength=len(classnames)).tolist()
-        per_class = metrics.pop("zeroshot_per_class")
-        metrics["per_class"] = [{"label": i, "name": c, "accuracy": a if counts[i] else None, "samples": counts[i]}
-                                for i, (c, a) in enumerate(zip(classnames, per_class))]
-        return {"num_samples": len(labels), **metrics, "skipped": dict(skipped)}
+    classifier = build_zeroshot_classifier(bundle.model, bundle.tokenizer, classnames, templates,
+                                           device, autocast)  # (D, C)
+    try:
+        metrics = zeroshot_classification(bundle.model, _progress(loader, "zero-shot"), classifier,
+                                          device=device, autocast=autocast)
+    except DataError:
+        raise
+    except ValueError as error:  # evaluate's words, about this data
+        raise ConfigError(f"{name} {error}") from None
+    per_class, counts = metrics.pop("zeroshot_per_class"), metrics.pop("zeroshot_class_samples")
+    metrics["per_class"] = [{"label": i, "name": c, "accuracy": a if n else None, "samples": n}
+                            for i, (c, a, n) in enumerate(zip(classnames, per_class, counts))]
+    return metrics
 
 
 def retrieval_eval(bundle, loader: Iterable, *, device, autocast) -> dict:
@@ -224,6 +196,17 @@ def retrieval_eval(bundle, loader: Iterable, *, device, autocast) -> dict:
     from bigbatch.evaluate import evaluate
 
     return evaluate(bundle.model, _progress(loader, "retrieval"), device=device, autocast=autocast)
+
+
+def imagenet_eval(bundle, args: argparse.Namespace, *, device, autocast) -> dict:
+    """--imagenet-val / --imagenet-v2 exactly as training reports them (the peer's metric names)."""
+    from bigbatch.imagenet import imagenet_zeroshot, open_trees
+
+    trees = open_trees({"imagenet_val": args.imagenet_val, "imagenet_v2": args.imagenet_v2}, bundle.preprocess_val)
+    metrics = imagenet_zeroshot(bundle.model, trees, bundle.tokenizer, device=device, autocast=autocast,
+                                batch_size=args.batch_size, workers=args.workers)
+    sizes = {f"{key}_samples": len(tree) for key, tree in trees.items()}
+    return {"imagenet_val": args.imagenet_val, "imagenet_v2": args.imagenet_v2, **sizes, **metrics}
 
 
 # --------------------------------------------------------------------------- the command
@@ -239,14 +222,15 @@ def run(args: argparse.Namespace) -> dict:
     from bigbatch.zeroshot import load_classnames, load_templates
 
     set_threads(args.threads)
-    for flag, paths, zeroshot in (("--zeroshot-data", args.zeroshot_data, True),
-                                  ("--retrieval-data", args.retrieval_data, False)):
-        if paths is not None:  # columns and shards, before the model is built
-            with _user_errors(flag, zeroshot=zeroshot):
-                check_data(data_spec(args, paths, zeroshot=zeroshot))
+    for flag, zeroshot in (("--zeroshot-data", True), ("--retrieval-data", False)):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:  # columns and shards, before the model
+            with _user_errors():
+                check_data(data_spec(args, flag, zeroshot=zeroshot))
     classnames = templates = None
     if args.zeroshot_data is not None:
-        classnames, templates = load_classnames(args.classnames), load_templates(args.templates)
+        _check_labelled(args)
+        classnames = load_classnames(args.zeroshot_classnames, "--zeroshot-classnames")
+        templates = load_templates(args.zeroshot_templates, "--zeroshot-templates")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_factory(precision, device)
@@ -264,22 +248,34 @@ def run(args: argparse.Namespace) -> dict:
         "versions": _versions(),
     }
     if args.zeroshot_data is not None:
-        flag = "--zeroshot-data"
-        with _user_errors(flag, zeroshot=True):
-            data = make_data(data_spec(args, args.zeroshot_data, zeroshot=True), bundle.preprocess_val,
+        with _user_errors():
+            data = make_data(data_spec(args, "--zeroshot-data", zeroshot=True), bundle.preprocess_val,
                              bundle.tokenizer)
             metrics = zeroshot_eval(bundle, data.loader, classnames, templates, device=device,
-                                    autocast=autocast, name=f"{flag} {args.zeroshot_data}")
-        results["zeroshot"] = {"dataset": args.zeroshot_data, "classnames": args.classnames,
-                               "templates": args.templates, "num_classes": len(classnames),
+                                    autocast=autocast, name=f"--zeroshot-data {args.zeroshot_data}")
+        results["zeroshot"] = {"dataset": args.zeroshot_data, "classnames": args.zeroshot_classnames,
+                               "templates": args.zeroshot_templates, "num_classes": len(classnames),
                                "num_templates": len(templates), **metrics}
+    if args.imagenet_val or args.imagenet_v2:
+        results["imagenet"] = imagenet_eval(bundle, args, device=device, autocast=autocast)
     if args.retrieval_data is not None:
-        with _user_errors("--retrieval-data"):
-            data = make_data(data_spec(args, args.retrieval_data, zeroshot=False), bundle.preprocess_val,
+        with _user_errors():
+            data = make_data(data_spec(args, "--retrieval-data", zeroshot=False), bundle.preprocess_val,
                              bundle.tokenizer)
             metrics = retrieval_eval(bundle, data.loader, device=device, autocast=autocast)
         results["retrieval"] = {"dataset": args.retrieval_data, **metrics}
     return results
+
+
+def _check_labelled(args: argparse.Namespace) -> None:
+    """A zero-shot CSV names its label column (shards carry .cls files)."""
+    from bigbatch.data.factory import resolve_type
+
+    with _user_errors():
+        kind = resolve_type(data_spec(args, "--zeroshot-data", zeroshot=True))
+    if kind == "csv" and args.csv_label_key is None:
+        raise ConfigError(f"--zeroshot-data {args.zeroshot_data} is a CSV: name its column of integer "
+                          "class ids with --csv-label-key COLUMN")
 
 
 def _versions() -> dict[str, str]:
@@ -324,6 +320,15 @@ def format_table(results: dict) -> str:
             worst = sorted(present, key=lambda c: c["accuracy"])[:5]
             lines.append(f"  {'lowest classes':<16}" + ", ".join(f"{c['name']} {_pct(c['accuracy'])}" for c in worst))
         lines += _skipped_line(zs)
+    inet = results.get("imagenet")
+    if inet:
+        from bigbatch.imagenet import METRIC_PREFIX, TEMPLATES
+
+        for key, prefix in METRIC_PREFIX.items():
+            if inet.get(key):
+                lines += ["", f"{key.replace('_', '-'):<12}{inet[key]}: {inet[f'{key}_samples']} images, "
+                              f"ImageNet's 1000 classes, templates {TEMPLATES}"]
+                lines += [f"  {f'{prefix}-top{k}':<28}{_pct(inet[f'{prefix}-top{k}']):>8}" for k in (1, 5)]
     rt = results.get("retrieval")
     if rt:
         lines += ["", f"retrieval   {rt['dataset']}: {rt['num_samples']} image-caption pairs",

@@ -78,7 +78,7 @@ def recall_at_k(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block; afterwards every submodule gets its own mode back
     (a locked tower may deliberately sit in eval mode inside a training model)."""
     modes = [(module, module.training) for module in model.modules()]
@@ -109,7 +109,7 @@ def build_zeroshot_classifier(
     if not classnames or not templates:
         raise ValueError("zero-shot needs at least one class name and one template")
     columns = []
-    with _eval_mode(model):
+    with eval_mode(model):
         # a few classes per forward: all of ImageNet's 1000 x 80 prompts at once would not fit
         for start in range(0, len(classnames), classes_per_batch):
             names = classnames[start : start + classes_per_batch]
@@ -143,15 +143,62 @@ def zeroshot_accuracy(
             f"labels must lie in [0, {num_classes}) for {num_classes} class names, "
             f"got [{labels.min().item()}, {labels.max().item()}]; check the classnames file"
         )
-    ranks = _true_ranks(features, classifier.T, labels, chunk_size)
+    return _accuracy(_true_ranks(features, classifier.T, labels, chunk_size), labels, num_classes, ks)
+
+
+def _accuracy(ranks: Tensor, labels: Tensor, num_classes: int, ks: Sequence[int] = (1, 5)) -> dict:
+    """zeroshot_accuracy's metrics from each image's rank (N,) of its true class."""
     metrics: dict[str, float | list[float]] = {
         f"zeroshot_top{k}": (ranks < k).float().mean().item() for k in ks if k <= num_classes
     }
-    hits = torch.zeros(num_classes, device=features.device).index_add_(0, labels, (ranks == 0).float())
+    hits = torch.zeros(num_classes, device=ranks.device).index_add_(0, labels, (ranks == 0).float())
     per_class = hits / torch.bincount(labels, minlength=num_classes)  # 0 / 0 = NaN: class absent
     metrics["zeroshot_mean_per_class"] = per_class.nanmean().item()
     metrics["zeroshot_per_class"] = per_class.tolist()
     return metrics
+
+
+def zeroshot_classification(
+    model: nn.Module,
+    batches: Iterable,
+    classifier: Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    autocast: AutocastFactory = contextlib.nullcontext,
+    across_ranks: bool = False,
+) -> dict:
+    """Zero-shot accuracy of the labelled images of `batches` against `classifier` (D, C)
+    (`build_zeroshot_classifier`); the texts of the batches, if any, are not embedded.
+
+    Batches are read as in `evaluate` (labels at index 2). Returns `zeroshot_accuracy`'s
+    metrics, `num_samples`, `zeroshot_class_samples` (images per class) and `skipped`. across_ranks: `batches` are this rank's share;
+    only each image's rank of its true class is gathered, never the features.
+    """
+    device = torch.device(device)
+    num_classes = classifier.shape[1]
+    with eval_mode(model), torch.no_grad(), _failing_together(across_ranks):
+        images, _, label_chunks, _, skipped = _embed_batches(model, batches, None, device, autocast, texts=False)
+        if any(labels is None for labels in label_chunks):
+            raise ValueError("has samples without a class label: webdataset shards need a .cls file per "
+                             "sample, a CSV an integer class column named by --csv-label-key")
+        labels = torch.cat([torch.as_tensor(labels).long() for labels in label_chunks] or [torch.zeros(0).long()])
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = labels.max().item() if labels.max() >= num_classes else labels.min().item()
+            raise ValueError(f"has label {bad} but there are only {num_classes} class names: "
+                             "labels count from 0 in the order of the class names")
+        ranks = torch.zeros(0, dtype=torch.long)  # a rank without images
+        if images:
+            classes = classifier.to(device, torch.float32).T  # (C, D)
+            ranks = _true_ranks(torch.cat(images).to(device), classes, labels.to(device), 1024).cpu()
+    if across_ranks:
+        every = gather_objects((ranks, labels, skipped))
+        ranks, labels = torch.cat([r for r, _, _ in every]), torch.cat([l for _, l, _ in every])
+        skipped = sum((s for _, _, s in every), Counter())
+    if not len(labels):
+        raise ValueError("gave no images: check the data")
+    return {"num_samples": len(labels), **_accuracy(ranks, labels, num_classes),
+            "zeroshot_class_samples": torch.bincount(labels, minlength=num_classes).tolist(),
+            "skipped": dict(skipped)}
 
 
 # --------------------------------------------------------------------------- validation pass
@@ -204,7 +251,7 @@ def evaluate(
     if classnames is not None and (tokenizer is None or not templates):
         raise ValueError("zero-shot evaluation needs classnames, templates and a tokenizer: pass all three")
     device = torch.device(device)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         with _failing_together(across_ranks):
             parts = _embed_batches(model, batches, loss_fn, device, autocast)
         if across_ranks:
@@ -233,20 +280,24 @@ def evaluate(
 
 
 def _embed_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[..., Tensor] | None,
-                   device: torch.device, autocast: AutocastFactory) -> tuple:
-    """Per batch: image and text features (on the host, fp32: the device only ever holds
-    one batch) and labels; the summed per-batch loss x batch size; the skip counts."""
+                   device: torch.device, autocast: AutocastFactory, texts: bool = True) -> tuple:
+    """Per batch: image and (unless `texts` is False) text features, on the host in fp32
+    (the device only ever holds one batch), and labels; the summed per-batch loss x batch
+    size; the skip counts."""
     image_chunks, text_chunks, label_chunks = [], [], []
     loss_sum, skipped = 0.0, Counter()
     for batch in batches:
         images = batch[0].to(device=device, non_blocking=True)  # uint8: the model normalises
-        texts = batch[1].to(device=device, non_blocking=True)
         with autocast():
-            out = _forward(model, images, texts)
+            if texts:
+                out = _forward(model, images, batch[1].to(device=device, non_blocking=True))
+            else:
+                out = {"image_features": model.encode_image(images, normalize=True)}
             if loss_fn is not None:
                 loss_sum += _batch_loss(loss_fn, out) * len(images)
         image_chunks.append(out["image_features"].float().cpu())  # (B, D)
-        text_chunks.append(out["text_features"].float().cpu())  # (B, D)
+        if texts:
+            text_chunks.append(out["text_features"].float().cpu())  # (B, D)
         label_chunks.append(batch[2] if len(batch) > 2 else None)
         if len(batch) > 3 and batch[3]:
             skipped.update(batch[3])

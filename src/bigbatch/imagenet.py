@@ -6,7 +6,9 @@ ImageFolder numbers them, or ImageNetV2's folders `0`..`999` read as numbers (so
 text they would be 0, 1, 10, 100, ...: wrong labels). The classifier is built from the
 built-in class names and the 80 OpenAI templates; top-1/top-5 go out under the peer's
 names, `imagenet-zeroshot-val-top1` and `imagenetv2-zeroshot-val-top1` (and top5).
-Each rank scores every world-size-th image; the hit counts are summed over ranks.
+Each rank scores every world-size-th image (`evaluate.zeroshot_classification` gathers the
+results). Training (`--imagenet-val`) and `bigbatch eval` (the same flags) both call
+`imagenet_zeroshot`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from bigbatch.data import Batch
 from bigbatch.errors import ConfigError
-from bigbatch.distributed import gather_objects
-from bigbatch.evaluate import _eval_mode, build_zeroshot_classifier
+from bigbatch.evaluate import build_zeroshot_classifier, zeroshot_classification
 from bigbatch.zeroshot import builtin_classnames, builtin_templates
 
 METRIC_PREFIX = {"imagenet_val": "imagenet-zeroshot-val", "imagenet_v2": "imagenetv2-zeroshot-val"}
@@ -73,7 +75,7 @@ def open_trees(roots: dict[str, str | None], preprocess) -> dict[str, ClassFolde
 def imagenet_zeroshot(model, datasets: dict[str, ClassFolders], tokenizer, *, device: torch.device,
                       autocast=contextlib.nullcontext, batch_size: int = 64, workers: int = 0,
                       rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy on each tree of `open_trees`."""
+    """Top-1/top-5 zero-shot accuracy on each tree of `open_trees`, under the peer's names."""
     if not datasets:
         return {}
     classifier = build_zeroshot_classifier(model, tokenizer, builtin_classnames("imagenet"),
@@ -81,22 +83,14 @@ def imagenet_zeroshot(model, datasets: dict[str, ClassFolders], tokenizer, *, de
     metrics = {}
     for key, dataset in datasets.items():
         mine = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-        hits = _hits(model, DataLoader(mine, batch_size, num_workers=workers), classifier, device, autocast)
-        top1, top5, n = map(sum, zip(*gather_objects(hits)))
-        metrics[f"{METRIC_PREFIX[key]}-top1"] = top1 / n
-        metrics[f"{METRIC_PREFIX[key]}-top5"] = top5 / n
+        loader = DataLoader(mine, batch_size, num_workers=workers, collate_fn=_collate)
+        scores = zeroshot_classification(model, loader, classifier, device=device, autocast=autocast,
+                                         across_ranks=world_size > 1)
+        metrics[f"{METRIC_PREFIX[key]}-top1"] = scores["zeroshot_top1"]
+        metrics[f"{METRIC_PREFIX[key]}-top5"] = scores["zeroshot_top5"]
     return metrics
 
 
-def _hits(model, loader, classifier, device, autocast) -> tuple[int, int, int]:
-    """(top-1 hits, top-5 hits, images) of this rank's share."""
-    top1 = top5 = n = 0
-    with _eval_mode(model), torch.no_grad():
-        for images, labels in loader:
-            with autocast():
-                features = model.encode_image(images.to(device), normalize=True)
-            best = (features.float() @ classifier).topk(5, dim=1).indices.cpu()  # (B, 5)
-            top1 += (best[:, 0] == labels).sum().item()
-            top5 += (best == labels[:, None]).any(1).sum().item()
-            n += len(labels)
-    return top1, top5, n
+def _collate(items: list[tuple[torch.Tensor, int]]) -> Batch:
+    images, labels = zip(*items)
+    return Batch(torch.stack(images), None, torch.tensor(labels), {})

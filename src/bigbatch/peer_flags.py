@@ -12,10 +12,10 @@ SAME = "same meaning"
 
 # flag -> (bigbatch's behaviour, where it differs on purpose)
 TABLE: dict[str, tuple[str, str]] = {
-    "--train-data": (SAME, "also CSV and `::`-joined sources of any kind"),
+    "--train-data": (SAME, "also CSV and `::`-joined sources of any kind; `pipe:` commands and http(s) URLs are read as by the peer (webdataset's gopen), other URLs (`s3://`, `memory://`, ...) with fsspec"),
     "--train-data-upsampling-factors": ("with `--dataset-resampled`: each source's shards drawn in proportion to its factor", ""),
     "--val-data": (SAME, ""),
-    "--train-num-samples": (SAME, "read from `sizes.json`/`_info.json` beside the shards when omitted"),
+    "--train-num-samples": (SAME, "read from `sizes.json`/`_info.json` beside the shards when omitted (beside the file a `pipe:` command names, or through fsspec beside a URL)"),
     "--val-num-samples": (SAME, ""),
     "--dataset-type": (SAME, ""),
     "--dataset-resampled": (SAME, ""),

@@ -30,7 +30,7 @@ from bigbatch.device import autocast_factory, resolve_precision, set_threads
 from bigbatch.distributed import World, any_over_ranks, cleanup, gather_objects
 from bigbatch.errors import ConfigError
 from bigbatch.ema import ModelEMA
-from bigbatch.evaluate import evaluate, format_metrics, load_lines
+from bigbatch.evaluate import evaluate, format_metrics
 from bigbatch.imagenet import imagenet_zeroshot, open_trees
 from bigbatch.losses import create_loss
 from bigbatch.model import set_frozen_towers_to_eval, unwrap
@@ -41,6 +41,7 @@ from bigbatch.runlog import (RunLog, close_log_file, log, note_in_log_file, setu
                              start_wandb)
 from bigbatch.step import (learning_rate, logged_scalars, optimizer_step, set_learning_rate,
                            step_inputs, step_micro_batches, unscale_and_clip)
+from bigbatch.zeroshot import load_classnames, load_templates
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -225,7 +226,8 @@ class Evaluation:
         cfg = self.cfg
         classnames = templates = None
         if zeroshot and cfg.zeroshot_classnames:
-            classnames, templates = load_lines(cfg.zeroshot_classnames), load_lines(cfg.zeroshot_templates)
+            classnames = load_classnames(cfg.zeroshot_classnames, "--zeroshot-classnames")
+            templates = load_templates(cfg.zeroshot_templates, "--zeroshot-templates")
         with unsharded(model):
             metrics = evaluate(unwrap(model), self.val_data.loader, loss_fn=self.loss_fn,
                                tokenizer=self.tokenizer, classnames=classnames, templates=templates,

@@ -7,7 +7,7 @@ import logging
 from .batch import Tokenizer
 from .csv_source import check_columns, make_csv_data
 from .samples import Preprocess
-from .spec import DATASET_TYPES, DataInfo, DataSpec, expand_paths
+from .spec import DATASET_TYPES, DataInfo, DataSpec, expand_paths, location
 from .shards import check_shards
 from .synthetic import make_synthetic_data
 from .wds_source import make_webdataset_data
@@ -44,7 +44,7 @@ def resolve_type(spec: DataSpec) -> str:
         raise ValueError(f"unknown --dataset-type {spec.dataset_type!r}: use one of {', '.join(DATASET_TYPES)}")
     if spec.dataset_type == "synthetic":
         return "synthetic"
-    kinds = {next((k for ext, k in EXTENSIONS.items() if p.lower().endswith(ext)), None)
+    kinds = {next((k for ext, k in EXTENSIONS.items() if location(p).lower().endswith(ext)), None)
              for p in expand_paths(spec.paths)}
     if len(kinds) == 1 and None not in kinds:
         kind = kinds.pop()

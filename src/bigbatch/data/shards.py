@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import tarfile
 import zlib
-from typing import Iterator
+from typing import IO, Iterator
+from urllib.parse import urlparse
 
+import fsspec
 import torch
-from webdataset.gopen import gopen
+from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
 from .samples import BadSample, DataError, MISSING_IMAGE, Preprocess, load_image, read_caption, read_label
-from .spec import DataSpec, is_local
+from .spec import DataSpec, local_path, location
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -47,11 +50,11 @@ class _StrictTarInfo(tarfile.TarInfo):
 def read_shard(url: str) -> Iterator[dict[str, bytes | str]]:
     """Yield the samples of one shard in file order, as ``{"__key__": key, ext: bytes}``.
 
-    ``url`` is a path or anything ``webdataset.gopen`` opens (``pipe:``, ``http://``, ...).
-    Raises ``CorruptShard`` where the file is damaged; the sample being assembled there is dropped.
+    ``url``: see ``open_shard``. Raises ``CorruptShard`` where the file is damaged; the
+    sample being assembled there is dropped.
     """
     try:
-        with gopen(url, "rb") as stream, \
+        with open_shard(url) as stream, \
                 tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             sample: dict = {}
             for member in tar:
@@ -70,24 +73,49 @@ def read_shard(url: str) -> Iterator[dict[str, bytes | str]]:
         raise CorruptShard(f"{type(error).__name__}: {error}") from None
 
 
-def parse_sample(raw: dict) -> tuple[bytes, str, int | None]:
-    """(encoded image, caption, label or None) of a raw sample; raises ``BadSample``."""
+def _by_fsspec(url: str) -> bool:
+    """URLs open_clip_train reads through webdataset's gopen (pipe:, http(s)://, file://, gs://
+    ...) are read the same way; every other URL (s3://, memory://, ...) through fsspec."""
+    scheme = urlparse(url).scheme
+    return "://" in url and scheme not in gopen_schemes and scheme != "file"
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A shard's bytes: a path, a ``pipe:`` command, or a URL (see ``_by_fsspec``)."""
+    return fsspec.open(url, "rb").open() if _by_fsspec(url) else gopen(url, "rb")
+
+
+def parse_sample(raw: dict, captions: bool = True) -> tuple[bytes, str, int | None]:
+    """(encoded image, caption, label or None) of a raw sample; raises ``BadSample``.
+    ``captions=False``: the caption is not read (an empty one is returned)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         raise BadSample(MISSING_IMAGE, f"no {'/'.join(IMAGE_EXTENSIONS)} file for key {raw['__key__']!r}")
-    return raw[ext], read_caption(raw.get("txt")), read_label(raw.get("cls"))
+    return raw[ext], read_caption(raw.get("txt")) if captions else "", read_label(raw.get("cls"))
 
 
 def check_shards(shards: list[str], spec: DataSpec) -> None:
     """Fail early, naming the flag, when local shards do not exist."""
     if not shards:
         raise ValueError(f"{spec.flag} is empty: give shard paths such as 'data/train/shard-{{000000..000009}}.tar'")
-    missing = [s for s in shards if is_local(s) and not os.path.isfile(s)]
+    for url in shards:
+        if _by_fsspec(url):
+            _check_protocol(url, spec)
+    missing = [s for s in shards if local_path(s) is not None and not os.path.isfile(local_path(s))]
     if len(missing) == len(shards):
         raise FileNotFoundError(f"no shards match {spec.flag} {spec.paths!r}: check the path")
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {spec.flag} {spec.paths!r} "
                                 f"do not exist (first: {missing[0]!r}): check the brace range")
+
+
+def _check_protocol(url: str, spec: DataSpec) -> None:
+    protocol = urlparse(url).scheme
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"{spec.flag} {url!r}: fsspec cannot read {protocol}:// ({error}): install its "
+                         f"package, or stream the shards with 'pipe:COMMAND URL'") from None
 
 
 def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> None:
@@ -98,7 +126,7 @@ def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> N
         try:
             for raw in read_shard(url):
                 try:
-                    image, _, _ = parse_sample(raw)
+                    image, _, _ = parse_sample(raw, spec.captions)
                     with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
                         load_image(image, preprocess)
                     return
@@ -114,7 +142,7 @@ def count_samples(url: str) -> int:
     """Samples in one local shard, from its headers alone; a damaged shard counts up to the damage."""
     keys, last = 0, None
     try:
-        with tarfile.open(url, "r:*", tarinfo=_StrictTarInfo) as tar:
+        with tarfile.open(local_path(url), "r:*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 key, _ = base_plus_ext(member.name)
                 if member.isreg() and key is not None and key != last:
@@ -125,11 +153,16 @@ def count_samples(url: str) -> int:
 
 
 def shard_sizes(shards: list[str]) -> dict[str, int]:
-    """Samples per shard, for the local shards that a ``sizes.json`` or ``_info.json`` lists."""
-    by_dir = {d: _read_size_files(d) for d in {os.path.dirname(s) for s in shards if is_local(s)}}
+    """Samples per shard, for the shards that a ``sizes.json`` or ``_info.json`` beside them
+    lists (beside the tar file a ``pipe:`` command names; read with fsspec for a URL)."""
+    by_dir: dict[str, dict[str, int]] = {}
     sizes = {}
     for shard in shards:
-        count = by_dir.get(os.path.dirname(shard), {}).get(os.path.basename(shard))
+        where = location(shard)
+        directory = posixpath.dirname(where) if "://" in where else os.path.dirname(where)
+        if directory not in by_dir:
+            by_dir[directory] = _read_size_files(directory)
+        count = by_dir[directory].get(posixpath.basename(where))
         if count is not None:
             sizes[shard] = count
     return sizes
@@ -138,14 +171,17 @@ def shard_sizes(shards: list[str]) -> dict[str, int]:
 def _read_size_files(directory: str) -> dict[str, int]:
     """Shard name -> samples, from open_clip's ``sizes.json`` or an ``_info.json`` (timm or wids)."""
     for name in ("sizes.json", "_info.json"):
-        path = os.path.join(directory or ".", name)
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    return _sizes_from_json(json.load(f))
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                # only a convenience: without it the user passes the number of samples
-                logging.warning("ignoring %s, not a shard-size file (%s: %s)", path, type(error).__name__, error)
+        path = posixpath.join(directory, name) if "://" in directory else os.path.join(directory or ".", name)
+        try:
+            with fsspec.open(path, "r") as f:
+                text = f.read()
+        except (OSError, ImportError, ValueError):  # absent, unreachable, or no fsspec backend
+            continue
+        try:
+            return _sizes_from_json(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            # only a convenience: without it the user passes the number of samples
+            logging.warning("ignoring %s, not a shard-size file (%s: %s)", path, type(error).__name__, error)
     return {}
 
 

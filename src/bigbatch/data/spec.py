@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import braceexpand
 
@@ -38,20 +41,22 @@ class DataSpec:
     """Train: shuffle, repeat to fill the epoch. Val: read everything once, in order."""
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
+    captions: bool = True
+    """False: samples need no caption (zero-shot images with labels); their texts are empty."""
     csv_separator: str = "\t"
     csv_label_key: str | None = None
     """Optional integer class-id column (zero-shot evaluation on a CSV)."""
     rank: int = 0
     world_size: int = 1
+    flag: str = ""
+    """The flag that named ``paths``, for messages (default: --train-data / --val-data)."""
+    num_samples_flag: str = ""
+    """The flag of ``num_samples`` (default: --train-num-samples / --val-num-samples)."""
 
-    @property
-    def flag(self) -> str:
-        """The CLI flag that named these paths, for error messages."""
-        return "--train-data" if self.is_train else "--val-data"
-
-    @property
-    def num_samples_flag(self) -> str:
-        return "--train-num-samples" if self.is_train else "--val-num-samples"
+    def __post_init__(self):
+        self.flag = self.flag or ("--train-data" if self.is_train else "--val-data")
+        self.num_samples_flag = self.num_samples_flag or ("--train-num-samples" if self.is_train
+                                                          else "--val-num-samples")
 
 
 @dataclass
@@ -93,6 +98,30 @@ def shard_weights(paths: str, factors: str | None) -> list[float] | None:
             for _ in expand_paths(source)]
 
 
+TAR_EXTENSIONS = (".tar", ".tgz", ".tar.gz")
+
+
+def local_path(path: str) -> str | None:
+    """The file a shard path names on this machine (a plain path, or a file:// URL's
+    path); None for a ``pipe:`` command or a remote URL."""
+    if path.startswith("file://"):
+        return url2pathname(urlparse(path).path)
+    return None if "://" in path or path.startswith("pipe:") else path
+
+
 def is_local(path: str) -> bool:
-    """Whether a shard path is a plain file (not a URL or a ``pipe:`` command)."""
-    return "://" not in path and not path.startswith("pipe:")
+    """Whether a shard path is a file on this machine (not a remote URL or a ``pipe:`` command)."""
+    return local_path(path) is not None
+
+
+def location(path: str) -> str:
+    """Where the shard lies: for ``pipe:CMD`` the command's argument that names a tar file
+    (``pipe:cat /data/0.tar``, ``pipe:aws s3 cp s3://b/0.tar -``), else the path or URL itself.
+    Its extension says the data type; a sizes.json beside it gives its sample count."""
+    if not path.startswith("pipe:"):
+        return path
+    try:
+        words = shlex.split(path[len("pipe:"):])
+    except ValueError:
+        words = path[len("pipe:"):].split()
+    return next((w for w in reversed(words) if w.lower().endswith(TAR_EXTENSIONS)), path)

@@ -11,7 +11,7 @@ Training, per DataLoader worker:
 2. A worker streams its shards through a shuffle buffer of raw bytes (seeded per rank,
    worker and epoch), then decodes and preprocesses; bad samples are skipped and counted
    once, by reason, and named in ``Batch.bad``. Augmentations are seeded per sample
-   (seed, epoch, shard, key), in their own random stream: the same for any --workers,
+   (seed, epoch, shard file name, key), in their own random stream: the same for any --workers,
    and never drawn from the trainer's stream (--workers 0).
 3. A resumed epoch (``skip_batches``) leaves out the rank's first batches: each worker
    builds and drops its share of them in the DataLoader's order (``epochs.delivered``),
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import posixpath
 from collections import Counter
 from itertools import count, islice
 from typing import Iterable, Iterator
@@ -43,12 +44,13 @@ from .loader import Loader
 from .samples import CORRUPT_SHARD, BadSample, DataError, Preprocess, Sample, load_image
 from .seeding import augment_stream, make_rng, reseed
 from .shards import CorruptShard, check_shards, count_samples, parse_sample, probe_shards, read_shard, shard_sizes
-from .spec import DataInfo, DataSpec, expand_paths, is_local, shard_weights
+from .spec import DataInfo, DataSpec, expand_paths, is_local, location, shard_weights
 
 SHUFFLE_BUFFER = 2000  # raw samples held per worker for shuffling
 SHUFFLE_INITIAL = 500  # samples buffered before the first one leaves
 
-Parsed = tuple[str, bytes, str, int | None]  # (shard:key, encoded image, caption, label)
+# (url:key for messages, shard-file-name:key for seeding, encoded image, caption, label)
+Parsed = tuple[str, str, bytes, str, int | None]
 
 
 class ShardStream(IterableDataset):
@@ -162,25 +164,28 @@ class ShardStream(IterableDataset):
     def _read_shard(self, url: str) -> Iterator[Parsed]:
         """The well-formed samples of one shard; counts the rest, marks the shard if none is."""
         usable = False
+        # augmentations are seeded by the shard's file name, not the path or URL it is read
+        # through: a moved data set, a pipe: command or an fsspec URL augment alike
+        shard = posixpath.basename(location(url))
         try:
             for raw in read_shard(url):
                 where = f"{url}:{raw['__key__']}"
                 try:
-                    image, caption, label = parse_sample(raw)
+                    image, caption, label = parse_sample(raw, self.spec.captions)
                 except BadSample as bad:
                     self._skip(bad, where)
                     continue
                 usable = True
-                yield where, image, caption, label
+                yield where, f"{shard}:{raw['__key__']}", image, caption, label
         except CorruptShard as error:
             self._skip(BadSample(CORRUPT_SHARD, str(error)), url)
         if not usable:
             self.dead.add(url)
 
     def _decode(self, parsed: Iterator[Parsed], epoch: int) -> Iterator[Sample]:
-        for where, image, caption, label in parsed:
+        for where, name, image, caption, label in parsed:
             try:
-                with augment_stream(self.spec.seed, "augment", epoch, where):
+                with augment_stream(self.spec.seed, "augment", epoch, name):
                     tensor = load_image(image, self.preprocess)
             except BadSample as bad:
                 self._skip(bad, where)
@@ -240,12 +245,16 @@ def make_webdataset_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Toke
 
 
 def _count_missing(shards: list[str], sizes: dict[str, int], spec: DataSpec) -> dict[str, int]:
-    """An epoch is planned by the shards' sample counts: count the local shards sizes.json does not list."""
+    """An epoch is planned by the shards' sample counts: count the local shards sizes.json does not list
+    (from their headers); a pipe: or remote shard would have to be read whole, so say how to give its count."""
     remote = [s for s in shards if s not in sizes and not is_local(s)]
     if remote:
-        raise ValueError(f"{spec.flag}: no sizes.json lists remote shard {remote[0]!r}, and an epoch that reads "
-                         "every sample once needs the counts: add a sizes.json beside the shards "
-                         "(shard name -> samples) or pass --dataset-resampled")
+        where = location(remote[0])
+        beside = posixpath.join(posixpath.dirname(where), "sizes.json")
+        raise ValueError(f"{spec.flag}: no sizes.json lists shard {posixpath.basename(where)!r} of {remote[0]!r}, "
+                         f"and an epoch that reads every sample once needs each shard's count: write {beside} "
+                         f"({{\"{posixpath.basename(where)}\": samples, ...}}) or pass --dataset-resampled with "
+                         f"{spec.num_samples_flag}")
     logging.getLogger("bigbatch").info(f"counting the samples of {len(shards) - len(sizes)} shards "
                                        "(a sizes.json beside them saves this)")
     return {s: sizes[s] if s in sizes else count_samples(s) for s in shards}

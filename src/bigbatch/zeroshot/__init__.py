@@ -70,7 +70,7 @@ def _load(value: str, flag: str, builtins: dict, builtin, what: str) -> list[str
         try:
             return load_lines(path)
         except (ValueError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{flag}: {error}") from None
+            raise ConfigError(f"{flag} {error}") from None
     if value in builtins:
         return builtin(value)
     if path.suffix or "/" in value or "\\" in value:  # meant as a file
