@@ -29,6 +29,7 @@ summary. --smoke runs every line on CPU with a tiny model: the test suite does s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import importlib.util
@@ -166,13 +167,14 @@ def part_plan(cfg: dict, rec: Recorder) -> None:
         try:
             row["measured_bytes"], row["step_seconds"] = measure_step_peak(cfg, model, b, k, checkpointing, offload)
             row["step_seconds"] = round(row["step_seconds"], 2)
-            common = dict(batch_size=b, accum_freq=k, precision=cfg["precision"],
-                          grad_checkpointing=checkpointing, offload_inputs=offload)
-            meta = plan.estimate_memory(model, device="cpu", target=cfg["device"], **common)
+            options = plan.PlanOptions(model, precision=cfg["precision"], grad_checkpointing=checkpointing,
+                                       offload_inputs=offload, target=cfg["device"])
+            meta = plan.estimate_memory(options, batch_size=b, accum_freq=k)
             row["meta_estimate_bytes"] = meta.peak
             row["meta_error_percent"] = _percent(meta.peak, row["measured_bytes"])
             if cfg["device"] == "cuda":
-                probe = plan.estimate_memory(model, device="cuda", **common)
+                probe = plan.estimate_memory(dataclasses.replace(options, device="cuda"),
+                                             batch_size=b, accum_freq=k)
                 row["probe_bytes"] = probe.peak
                 row["probe_error_percent"] = _percent(probe.peak, row["measured_bytes"])
         except Exception as error:
@@ -313,9 +315,9 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(cap / total, torch.cuda.current_device())
     rec["cap_bytes"] = cap
-    b = plan.find_max_batch_size(cfg["capped_model"], gpu_memory_bytes=cap,
-                                 global_batch_size=cfg["capped_global"], precision=cfg["precision"],
-                                 grad_checkpointing=True, target=cfg["device"], max_batch_size=1024)
+    options = plan.PlanOptions(cfg["capped_model"], precision=cfg["precision"], grad_checkpointing=True,
+                               target=cfg["device"], gpu_memory=cap)
+    b = plan.find_max_batch_size(options, global_batch_size=cfg["capped_global"], max_batch_size=1024)
     rec["planned_batch_size"] = b
     for _ in range(2):  # the planner's micro-batch, then half of it if that one failed
         k = cfg["capped_global"] // b

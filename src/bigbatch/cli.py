@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "eval": _module_main("bigbatch.eval_cli"),
-                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan_cli"),
+                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan.command"),
                 "demo-data": _module_main("bigbatch.demo_data")}
     if command not in commands:
         close = difflib.get_close_matches(command, commands, n=1)

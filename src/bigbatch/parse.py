@@ -28,16 +28,30 @@ def build_parser(prog: str = "bigbatch train") -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (field names as keys); flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
-        meta = dict(f.metadata)
-        group_name = meta.pop("group")
-        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        if f.default is not None and "(default:" not in meta["help"]:
-            meta["help"] += f" (default: {f.default!r})"
-        if f.type in ("bool", bool):
-            group.add_argument(f"--{flag_name(f.name)}", action=argparse.BooleanOptionalAction, **meta)
-        else:
-            group.add_argument(f"--{flag_name(f.name)}", type=_parse_type(f), **meta)
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        _add_option(group, f)
     return parser
+
+
+def add_options(group, *names: str, **overrides: dict) -> None:
+    """Add these TrainConfig options to another command's parser (or argument group), with
+    train's flag, default, help and choices: what commands share is defined once.
+    ``overrides``: per option, add_argument keywords that differ (a narrower type or choices)
+    and ``aliases``, older spellings the command keeps accepting."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    for name in names:
+        _add_option(group, known[name], default=known[name].default, **overrides.get(name, {}))
+
+
+def _add_option(group, f: dataclasses.Field, aliases: tuple[str, ...] = (), **overrides: Any) -> None:
+    meta = {key: value for key, value in f.metadata.items() if key != "group"}
+    if f.default is not None and "(default:" not in meta["help"]:
+        meta["help"] += f" (default: {f.default!r})"
+    if f.type in ("bool", bool):
+        meta["action"] = argparse.BooleanOptionalAction
+    else:
+        meta["type"] = _parse_type(f)
+    group.add_argument(f"--{flag_name(f.name)}", *aliases, **{**meta, **overrides})
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
