@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -134,13 +133,15 @@ def part_tests(cfg: dict, rec: Recorder) -> None:
 
 
 def part_bench(cfg: dict, rec: Recorder) -> None:
-    bench = _load_script("bench")
+    from bigbatch.bench.command import parse_args
+    from bigbatch.bench.runner import run
+
     for k in cfg["bench_ks"]:
         argv = ["--device", cfg["device"], "--model", cfg["bench_model"], "--precision", cfg["precision"],
                 "--batch-size", str(cfg["bench_batch"]), "--accum-freq", str(k),
                 "--steps", str(cfg["bench_steps"]), "--warmup-steps", "1", "--loss-sizes", "",
                 "--skip-max-batch", "--threads", "0", "--out", str(rec.path.parent)]
-        result = bench.run(bench.parse_args(argv), log=lambda line: print(line, flush=True))
+        result = run(parse_args(argv), log=lambda line: print(line, flush=True))
         rec.append("runs", {"accum_freq": k, "batch_size": cfg["bench_batch"],
                             "configs": _bench_summary(result["configs"]), "targets": result.get("targets")})
         _free()
@@ -293,11 +294,12 @@ def peer_step(cfg: dict, net, batches) -> None:
     import torch
     from open_clip_train.train import train_one_epoch
 
-    bench = _load_script("bench")
-    floats = bench.as_float(batches[0].images)  # host memory: one, reused K times
+    from bigbatch.bench.peer import PeerData, PeerLoader, as_float, peer_args
+
+    floats = as_float(batches[0].images)  # host memory: one, reused K times
     micro = [(floats, batches[0].texts)] * len(batches)
-    data = {"train": bench._PeerData(bench._PeerLoader(micro))}
-    args = bench.peer_args(types.SimpleNamespace(
+    data = {"train": PeerData(PeerLoader(micro))}
+    args = peer_args(types.SimpleNamespace(
         device=cfg["device"], precision=cfg["precision"], accum_freq=len(batches),
         batch_size=len(floats)))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -381,16 +383,6 @@ def part_compile(cfg: dict, rec: Recorder) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _load_script(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def _sync(device) -> None:
     import torch

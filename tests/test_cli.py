@@ -42,7 +42,7 @@ def test_misspelled_command_gets_the_closest(capsys):
     assert err.count("\n") == 1 and "did you mean train?" in err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "export", "plan", "demo-data"])
+@pytest.mark.parametrize("command", ["train", "eval", "export", "plan", "bench", "demo-data"])
 def test_help_and_flag_mistakes_do_not_import_torch(command):
     """Parsing happens before torch (seconds to import) is; checked in a fresh interpreter."""
     probe = ("import sys\nfrom bigbatch.cli import main\n"
