@@ -89,10 +89,10 @@ def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpoi
     try:
         with MemoryMeter(storage_keys(model, images, texts), track_live=False) as meter, autocast:
             out = model(images, texts)
+            alive = []  # until counted
             if caption:  # the logits live until the loss's backward; the loss saves log-probs
-                logits = meter.hold(out["logits"])
                 loss = CaptionLoss()
-                value = loss(out, loss.count(out))
+                alive += [meter.hold(out["logits"]), loss(out, loss.count(out))]
             saved = meter.saved.current
     finally:
         model.set_grad_checkpointing(False)

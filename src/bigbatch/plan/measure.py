@@ -176,9 +176,10 @@ def _saved_for_backward(model: nn.Module, inputs: tuple) -> _Saved:
         with torch.enable_grad(), meter:
             outputs = model(*inputs)
             caption = CaptionLoss()
+            alive = []  # until counted: what pass 2 keeps for backward
             if set(caption.keys) <= outputs.keys():  # CoCa: its caption logits (B, T, vocab) live
-                logits = meter.hold(outputs["logits"])  # until their loss's backward, which
-                loss = caption(outputs, caption.count(outputs))  # saves log-probs too
+                alive += [meter.hold(outputs["logits"]),  # until their loss's backward, which
+                          caption(outputs, caption.count(outputs))]  # saves log-probs too
             owner = meter.saved.storages()  # storage -> (bytes, block index or None)
     finally:
         for handle in handles:
