@@ -29,9 +29,9 @@ summary. --smoke runs every line on CPU with a tiny model: the test suite does s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -133,13 +133,15 @@ def part_tests(cfg: dict, rec: Recorder) -> None:
 
 
 def part_bench(cfg: dict, rec: Recorder) -> None:
-    bench = _load_script("bench")
+    from bigbatch.bench.command import parse_args
+    from bigbatch.bench.runner import run
+
     for k in cfg["bench_ks"]:
         argv = ["--device", cfg["device"], "--model", cfg["bench_model"], "--precision", cfg["precision"],
                 "--batch-size", str(cfg["bench_batch"]), "--accum-freq", str(k),
                 "--steps", str(cfg["bench_steps"]), "--warmup-steps", "1", "--loss-sizes", "",
                 "--skip-max-batch", "--threads", "0", "--out", str(rec.path.parent)]
-        result = bench.run(bench.parse_args(argv), log=lambda line: print(line, flush=True))
+        result = run(parse_args(argv), log=lambda line: print(line, flush=True))
         rec.append("runs", {"accum_freq": k, "batch_size": cfg["bench_batch"],
                             "configs": _bench_summary(result["configs"]), "targets": result.get("targets")})
         _free()
@@ -166,13 +168,14 @@ def part_plan(cfg: dict, rec: Recorder) -> None:
         try:
             row["measured_bytes"], row["step_seconds"] = measure_step_peak(cfg, model, b, k, checkpointing, offload)
             row["step_seconds"] = round(row["step_seconds"], 2)
-            common = dict(batch_size=b, accum_freq=k, precision=cfg["precision"],
-                          grad_checkpointing=checkpointing, offload_inputs=offload)
-            meta = plan.estimate_memory(model, device="cpu", target=cfg["device"], **common)
+            options = plan.PlanOptions(model, precision=cfg["precision"], grad_checkpointing=checkpointing,
+                                       offload_inputs=offload, target=cfg["device"])
+            meta = plan.estimate_memory(options, batch_size=b, accum_freq=k)
             row["meta_estimate_bytes"] = meta.peak
             row["meta_error_percent"] = _percent(meta.peak, row["measured_bytes"])
             if cfg["device"] == "cuda":
-                probe = plan.estimate_memory(model, device="cuda", **common)
+                probe = plan.estimate_memory(dataclasses.replace(options, device="cuda"),
+                                             batch_size=b, accum_freq=k)
                 row["probe_bytes"] = probe.peak
                 row["probe_error_percent"] = _percent(probe.peak, row["measured_bytes"])
         except Exception as error:
@@ -291,11 +294,12 @@ def peer_step(cfg: dict, net, batches) -> None:
     import torch
     from open_clip_train.train import train_one_epoch
 
-    bench = _load_script("bench")
-    floats = bench.as_float(batches[0].images)  # host memory: one, reused K times
+    from bigbatch.bench.peer import PeerData, PeerLoader, as_float, peer_args
+
+    floats = as_float(batches[0].images)  # host memory: one, reused K times
     micro = [(floats, batches[0].texts)] * len(batches)
-    data = {"train": bench._PeerData(bench._PeerLoader(micro))}
-    args = bench.peer_args(types.SimpleNamespace(
+    data = {"train": PeerData(PeerLoader(micro))}
+    args = peer_args(types.SimpleNamespace(
         device=cfg["device"], precision=cfg["precision"], accum_freq=len(batches),
         batch_size=len(floats)))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -313,9 +317,9 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(cap / total, torch.cuda.current_device())
     rec["cap_bytes"] = cap
-    b = plan.find_max_batch_size(cfg["capped_model"], gpu_memory_bytes=cap,
-                                 global_batch_size=cfg["capped_global"], precision=cfg["precision"],
-                                 grad_checkpointing=True, target=cfg["device"], max_batch_size=1024)
+    options = plan.PlanOptions(cfg["capped_model"], precision=cfg["precision"], grad_checkpointing=True,
+                               target=cfg["device"], gpu_memory=cap)
+    b = plan.find_max_batch_size(options, global_batch_size=cfg["capped_global"], max_batch_size=1024)
     rec["planned_batch_size"] = b
     for _ in range(2):  # the planner's micro-batch, then half of it if that one failed
         k = cfg["capped_global"] // b
@@ -345,16 +349,6 @@ def part_compile(cfg: dict, rec: Recorder) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _load_script(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def _sync(device) -> None:
     import torch

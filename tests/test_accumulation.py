@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from bigbatch.accumulation import cached_backward
 from bigbatch.losses import CaptionLoss, ClipLoss, SigLipLoss
+from bigbatch.memory import MemoryMeter, storage_keys
 from tiny_models import batches, open_clip_coca, open_clip_vit, padded_batches, timm_tower
 
 FP32 = dict(rtol=1e-5, atol=1e-7)
@@ -252,44 +253,20 @@ def test_inputs_moved_right_before_each_forward_give_the_same_gradient():
     assert moves == [4, 4, 3, 4, 4]  # pass 1 (all three), pass 2 (the two recomputed)
 
 
-class SavedBytes:
-    """Peak bytes of tensors alive in autograd graphs (saved for backward)."""
-
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def pack(self, tensor):
-        return _Saved(tensor, self)
-
-    @staticmethod
-    def unpack(saved):
-        return saved.tensor
-
-
-class _Saved:
-    def __init__(self, tensor, counter):
-        self.tensor, self.counter, self.nbytes = tensor, counter, tensor.numel() * tensor.element_size()
-        counter.live += self.nbytes
-        counter.peak = max(counter.peak, counter.live)
-
-    def __del__(self):
-        self.counter.live -= self.nbytes
-
-
-def peak_saved_bytes(step):
-    counter = SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+def peak_saved_bytes(step, model) -> int:
+    """Peak bytes saved for backward while `step()` runs, the model's weights left out."""
+    with MemoryMeter(storage_keys(model), track_live=False) as meter:
         step()
-    return counter.peak
+    return meter.saved.peak
 
 
 def test_activation_memory_is_one_micro_batch_not_the_global_batch():
     torch.manual_seed(0)
     model = open_clip_vit()
     b, k = 16, 4
-    one = peak_saved_bytes(lambda: cached_backward(model, batches([b]), ClipLoss()))
-    whole = peak_saved_bytes(lambda: cached_backward(model, batches([b * k]), ClipLoss()))
-    cached = peak_saved_bytes(lambda: cached_backward(model, batches([b] * k), ClipLoss()))
+    one = peak_saved_bytes(lambda: cached_backward(model, batches([b]), ClipLoss()), model)
+    whole = peak_saved_bytes(lambda: cached_backward(model, batches([b * k]), ClipLoss()), model)
+    cached = peak_saved_bytes(lambda: cached_backward(model, batches([b] * k), ClipLoss()), model)
     assert whole > 3 * one  # activations grow with the batch...
     assert cached < 1.5 * one  # ...but the cached step holds one micro-batch's (+ a small loss)
 

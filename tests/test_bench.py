@@ -1,4 +1,4 @@
-"""Smoke tests of scripts/bench.py: its memory meter, and one tiny end-to-end run.
+"""Smoke tests of `bigbatch bench`: one tiny end-to-end run, and scripts/bench.py calling it.
 
 Times are never asserted (DESIGN.md section 6): only that every number is produced.
 """
@@ -8,46 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from script_loader import SCRIPTS, load_script
-
-SCRIPT = SCRIPTS / "bench.py"
-MB = 1000 * 1000 * 4  # bytes of a (1000, 1000) float32 tensor
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("bench", "bench_script")
-
-
-def test_saved_bytes_count_each_storage_once_and_drop_when_freed(bench):
-    x = torch.randn(1000, 1000, requires_grad=True)
-    with bench.MemoryMeter(bench.storage_keys(x)) as meter:
-        y = (x * 2).exp()  # exp saves its output y ...
-        z = y.sin().sum()  # ... and sin saves its input, the same y: one storage
-        assert meter.saved.current == MB
-        z.backward()
-        assert meter.saved.current == 0  # the graph is freed by backward
-        assert 2 * MB <= meter.live.current <= 2 * MB + 16  # y, x.grad (held in C++), the scalar z
-        del y, z
-        x.grad = None
-        assert meter.live.current == 0
-    assert meter.saved.peak == MB
-    assert 2 * MB <= meter.live.peak <= 4 * MB
-    assert meter.largest_tensor_bytes == MB
-
-
-def test_storages_alive_before_the_step_are_not_counted(bench):
-    x = torch.randn(1000, 1000)
-    weight = torch.randn(1000, 1000, requires_grad=True)
-    with bench.MemoryMeter(bench.storage_keys(weight)) as meter:
-        loss = (x.requires_grad_() @ weight.t()).sum()  # saves x and a view of weight
-        del loss
-    assert meter.saved.peak == MB  # x only: the weight's storage is excluded, view or not
+from bigbatch.bench.command import parse_args
+from bigbatch.bench.runner import run
+from bigbatch.bench.setups import ACCUM, PEER, PLAIN
+from script_loader import SCRIPTS
 
 
 @pytest.fixture
@@ -57,12 +25,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_tiny_run_writes_json_markdown_and_plot(bench, tmp_path, one_thread):
-    args = bench.parse_args([
+def test_tiny_run_writes_json_markdown_and_plot(tmp_path, one_thread):
+    args = parse_args([
         "--model", "bigbatch-tiny", "--device", "cpu", "--batch-size", "2", "--accum-freq", "2",
         "--steps", "2", "--warmup-steps", "1", "--threads", str(one_thread), "--out", str(tmp_path),
         "--loss-sizes", "32,64", "--loss-measure-max", "32"])
-    result = bench.run(args, log=lambda line: None)
+    result = run(args, log=lambda line: None)
 
     stem = tmp_path / "bench-cpu-bigbatch-tiny-b2x2"
     for suffix in (".json", ".md", ".png"):
@@ -72,7 +40,7 @@ def test_tiny_run_writes_json_markdown_and_plot(bench, tmp_path, one_thread):
     assert saved["environment"]["device_name"]
 
     configs = result["configs"]
-    plain, accum = configs[bench.PLAIN], configs[bench.ACCUM]
+    plain, accum = configs[PLAIN], configs[ACCUM]
     for row in (plain, accum):
         assert len(row["samples_per_s"]) == 2 and row["median_samples_per_s"] > 0
         assert row["memory"]["saved_peak_bytes"] > 0
@@ -80,7 +48,7 @@ def test_tiny_run_writes_json_markdown_and_plot(bench, tmp_path, one_thread):
     assert plain["ratio_to_plain"] == 1.0 and accum["ratio_to_plain"] > 0
     # K = 2: the plain step keeps both micro-batches' activations, accumulation one at a time
     assert plain["memory"]["saved_peak_bytes"] > accum["memory"]["saved_peak_bytes"]
-    peer = configs[bench.PEER]
+    peer = configs[PEER]
     assert "error" in peer or (peer["median_samples_per_s"] > 0 and "speedup_vs_peer" in accum)
 
     rows = result["loss_working_set"]["rows"]
@@ -90,8 +58,8 @@ def test_tiny_run_writes_json_markdown_and_plot(bench, tmp_path, one_thread):
 
 
 def test_help_runs_as_a_script():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--help"], capture_output=True,
+                         text=True, timeout=60)
     assert out.returncode == 0
     for flag in ("--model", "--batch-size", "--accum-freq", "--steps", "--warmup-steps",
                  "--precision", "--device", "--out", "--skip-peer", "--loss-sizes"):

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from bigbatch import plan_cli
 from bigbatch.cli import main
 from bigbatch.parse import build_parser
 
@@ -43,7 +42,7 @@ def test_misspelled_command_gets_the_closest(capsys):
     assert err.count("\n") == 1 and "did you mean train?" in err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "export", "plan", "demo-data"])
+@pytest.mark.parametrize("command", ["train", "eval", "export", "plan", "bench", "demo-data"])
 def test_help_and_flag_mistakes_do_not_import_torch(command):
     """Parsing happens before torch (seconds to import) is; checked in a fresh interpreter."""
     probe = ("import sys\nfrom bigbatch.cli import main\n"
@@ -62,6 +61,22 @@ def test_train_help_has_no_glitches():
     assert "bigbatch-tiny" in text and "--threads" in text
 
 
-def test_plan_help_states_the_planner_default_reserve():
-    from bigbatch.plan import DEFAULT_RESERVE
-    assert float(plan_cli.RESERVE_HELP) == DEFAULT_RESERVE
+
+def test_plan_flags_are_trains_where_they_share_a_meaning():
+    """Same spelling, default and meaning: a flag copied from a plan into training keeps it."""
+    from dataclasses import fields
+
+    from bigbatch.config import TrainConfig
+    from bigbatch.plan.command import build_parser as plan_parser
+
+    train = {a.dest: a for a in build_parser()._actions}
+    plan = {a.dest: a for a in plan_parser()._actions}
+    # plan picks the micro-batch (auto) and derives K; its --device says where to estimate
+    shared = set(train) & set(plan) - {"help", "batch_size", "accum_freq", "device"}
+    assert {"model", "precision", "local_loss", "gather_with_grad", "loss_tile_size",
+            "grad_checkpointing", "offload_inputs", "global_batch_size"} <= shared
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for dest in shared:
+        assert plan[dest].option_strings == train[dest].option_strings, dest
+        assert plan[dest].default == defaults[dest], dest
+    assert "--tile-size" not in plan_parser().format_help()

@@ -4,8 +4,8 @@ Every comparison takes the value and the gradient of every input (image and text
 features, logit_scale, logit_bias) from the plain loss (`tile_size=None` at these
 sizes) and from the tiled one with small tiles, so that there are many blocks, a ragged
 last one, and blocks the positives' diagonal crosses at any offset. The memory tests
-count bytes with a dispatch mode that sees every tensor the loss allocates (CPU has no
-allocator statistics) and with `saved_tensors_hooks`.
+count bytes with bigbatch.memory's meter, which sees every tensor the loss allocates (CPU
+has no allocator statistics) and what it saves for backward.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from bigbatch import tiled
 from bigbatch.losses import ClipLoss, SigLipLoss, create_loss
+from bigbatch.memory import MemoryMeter, storage_keys
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 HALF = dict(rtol=1e-2)  # bf16/fp16 gradients: the same float32 math, rounded once to 8/11 bits
@@ -200,41 +198,6 @@ def test_bad_arguments_are_clear_errors():
 
 # --- memory
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors allocated inside the mode and still alive: current and peak.
-
-    Every op's output storage is counted once, until its last reference dies (a weakref
-    on the storage); the inputs given to the constructor are not counted. This sees
-    every aten op of forward and backward, temporaries included, but not buffers a
-    kernel allocates internally.
-    """
-
-    def __init__(self, *inputs: torch.Tensor | None):
-        super().__init__()
-        self.known = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
-        self.live: dict[int, weakref.ref] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._count(t.untyped_storage())
-        return out
-
-    def _count(self, storage) -> None:
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.live or key in self.known:
-            return
-        self.current += size
-        self.peak = max(self.peak, self.current)
-
-        def free(_, key=key, size=size):
-            self.live.pop(key, None)
-            self.current -= size
-        self.live[key] = weakref.ref(storage, free)
-
-
 def working_set(loss_fn, inputs: dict) -> tuple[int, int]:
     """(peak bytes the loss's forward + backward allocate, bytes saved for its backward)."""
     peak, saved, _ = measured_run(loss_fn, inputs)
@@ -242,20 +205,15 @@ def working_set(loss_fn, inputs: dict) -> tuple[int, int]:
 
 
 def measured_run(loss_fn, inputs: dict) -> tuple[int, int, tuple]:
-    """`working_set`, and the run's value and gradients."""
+    """`working_set` (bigbatch.memory's meter: every tensor the loss's aten ops make, once
+    per storage until its last reference dies, the inputs left out), and the run's value
+    and gradients."""
     leaves = {k: v.clone().requires_grad_() if v is not None else None for k, v in inputs.items()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with LiveBytes(*leaves.values()) as live:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_fn(**leaves)
+    with MemoryMeter(storage_keys(leaves)) as meter:
+        loss = loss_fn(**leaves)
         loss.backward()
     grads = {k: v.grad for k, v in leaves.items() if v is not None}
-    return live.peak, sum(saved.values()), (loss.detach(), grads)
+    return meter.live.peak, meter.saved.peak, (loss.detach(), grads)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

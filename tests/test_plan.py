@@ -13,14 +13,28 @@ import torch
 from bigbatch import plan
 from bigbatch.errors import ConfigError
 from bigbatch.losses import CaptionLoss
-from bigbatch.model import create_model, register_model_config
-from bigbatch.plan import (MemoryPlan, derive_accum_freq, estimate_memory, find_max_batch_size,
-                           format_plan, parse_memory)
-from bigbatch.plan_cli import main
+from bigbatch.memory import MemoryMeter, storage_keys
+from bigbatch.model import create_model
+from bigbatch.plan import MemoryPlan, PlanOptions, derive_accum_freq, format_plan, parse_memory
+from bigbatch.plan import measure
+from bigbatch.plan.command import main
 
 TINY = str(Path(__file__).parent / "assets" / "test-clip.json")
 COCA = str(Path(__file__).parent / "assets" / "test-coca.json")
 GiB = 1024 ** 3
+
+
+def estimate_memory(model: str, *, batch_size: int, accum_freq: int, **options) -> MemoryPlan:
+    """plan.estimate_memory with these PlanOptions, in bf16 autocast unless told."""
+    options = PlanOptions(model, **{"precision": "amp_bf16", **options})
+    return plan.estimate_memory(options, batch_size=batch_size, accum_freq=accum_freq)
+
+
+def find_max_batch_size(model: str, *, gpu_memory: int, global_batch_size: int | None = None,
+                        accum_freq: int | None = None, max_batch_size: int = 1 << 16) -> int:
+    options = PlanOptions(model, precision="amp_bf16", gpu_memory=gpu_memory)
+    return plan.find_max_batch_size(options, global_batch_size=global_batch_size,
+                                    accum_freq=accum_freq, max_batch_size=max_batch_size)
 
 
 # --- batch arithmetic and memory strings
@@ -65,34 +79,24 @@ def real_tiny():
 
 def real_saved_bytes(model, batch_size: int, dtype: torch.dtype | None, checkpointing: bool = False,
                      caption: bool = False) -> int:
-    """Bytes of the storages a real CPU forward saves for backward, each once; parameters,
-    buffers and the inputs left out (the planner counts them as weights and inputs).
-    caption: a CoCa's caption loss too, as pass 2 takes it."""
+    """Bytes of the storages a real CPU forward saves for backward, each once (bigbatch's
+    meter); parameters, buffers and the inputs left out (the planner counts them as weights
+    and inputs). caption: a CoCa's caption loss too, as pass 2 takes it."""
     model.set_grad_checkpointing(checkpointing)
     images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
     texts = torch.randint(1, 1000, (batch_size, 16))
-    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), images, texts]}
-    seen: dict[int, int] = {}
-    kept = []
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in known:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        kept.append(t)
-        return t
-
     autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        with MemoryMeter(storage_keys(model, images, texts), track_live=False) as meter, autocast:
             out = model(images, texts)
+            alive = []  # until counted
             if caption:  # the logits live until the loss's backward; the loss saves log-probs
-                pack(out["logits"])
                 loss = CaptionLoss()
-                loss(out, loss.count(out))
+                alive += [meter.hold(out["logits"]), loss(out, loss.count(out))]
+            saved = meter.saved.current
     finally:
         model.set_grad_checkpointing(False)
-    return sum(seen.values())
+    return saved
 
 
 @pytest.mark.parametrize("precision, dtype, target", [
@@ -140,8 +144,8 @@ def test_grad_checkpointing_keeps_block_inputs_and_one_block(real_tiny):
     assert ckpt.activations < full.activations
     assert ckpt.activations == full.activations_checkpointed
     # What stays between forward and backward is what open_clip's own checkpointing keeps.
-    key = plan._model_key(TINY, False, None)
-    kept = plan._fake_profile(key, "cpu", None, 16).checkpoint_kept
+    key = measure.model_key(TINY, False, None)
+    kept = measure.fake_profile(key, "cpu", None, 16).checkpoint_kept
     assert kept == pytest.approx(real_saved_bytes(real_tiny, 16, None, checkpointing=True), rel=0.01)
     assert kept < ckpt.activations  # + the block being recomputed
 
@@ -173,7 +177,7 @@ def test_terms_follow_the_step():
     assert one.inputs == 32 * (3 * 32 * 32 * 1 + 16 * 8)  # uint8 images, int64 tokens
     # offloaded: the micro-batch computing and the next one, its copy overlapping
     assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == 2 * one.inputs
-    ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4)
+    ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4, local_loss=True)
     assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024  # bucket views
     assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
         ddp.activations + ddp.cached_features + ddp.loss_working_set,
@@ -191,11 +195,11 @@ def test_large_global_batches_use_a_tiled_loss():
 def test_find_max_batch_size_is_the_largest_that_fits():
     target = estimate_memory(TINY, batch_size=96, accum_freq=1)
     memory = int(target.peak / (1 - plan.DEFAULT_RESERVE)) + 1
-    assert find_max_batch_size(TINY, gpu_memory_bytes=memory, accum_freq=1, max_batch_size=4096) == 96
+    assert find_max_batch_size(TINY, gpu_memory=memory, accum_freq=1, max_batch_size=4096) == 96
     # with a global batch, only divisors of G / W: 1000 = 100 x 10 fits, 125 x 8 does not
     target = estimate_memory(TINY, batch_size=100, accum_freq=10)
     memory = int(target.peak / (1 - plan.DEFAULT_RESERVE)) + 1
-    assert find_max_batch_size(TINY, gpu_memory_bytes=memory, global_batch_size=1000) == 100
+    assert find_max_batch_size(TINY, gpu_memory=memory, global_batch_size=1000) == 100
 
 
 def test_format_plan_says_what_to_change():
@@ -224,8 +228,8 @@ def run_plan(capsys, monkeypatch, *argv: str) -> str:
         return create(*args, **kwargs)
 
     monkeypatch.setattr(open_clip, "create_model", recording)
-    plan._fake_model.cache_clear()  # build it here, whatever ran before
-    plan._fake_profile.cache_clear()
+    measure.fake_model.cache_clear()  # build it here, whatever ran before
+    measure.fake_profile.cache_clear()
     assert main(list(argv)) == 0
     assert devices and set(devices) == {"meta"}
     return capsys.readouterr().out
@@ -310,12 +314,15 @@ def test_plan_within_10_percent_of_a_measured_step_on_real_sizes(model, batch_si
 
 
 def test_offload_is_chosen_only_when_the_inputs_alone_do_not_fit():
-    options = dict(batch_size=32, accum_freq=64, precision="amp_bf16", target="cuda")
-    on_device = estimate_memory(TINY, **options)
-    offloaded = estimate_memory(TINY, offload_inputs=True, **options)
+    layout = dict(batch_size=32, accum_freq=64)
+    on_device = estimate_memory(TINY, **layout)
+    offloaded = estimate_memory(TINY, offload_inputs=True, **layout)
     assert offloaded.peak < on_device.peak  # 64 micro-batches of uint8 images against 2
-    between = int((offloaded.peak + on_device.peak) / 2 / (1 - plan.DEFAULT_RESERVE))
-    chosen = plan.inputs_must_wait_on_host(TINY, gpu_memory=between, **options)
+
+    def must_wait(gpu_memory: int):
+        options = PlanOptions(TINY, precision="amp_bf16", gpu_memory=gpu_memory)
+        return plan.inputs_must_wait_on_host(options, **layout)
+    chosen = must_wait(int((offloaded.peak + on_device.peak) / 2 / (1 - plan.DEFAULT_RESERVE)))
     assert chosen is not None and not chosen.fits
-    assert plan.inputs_must_wait_on_host(TINY, gpu_memory=2 * on_device.peak, **options) is None  # fits
-    assert plan.inputs_must_wait_on_host(TINY, gpu_memory=offloaded.peak // 2, **options) is None  # hopeless
+    assert must_wait(2 * on_device.peak) is None  # fits
+    assert must_wait(offloaded.peak // 2) is None  # hopeless

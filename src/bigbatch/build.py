@@ -130,14 +130,11 @@ def batch_layout(cfg: TrainConfig, world: World, precision: str) -> BatchLayout:
         if world.device.type != "cuda":
             raise ConfigError("--batch-size auto sizes the micro-batch to the GPU's memory: "
                               "on CPU give a number")
-        batch_size = plan.find_max_batch_size(
-            register_model_config(cfg.model), world_size=world.world_size,
-            gpu_memory_bytes=torch.cuda.get_device_properties(world.device).total_memory,
-            global_batch_size=cfg.global_batch_size,
-            accum_freq=None if cfg.global_batch_size else cfg.accum_freq, precision=precision,
-            grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
-            tile=cfg.loss_tile_size, device=str(world.device), siglip=cfg.siglip,
-            offload_inputs=cfg.offload_inputs, force_patch_dropout=cfg.force_patch_dropout)
+        options = plan.PlanOptions.from_config(
+            cfg, world_size=world.world_size, precision=precision, device=str(world.device),
+            gpu_memory=torch.cuda.get_device_properties(world.device).total_memory)
+        batch_size = plan.find_max_batch_size(options, global_batch_size=cfg.global_batch_size,
+                                              accum_freq=None if cfg.global_batch_size else cfg.accum_freq)
         batch_size = smallest_over_ranks(batch_size, world)  # ranks must agree
         log.info(f"--batch-size auto: {batch_size} per GPU")
     if cfg.global_batch_size is not None:
@@ -152,11 +149,10 @@ def offload_if_needed(cfg: TrainConfig, layout: BatchLayout, world: World, preci
     """--offload-inputs, chosen when bigbatch plan says the step's K micro-batches of uint8
     images do not fit on the GPU beside the rest but one at a time would; and said so."""
     memory = torch.cuda.get_device_properties(world.device).total_memory
-    crowded = plan.inputs_must_wait_on_host(
-        register_model_config(cfg.model), gpu_memory=memory, batch_size=layout.batch_size,
-        accum_freq=layout.accum_freq, world_size=world.world_size, precision=precision,
-        grad_checkpointing=cfg.grad_checkpointing, local_loss=cfg.local_loss,
-        tile=cfg.loss_tile_size, siglip=cfg.siglip, force_patch_dropout=cfg.force_patch_dropout)
+    options = plan.PlanOptions.from_config(cfg, world_size=world.world_size, precision=precision,
+                                           gpu_memory=memory)
+    crowded = plan.inputs_must_wait_on_host(options, batch_size=layout.batch_size,
+                                            accum_freq=layout.accum_freq)
     if crowded is not None:
         log.info(f"--offload-inputs chosen: the step's inputs ({crowded.inputs / 2**30:.1f} GiB) do not "
                  f"fit on the GPU beside the rest (planned peak {crowded.peak / 2**30:.1f} of "

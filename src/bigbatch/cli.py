@@ -1,4 +1,4 @@
-"""`bigbatch` command: train, eval, export, plan, demo-data.
+"""`bigbatch` command: train, eval, export, plan, bench, demo-data.
 
 A mistake a user can make (bad flag, missing file, wrong checkpoint) ends with one
 line `bigbatch: error: ...` naming the fix and exit status 2, not a traceback.
@@ -17,6 +17,7 @@ commands:
   eval        zero-shot classification and retrieval of a checkpoint (bigbatch eval --help)
   export      write a plain open_clip checkpoint from a training one (bigbatch export CKPT OUT)
   plan        micro-batch, accum-freq and predicted peak memory (bigbatch plan --help)
+  bench       the step benchmark against a plain step and open_clip_train (bigbatch bench --help)
   demo-data   write the procedurally drawn shapes dataset (bigbatch demo-data DIR)
 """
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "eval": _module_main("bigbatch.eval_cli"),
-                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan_cli"),
+                "export": _module_main("bigbatch.export"), "plan": _module_main("bigbatch.plan.command"),
+                "bench": _module_main("bigbatch.bench.command"),
                 "demo-data": _module_main("bigbatch.demo_data")}
     if command not in commands:
         close = difflib.get_close_matches(command, commands, n=1)

@@ -195,8 +195,10 @@ def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False,
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
+
+        from bigbatch.model import transformer_blocks  # the units FSDP2 gathers one at a time
         _scalars_to_vectors(model)
-        for block in _transformer_blocks(model):
+        for block in transformer_blocks(model):
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
@@ -204,11 +206,6 @@ def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False,
     # gradients as views into the all-reduce buckets: one copy of the gradients, not two
     return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                    static_graph=static_graph)
-
-
-def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """open_clip's residual blocks (both towers): the units FSDP2 gathers one at a time."""
-    return [m for m in model.modules() if type(m).__name__ in ("ResidualAttentionBlock", "Block")]
 
 
 def _scalars_to_vectors(model: torch.nn.Module) -> None:

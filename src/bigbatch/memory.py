@@ -1,9 +1,10 @@
 """The one meter of bytes: what a step saves for backward and holds alive, counted exactly.
 
-Used by the benchmark, the planner's CPU check and the tests. Counting storages (not
-tensors) by address, each once, with weakref finalizers to see them freed, gives numbers
-that do not depend on the machine or the allocator: on CPU the peak of live bytes is the
-analogue of `torch.cuda.max_memory_allocated` over a baseline.
+Used by the planner (activations on fake tensors, its check against a real step), the
+benchmark and the tests. Counting storages (not tensors), each once, with weakref
+finalizers to see them freed, gives numbers that do not depend on the machine or the
+allocator: on CPU the peak of live bytes is the analogue of
+`torch.cuda.max_memory_allocated` over a baseline.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class MemoryMeter(TorchDispatchMode):
       boxes; the peak is what the allocator would have to hold at once for tensors made in
       the step (temporaries, gradients, cached features, logits), the CPU analogue of
       `torch.cuda.max_memory_allocated` over a baseline. Slow (Python per op): never timed.
+
+    `region`, set by the caller while the meter runs (e.g. the block running now), is
+    recorded with each storage when it is first counted: `saved.storages()` says where.
     """
 
     def __init__(self, exclude: set[int] = frozenset(), track_live: bool = True):
@@ -47,6 +51,7 @@ class MemoryMeter(TorchDispatchMode):
         self.saved = _Tally()
         self.live = _Tally()
         self.largest_tensor_bytes = 0
+        self.region: object = None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def __enter__(self):
@@ -60,14 +65,19 @@ class MemoryMeter(TorchDispatchMode):
             super().__exit__(*exc)
         return self._hooks.__exit__(*exc)
 
+    def hold(self, tensor: torch.Tensor) -> object:
+        """Count `tensor` as saved for backward until the returned handle dies: what a step
+        keeps for a later backward outside autograd's graph (e.g. logits awaiting their loss)."""
+        return self._pack(tensor)
+
     def _pack(self, tensor: torch.Tensor):
-        key, nbytes = _storage_key(tensor)
+        key, nbytes = storage_key(tensor)
         if key is None or key in self.exclude:
             return tensor
         box = _Box(tensor)
-        self.saved.add(key, nbytes, box)
+        self.saved.add(key, nbytes, box, self.region)
         if self.track_live:
-            self.live.add(key, nbytes, box)
+            self.live.add(key, nbytes, box, self.region)
         return box
 
     @staticmethod
@@ -78,9 +88,9 @@ class MemoryMeter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                key, nbytes = _storage_key(t)
+                key, nbytes = storage_key(t)
                 if key is not None and key not in self.exclude:
-                    self.live.add(key, nbytes, t)
+                    self.live.add(key, nbytes, t, self.region)
                     self.largest_tensor_bytes = max(self.largest_tensor_bytes, nbytes)
         return out
 
@@ -92,21 +102,25 @@ class MemoryMeter(TorchDispatchMode):
 
 
 class _Tally:
-    """Live storages (address -> [holders, bytes]) and the peak of their sum."""
+    """Live storages (key -> [holders, bytes, region]) and the peak of their sum."""
 
     def __init__(self):
-        self.entries: dict[int, list[int]] = {}
+        self.entries: dict[int, list] = {}
         self.current = 0
         self.peak = 0
 
-    def add(self, key: int, nbytes: int, holder: object) -> None:
+    def add(self, key: int, nbytes: int, holder: object, region: object = None) -> None:
         entry = self.entries.get(key)
         if entry is None:
-            entry = self.entries[key] = [0, nbytes]
+            entry = self.entries[key] = [0, nbytes, region]
             self.current += nbytes
             self.peak = max(self.peak, self.current)
         entry[0] += 1
         weakref.finalize(holder, self._release, key)
+
+    def storages(self) -> dict[int, tuple[int, object]]:
+        """The storages alive now: key -> (bytes, the region each was first counted in)."""
+        return {key: (nbytes, region) for key, (_, nbytes, region) in self.entries.items()}
 
     def _release(self, key: int) -> None:
         entry = self.entries[key]
@@ -116,13 +130,16 @@ class _Tally:
             del self.entries[key]
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int | None, int]:
+def storage_key(tensor: torch.Tensor) -> tuple[int | None, int]:
+    """(key, bytes) of the tensor's storage, the same for all its views; key None when it
+    has none to count (sparse tensors, empty storages). The key is the storage's own
+    address, not its data's: fake tensors (the planner's) have no data."""
     try:
         storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, meta, fake: nothing real to count
+    except (RuntimeError, NotImplementedError):  # sparse: nothing to count
         return None, 0
     nbytes = storage.nbytes()
-    return (storage.data_ptr() if nbytes else None), nbytes
+    return (storage._cdata if nbytes else None), nbytes
 
 
 def storage_keys(*objects) -> set[int]:
@@ -131,7 +148,7 @@ def storage_keys(*objects) -> set[int]:
 
     def visit(obj) -> None:
         if isinstance(obj, torch.Tensor):
-            key, _ = _storage_key(obj)
+            key, _ = storage_key(obj)
             if key is not None:
                 keys.add(key)
             if obj.grad is not None:
@@ -166,7 +183,7 @@ def tensor_bytes(*objects) -> int:
         tensors = (list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module)
                    else [v for s in obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
         for t in tensors:
-            key, nbytes = _storage_key(t)
+            key, nbytes = storage_key(t)
             if key is not None and key not in seen:
                 seen.add(key)
                 total += nbytes

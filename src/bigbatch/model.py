@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from bigbatch.inputs import normalize_on_device, uint8_transform
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's schemas
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(PACKAGED_CONFIGS)
+SIGLIP_INIT = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)  # t = 10, b = -10 (Zhai et al. 2023)
+BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")  # where towers keep their transformer blocks
 
 
 @dataclass
@@ -46,8 +49,8 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
     force_image_size, image_mean, aug_cfg, cache_dir ...: see `open_clip_options`)."""
     name = register_model_config(model)
     kwargs = dict(open_clip_options)
-    if siglip:  # SigLIP's initialisation: t = 10, b = -10 (Zhai et al. 2023)
-        kwargs.update(init_logit_scale=torch.log(torch.tensor(10.0)).item(), init_logit_bias=-10.0)
+    if siglip:
+        kwargs.update(SIGLIP_INIT)
     try:
         with hub_offline():
             net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -234,10 +237,21 @@ def _tower_depths(model: nn.Module) -> tuple[int, int]:
             len({_block_index(n) for n in names if not n.startswith("visual.") and _block_index(n) is not None}))
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The towers' transformer blocks, the units grad checkpointing recomputes and FSDP2
+    shards: the numbered members of a block list (open_clip's `resblocks`, timm's `blocks`,
+    Hugging Face's `layer`), outermost only."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if _block_index(name) is not None and not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    return [module for _, module in found]
+
+
 def _block_index(name: str) -> int | None:
-    """open_clip blocks live at ...resblocks.{i}. (timm: blocks.{i}.)."""
+    """i for a name inside block i of a block list (...resblocks.{i}...), else None."""
     parts = name.split(".")
-    for marker in ("resblocks", "blocks"):
+    for marker in BLOCK_LISTS:
         if marker in parts:
             i = parts.index(marker) + 1
             if i < len(parts) and parts[i].isdigit():

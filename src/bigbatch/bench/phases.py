@@ -1,0 +1,104 @@
+"""Where a step's time goes: its pieces timed apart, and one step of each configuration profiled."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bigbatch.bench.environment import load_average, synchronize
+from bigbatch.bench.setups import Setup
+from bigbatch.build import adamw
+from bigbatch.device import autocast_factory
+from bigbatch.losses import ClipLoss
+from bigbatch.model import parameter_groups
+
+
+def phase_times(model, args, batches, repeats: int = 10) -> dict:
+    """Medians of the pieces a step is made of, measured interleaved, to explain the ratios.
+
+    f0(n): forward without grad; fb(n): forward + loss + backward into empty .grad;
+    fbK: K x fb(b) accumulating into .grad (what both accumulations back-propagate);
+    opt: the AdamW step + zero_grad, the trainer's fused one; peer_opt: torch's default
+    AdamW, which open_clip_train builds. Predicted step seconds:
+      plain = fb(K*b) + opt
+      bigbatch = (K-1) f0(b) + fbK + opt   (its last micro-batch keeps its graph)
+      open_clip_train = K f0(b) + fbK + peer_opt (+ K losses over N instead of 1)
+    """
+    device = torch.device(args.device)
+    model = copy.deepcopy(model).train()
+    optimizer = adamw(parameter_groups(model, args.wd), lr=args.lr)
+    peer_optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
+    images, texts = batches[0]
+    b, k = args.batch_size, args.accum_freq
+    n = b * k
+    loss_fn = ClipLoss()
+    autocast = autocast_factory(args.precision, device)
+
+    def forward_nograd(size):
+        with torch.no_grad(), autocast():
+            model(images[:size], texts[:size])
+
+    def forward_backward(size, times=1):
+        for j in range(times):
+            with autocast():
+                loss = loss_fn(**model(images[j * size:(j + 1) * size], texts[j * size:(j + 1) * size]))
+            loss.backward()
+
+    def optimizer_only(opt):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    pieces = {"forward_nograd_micro_s": lambda: forward_nograd(b),
+              "forward_backward_micro_s": lambda: forward_backward(b),
+              "forward_backward_K_micro_accumulated_s": lambda: forward_backward(b, k),
+              "forward_nograd_global_s": lambda: forward_nograd(n),
+              "forward_backward_global_s": lambda: forward_backward(n),
+              "optimizer_step_s": lambda: optimizer_only(optimizer),
+              "optimizer_step_peer_s": lambda: optimizer_only(peer_optimizer)}
+    samples: dict[str, list[float]] = {name: [] for name in pieces}
+    for r in range(repeats + 1):
+        for name, fn in pieces.items():
+            if name.startswith("optimizer_step"):
+                forward_backward(b)  # gradients to step on (untimed)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if r:  # the first round warms up
+                samples[name].append(time.perf_counter() - start)
+    out = {name: statistics.median(v) for name, v in samples.items()}
+    f0, fbk, opt = out["forward_nograd_micro_s"], out["forward_backward_K_micro_accumulated_s"], out["optimizer_step_s"]
+    plain = out["forward_backward_global_s"] + opt
+    out.update(predicted_plain_s=plain, predicted_accum_s=(k - 1) * f0 + fbk + opt,
+               predicted_peer_s=k * f0 + fbk + out["optimizer_step_peer_s"])
+    out.update(predicted_ratio_accum=plain / out["predicted_accum_s"],
+               predicted_ratio_peer=plain / out["predicted_peer_s"],
+               predicted_ratio_accum_without_recompute=plain / (fbk + opt),
+               load_average=load_average())
+    return out
+
+
+def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> None:
+    """One step of each setup under torch.profiler; the top ops by self time, as text."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sections = []
+    for setup in setups:
+        with profile(activities=activities) as prof:
+            setup.step(round_index)
+        table = None
+        for sort in (["self_device_time_total", "self_cuda_time_total"] if torch.cuda.is_available()
+                     else []) + ["self_cpu_time_total"]:
+            with contextlib.suppress(Exception):
+                table = prof.key_averages().table(sort_by=sort, row_limit=25)
+                break
+        sections.append(f"## {setup.name} ({setup.batch_label})\n{table}")
+    out_path.write_text("\n\n".join(sections) + "\n")
+

@@ -1,0 +1,203 @@
+"""The peak GPU memory of one optimizer step of `cached_backward`, term by term.
+
+The prediction follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
+
+    W  weights (parameters and buffers, fp32: autocast keeps fp32 master weights)
+    G  gradients, fp32 per trainable parameter (under DDP they are views into its
+       all-reduce buckets: gradient_as_bucket_view, no second copy)
+    O  AdamW state, two fp32 moments per trainable parameter (frozen ones have none)
+    I  the step's inputs on the device: all K micro-batches (uint8 images, normalised
+       by the image tower's first op; int64 tokens); one micro-batch with --offload-inputs
+       (two while the next one's copy overlaps the forward)
+    A  activations of ONE micro-batch: the tensors its forward saves for backward
+       (autocast's low-precision weight copies included; measured: bigbatch.plan.measure)
+    F  the rank's cached features, n = b x K rows of (D_image + D_text): concatenated into
+       leaves (the micro-batches' outputs are freed then), and their gradients (F_grad)
+    L  the loss's working set (`bigbatch.tiled.loss_working_set_bytes`): logits (blocks),
+       float32 accumulators, plus the all-gathered features across ranks; a tiled loss's
+       float32 accumulators become F_grad, so they are counted there, once
+
+1. Pass 1 embeds K - 1 micro-batches without grad (a few layers' outputs at a time) and
+   the last one with grad: its graph, A, stays alive through the loss.
+2. The loss runs once over the cached features. `optimizer.zero_grad(set_to_none=True)`
+   left no gradients yet:            W + O + I + A + F + F_grad + L
+3. Pass 2 back-propagates the kept graph, then recomputes each micro-batch; the logits
+   are gone, the gradients have arrived:   W + O + I + A + F_grad + G + T
+   where T is the largest parameter's gradient, made apart before it is added to .grad
+   (K = 1 on one process: backward frees the activations as the gradients arrive, one
+   tower after the other: W + O + I + max(A, G + A / 2))
+4. The step (fused AdamW, in place; clipping scales in place): W + O + I + G, below phase 3
+
+    peak = W + O + I + max(A + F + F_grad + L,  A + F_grad + G + T)
+
+With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
+Backward's transients (a layer's input gradients), the CUDA context and the allocator's
+fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bigbatch.device import resolve_precision
+from bigbatch.losses import create_loss
+from bigbatch.plan.sizes import DEFAULT_RESERVE
+from bigbatch.tiled import loss_working_set_bytes
+
+FLOAT32 = 4
+TRAIN_FIELDS = ("model", "precision", "grad_checkpointing", "local_loss", "loss_tile_size", "siglip",
+                "offload_inputs", "force_patch_dropout")  # PlanOptions' fields TrainConfig has too
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a plan is for, besides the micro-batch and accum-freq. Fields shared with
+    `bigbatch train` have its names and defaults (TrainConfig)."""
+
+    model: str                            # open_clip name, bigbatch-tiny/-small, or a config JSON
+    world_size: int = 1                   # GPUs (ranks)
+    precision: str = "auto"               # as train's: auto = amp on CUDA, fp32 on CPU
+    grad_checkpointing: bool = False
+    local_loss: bool = False              # with world_size > 1: --local-loss --gather-with-grad
+    loss_tile_size: int | None = None     # None: the loss's own rule (tile only large batches)
+    siglip: bool = False
+    offload_inputs: bool = False
+    force_patch_dropout: float | None = None
+    target: str = "cuda"                  # the device type the run trains on ("cpu": CPU
+                                          # autocast and CPU attention kernels)
+    device: str = "cpu"                   # where to estimate: "cpu"/"meta" on fake tensors,
+                                          # "cuda"/"cuda:N" a real probe of one micro-batch
+    gpu_memory: int | None = None         # bytes of one GPU, for `fits`
+    reserve: float = DEFAULT_RESERVE      # fraction of it kept free
+
+    @classmethod
+    def from_config(cls, config, **rest) -> PlanOptions:
+        """The options of a training run (a TrainConfig, or a command's parsed flags): the
+        fields named alike (TRAIN_FIELDS) from `config`, `rest` for the others."""
+        return cls(**{name: getattr(config, name) for name in TRAIN_FIELDS if name not in rest}, **rest)
+
+    @property
+    def resolved_precision(self) -> str:
+        """fp32, amp or amp_bf16, as bigbatch.device resolves it for the target."""
+        return resolve_precision(self.precision, torch.device(self.target))
+
+    @property
+    def probes(self) -> bool:
+        return str(self.device).startswith("cuda")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the model and one micro-batch of `batch_size` cost; independent of K and W."""
+
+    batch_size: int
+    param_bytes: int
+    buffer_bytes: int
+    trainable_params: int
+    largest_trainable_param: int   # elements of the largest trainable tensor (T = its gradient)
+    input_bytes_per_sample: int    # uint8 images + int64 tokens
+    feature_bytes_per_sample: int  # (D_image + D_text) x the features' element size
+    feature_element_size: int      # 4: float32 features (open_clip normalises them in fp32)
+    embed_dim: int
+    activations: int | None        # saved for backward (probe: peak above the fixed costs)
+    checkpointed: int | None       # the same with grad checkpointing (None: not measured)
+    checkpoint_kept: int | None = None  # checkpointed: saved outside the blocks + block inputs
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted per-rank memory of one optimizer step; sizes in bytes (see module docstring)."""
+
+    model: str
+    batch_size: int            # micro-batch per rank, b
+    accum_freq: int            # micro-batches per step, K
+    world_size: int            # W
+    global_batch_size: int     # b x K x W
+    precision: str
+    grad_checkpointing: bool
+    weights: int               # W
+    gradients: int             # G
+    gradient_transient: int    # T: the largest gradient, made apart before it joins .grad
+    optimizer_state: int       # O
+    inputs: int                # I
+    activations: int           # A, one micro-batch
+    cached_features: int       # F + F_grad (0 when K = 1)
+    loss_working_set: int      # L
+    peak: int
+    phase: str                 # where the peak is: "loss" or "pass 2"
+    source: str                # "meta estimate" or "probe on cuda"
+    target: str = "cuda"       # the device type modelled
+    offload_inputs: bool = False
+    local_loss: bool = False
+    loss_tile: int | None = None
+    activations_checkpointed: int | None = None  # A with --grad-checkpointing, when known
+    gpu_memory: int | None = None
+    reserve: float = DEFAULT_RESERVE
+
+    @property
+    def usable_memory(self) -> int | None:
+        return None if self.gpu_memory is None else int(self.gpu_memory * (1 - self.reserve))
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else self.peak <= self.usable_memory
+
+
+def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions) -> MemoryPlan:
+    """The peak formula of the module docstring, term by term."""
+    W, n = o.world_size, b * K  # n: this rank's samples in the step
+    trainable = profile.trainable_params
+    weights = profile.param_bytes + profile.buffer_bytes
+    gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
+    optimizer_state = 2 * FLOAT32 * trainable
+    inputs = (min(2 * b, n) if o.offload_inputs else n) * profile.input_bytes_per_sample
+    row = profile.feature_bytes_per_sample
+    feature_grads = row * n if K > 1 else 0
+    cached = row * n + feature_grads if K > 1 else 0
+    loss_ws, loss_tile = loss_working_set(n, o, profile.embed_dim, row)
+    if loss_tile is not None and profile.feature_element_size == FLOAT32:
+        # the tiled loss's float32 gradient accumulators become the features' gradients
+        loss_ws = max(0, loss_ws - feature_grads)
+    # pass 2: the gradients arrive while the activations are freed. With K > 1 they are all
+    # there while later micro-batches are recomputed, each new gradient made apart before it
+    # is added to .grad (the largest: T); DDP's buckets exist from the start. A plain step on
+    # one process: the towers run backward one after the other, so about one tower's
+    # activations can outlive the other's gradients
+    transient = 0 if K == 1 and W == 1 else FLOAT32 * profile.largest_trainable_param
+    if K == 1 and W == 1:
+        pass_2 = max(activations, gradients + activations // 2)
+    else:
+        pass_2 = activations + gradients + transient
+    phases = {"loss": activations + cached + loss_ws, "pass 2": pass_2 + feature_grads}
+    phase = max(phases, key=phases.get)
+    return MemoryPlan(
+        model=o.model, batch_size=b, accum_freq=K, world_size=W, global_batch_size=n * W,
+        precision=o.resolved_precision, grad_checkpointing=o.grad_checkpointing, weights=weights,
+        gradients=gradients, gradient_transient=transient, optimizer_state=optimizer_state,
+        inputs=inputs, activations=activations,
+        cached_features=cached, loss_working_set=loss_ws,
+        peak=weights + optimizer_state + inputs + phases[phase], phase=phase,
+        source="probe on cuda" if o.probes else "meta estimate",
+        target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
+        loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,
+        reserve=o.reserve)
+
+
+def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int) -> tuple[int, int | None]:
+    """The loss's bytes beyond the cached features, and its tile (None: the plain loss).
+
+    Rows are this rank's n samples under --local-loss, else all N = n x W. Across ranks
+    the features are all-gathered first: (n, D_i + D_t) concatenated, then (N, D_i + D_t).
+    """
+    N = n * o.world_size
+    local = o.local_loss and o.world_size > 1
+    rows = n if local else N
+    name = "siglip" if o.siglip else "clip"
+    loss = create_loss(name, local_loss=local, gather_with_grad=local, world_size=o.world_size,
+                       tile_size=o.loss_tile_size)
+    block = loss.tile(rows, N)  # the loss's own rule: tile_size, or tile only large batches
+    working = loss_working_set_bytes(rows, N, dim, tile=block, tiled=block is not None, loss=name)
+    gathered = row_bytes * (n + N) if o.world_size > 1 else 0
+    return working + gathered, block

@@ -1,0 +1,82 @@
+"""What a plan says to a user: the table of its terms, and what to change when it does not fit."""
+
+from __future__ import annotations
+
+from bigbatch.plan.formula import MemoryPlan
+from bigbatch.plan.sizes import gib
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A table of the plan in GiB: each term, the peak and, if it does not fit, the fixes."""
+    K, W = plan.accum_freq, plan.world_size
+    ckpt = "with" if plan.grad_checkpointing else "without"
+    lines = [
+        f"{plan.model}, {plan.precision}, {ckpt} grad checkpointing ({plan.source}, for {plan.target})",
+        f"global batch {plan.global_batch_size} = batch-size {plan.batch_size} x accum-freq {K} "
+        f"x world-size {W}",
+        "",
+        f"{'per GPU':<50}{'GiB':>8}",
+    ]
+    inputs = ("offloaded: 2 micro-batches at most" if plan.offload_inputs and K > 1
+              else "1 micro-batch" if K == 1 else f"{K} micro-batches")
+    loss = f"tiles of {plan.loss_tile}" if plan.loss_tile else "plain logits"
+    rows = [
+        ("weights", plan.weights),
+        ("gradients (fp32)", plan.gradients),
+        ("a new gradient before it joins .grad (the largest)", plan.gradient_transient),
+        ("optimizer state (AdamW, 2 fp32 moments)", plan.optimizer_state),
+        (f"inputs ({inputs})", plan.inputs),
+        (f"activations (1 micro-batch of {plan.batch_size})", plan.activations),
+        (f"cached features ({plan.batch_size * K} rows, + grads)", plan.cached_features),
+        (f"loss working set ({loss})", plan.loss_working_set),
+    ]
+    lines += [f"  {name:<48}{gib(size):>8}" for name, size in rows]
+    lines.append("-" * 58)
+    lines.append(f"{'peak (' + plan.phase + ' phase)':<50}{gib(plan.peak):>8}")
+    lines.append("  = weights + optimizer + inputs + max(activations + cached + loss,")
+    lines.append("    activations + feature grads + gradients)")
+    if plan.gpu_memory is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"{verdict} in {gib(plan.gpu_memory)} GiB ({gib(plan.usable_memory)} GiB usable, "
+                     f"{plan.reserve:.0%} reserve for the CUDA context, fragmentation, transients)")
+        if not plan.fits:
+            lines.append("to fit, try:")
+            lines += [f"  - {text}" for text in suggestions(plan)]
+    return "\n".join(lines)
+
+
+def no_fit_message(plan: MemoryPlan) -> str:
+    """One message: what does not fit, and what to change."""
+    what = (f"--model {plan.model} does not fit {gib(plan.gpu_memory)} GiB "
+            f"({gib(plan.usable_memory)} GiB usable, {plan.reserve:.0%} kept in reserve) even at "
+            f"--batch-size {plan.batch_size}: it needs {gib(plan.peak)} GiB")
+    return what + ". Fixes: " + "; ".join(suggestions(plan))
+
+
+def suggestions(plan: MemoryPlan) -> list[str]:
+    """What to change, biggest saving first, for a plan that does not fit."""
+    fixed = plan.weights + plan.optimizer_state + plan.gradients
+    found: list[tuple[int, str]] = []
+    if not plan.offload_inputs and plan.accum_freq > 1:
+        saving = plan.inputs - plan.inputs // plan.accum_freq
+        found.append((saving, f"--offload-inputs (the step's {plan.accum_freq} micro-batches of "
+                              f"inputs take {gib(plan.inputs)} GiB on the GPU)"))
+    if not plan.grad_checkpointing:
+        ckpt = plan.activations_checkpointed
+        saving = plan.activations - ckpt if ckpt is not None else plan.activations // 2
+        detail = f" (activations {gib(plan.activations)} -> {gib(ckpt)} GiB)" if ckpt is not None else ""
+        found.append((saving, f"--grad-checkpointing{detail}"))
+    if plan.batch_size > 1:
+        found.append((plan.activations // 2, "a lower --batch-size with a higher --accum-freq "
+                                             "(activations scale with the micro-batch; the "
+                                             "gradient is the same)"))
+    if plan.world_size > 1 and not plan.local_loss:
+        found.append((plan.loss_working_set // 2, "--local-loss --gather-with-grad (each rank "
+                                                  "takes only its own rows of the loss)"))
+    found.append(((plan.inputs + plan.cached_features) // 2, "more GPUs (--world-size): the global batch, "
+                                                      "its inputs and cached features are split "
+                                                      "over them"))
+    if fixed > (plan.usable_memory or fixed):
+        found.append((fixed, f"weights, gradients and AdamW state alone take {gib(fixed)} GiB: "
+                             f"shard them over GPUs with --fsdp, or lock a tower"))
+    return [text for _, text in sorted(found, key=lambda item: -item[0])]

@@ -1,0 +1,65 @@
+"""The number a plan predicts, measured: the peak over one real training step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bigbatch.plan.measure import input_shapes, model_key
+
+
+@dataclass
+class _MicroBatch:
+    images: torch.Tensor
+    texts: torch.Tensor
+
+
+def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision: str = "fp32",
+                 grad_checkpointing: bool = False, offload_inputs: bool = False,
+                 device: str = "cpu", seed: int = 0, reuse_inputs: bool = False) -> tuple[int, float]:
+    """The peak a plan predicts, measured: bytes over one real training step (the trainer's
+    inputs, engine, loss and fused AdamW step, on random uint8 images and token ids), after
+    a one-micro-batch step that made the optimizer state; and that step's seconds.
+    CUDA: max_memory_allocated; CPU: bigbatch.memory's meter (see step_peak_bytes).
+    reuse_inputs: one host micro-batch K times (huge K: host memory and time to make them);
+    the device still holds K copies."""
+    from bigbatch.accumulation import cached_backward
+    from bigbatch.build import adamw
+    from bigbatch.device import autocast_factory
+    from bigbatch.inputs import input_bytes
+    from bigbatch.losses import create_loss
+    from bigbatch.memory import step_peak_bytes
+    from bigbatch.model import create_model, parameter_groups
+    from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device).model
+    optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
+    autocast = autocast_factory(precision, device)
+    loss_fn = create_loss("clip")
+    (height, width), context = input_shapes(model_key(model_name, False, None))
+    generator = torch.Generator().manual_seed(seed)
+
+    def micro_batch():  # as the loader gives it: uint8 images, pinned for a GPU
+        images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator)
+        texts = torch.randint(1, 1000, (batch_size, context), generator=generator)
+        pin = device.type == "cuda"
+        return _MicroBatch(images.pin_memory() if pin else images, texts.pin_memory() if pin else texts)
+
+    def step(batches: list) -> None:
+        inputs, to_device = step_inputs(batches, device, offload_inputs)
+        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
+        unscale_and_clip(net, optimizer, None, clip_norm=1.0)
+        optimizer_step(net, optimizer, None)
+
+    step([micro_batch()])
+    # made before the step: not in its time
+    batches = [micro_batch()] * accum_freq if reuse_inputs else [micro_batch() for _ in range(accum_freq)]
+    start = time.perf_counter()
+    peak = step_peak_bytes(lambda: step(batches), net, optimizer, device=device)
+    seconds = time.perf_counter() - start
+    on_host = device.type == "cpu"  # then the inputs are "on the device" all along: count them
+    return peak + (input_bytes([(b.images, b.texts) for b in batches]) if on_host else 0), seconds
