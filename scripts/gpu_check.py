@@ -35,7 +35,6 @@ import gc
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -337,11 +336,13 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
 
 def part_compile(cfg: dict, rec: Recorder) -> None:
     """Seconds per accumulated step, eager and compiled, interleaved after the compile:
-    scripts/bench_compile.py's measurement, on this device."""
+    bigbatch.bench.compile_speed's measurement, on this device."""
     import torch
 
     device = torch.device(cfg["device"])
-    result = _load_script("bench_compile").measure(
+    from bigbatch.bench.compile_speed import measure
+
+    result = measure(
         cfg["compile_model"], cfg["compile_batch"], cfg["compile_k"], device=device,
         backend=cfg["compile_backend"], precision=cfg["precision"], rounds=5 if device.type == "cuda" else 1)
     rec["compile_seconds"] = result.pop("compile_seconds")

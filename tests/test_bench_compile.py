@@ -1,16 +1,15 @@
-"""scripts/bench_compile.py --smoke: the eager-vs-compiled benchmark runs and reports (no time asserted)."""
+"""bigbatch.bench.compile_speed --smoke: the eager-vs-compiled benchmark runs and reports (no time asserted)."""
 
 from __future__ import annotations
 
 import json
 import statistics
 
-from script_loader import load_script
+from bigbatch.bench import compile_speed
 
 
 def test_smoke_writes_json_markdown_and_plot_with_paired_ratios(tmp_path):
-    bench = load_script("bench_compile", "bench_compile")
-    report = bench.main(["--smoke", "--out", str(tmp_path)])
+    report = compile_speed.main(["--smoke", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "compile-cpu.json").read_text())
     assert saved == json.loads(json.dumps(report))
     r = saved["result"]
