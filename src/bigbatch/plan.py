@@ -35,6 +35,8 @@ follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
 fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
+Nor is a distillation teacher (--distill-model): its weights, one micro-batch's inference
+and its cached features (N x its embed dim, twice) come on top of the plan.
 
 How A is measured, without a GPU: the model is built on the meta device (no memory,
 no compute), then materialised as fake tensors (`FakeTensorMode`) on the device type

@@ -19,7 +19,7 @@ import open_clip
 import torch
 from torch import nn
 
-from bigbatch.config import ConfigError
+from bigbatch.errors import ConfigError
 from bigbatch.model import register_model_config
 from bigbatch.weights import load_model, resolve_weights
 
@@ -46,7 +46,7 @@ def load_teacher(model: str, pretrained: str, student: nn.Module, device: torch.
     except ConfigError as error:  # the loaders name the student's flags
         raise ConfigError(_teacher_flags(str(error))) from None
     for what, theirs, ours in _inputs_read(bundle.model, student):
-        if theirs != ours:
+        if None not in (theirs, ours) and theirs != ours:
             raise ConfigError(f"--distill-model {model} reads {what} {theirs}, the student (--model) "
                               f"gives {ours}: the teacher reads the student's inputs, pick a teacher "
                               f"with the same image size, context length and tokenizer")
@@ -54,7 +54,8 @@ def load_teacher(model: str, pretrained: str, student: nn.Module, device: torch.
 
 
 def _inputs_read(teacher: nn.Module, student: nn.Module) -> list[tuple[str, object, object]]:
-    """(what, the teacher's, the student's) for each property of the inputs they share."""
+    """(what, the teacher's, the student's) for each property of the inputs they share;
+    None where a model does not say (CoCa's and custom text towers keep no vocab_size)."""
     def size(model):
         size = open_clip.get_model_preprocess_cfg(model).get("size")
         return (size, size) if isinstance(size, int) else tuple(size or ())
