@@ -11,15 +11,18 @@ from __future__ import annotations
 import functools
 import weakref
 
+import open_clip
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
 from bigbatch.accumulation import cached_backward
-from bigbatch.losses import CaptionLoss, ClipLoss, SigLipLoss
+from bigbatch.losses import CaptionLoss, ClipLoss, DistillClipLoss, SigLipLoss
 from bigbatch.memory import MemoryMeter, storage_keys
-from tiny_models import batches, open_clip_coca, open_clip_vit, padded_batches, timm_tower
+from bigbatch.teacher import Teacher
+from tiny_models import (batches, open_clip_coca, open_clip_teacher, open_clip_vit, padded_batches,
+                         timm_tower)
 
 FP32 = dict(rtol=1e-5, atol=1e-7)
 
@@ -312,3 +315,49 @@ def test_sample_loss_with_a_frozen_tower_is_refused():
     with pytest.raises(ValueError, match="frozen_inputs"):
         cached_backward(open_clip_coca(), padded_batches([2, 2]), ClipLoss(), sample_loss=CaptionLoss(),
                         frozen_inputs=(0,))
+
+
+@pytest.mark.parametrize("sizes", [[12], [6, 6], [5, 4, 3]], ids=str)
+def test_distillation_is_exact_against_open_clips_objective_on_the_big_batch(sizes):
+    """bigbatch's accumulated step (the teacher in pass 1 only) against open_clip's own
+    DistillClipLoss, contrastive + distill terms, over the whole batch at once: the student's
+    micro-batches run with grad under the same seed (same dropout masks), the teacher once
+    on the concatenated batch."""
+    torch.manual_seed(1234)
+    ref_model = open_clip_vit(patch_dropout=0.3, dropout=0.1).train()
+    our_model = open_clip_vit(patch_dropout=0.3, dropout=0.1).train()
+    our_model.load_state_dict(ref_model.state_dict())
+    teacher = Teacher(open_clip_teacher())
+    mbs = batches(sizes)
+
+    torch.manual_seed(0)
+    outs = [ref_model(*mb) for mb in mbs]
+    merged = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+    images, texts = (torch.cat(t) for t in zip(*mbs))
+    peer_terms = open_clip.loss.DistillClipLoss()(**merged, logit_scale=outs[0]["logit_scale"],
+                                                  **teacher(images, texts), output_dict=True)
+    ref_loss = sum(peer_terms.values())
+    ref_loss.backward()
+
+    teacher_calls = []
+    teacher.model.visual.register_forward_hook(lambda *_: teacher_calls.append(1))
+    loss_fn = DistillClipLoss()
+    our_loss = cached(our_model, mbs, loss_fn, seed=0, teacher=teacher)
+
+    assert len(teacher_calls) == len(sizes)  # once per sample, never in pass 2
+    assert_close(our_loss, ref_loss.detach(), **FP32)
+    assert loss_fn.terms.keys() == peer_terms.keys()
+    for name, term in peer_terms.items():
+        assert_close(loss_fn.terms[name], term.detach(), **FP32)
+    assert peer_terms["distill_loss"] > 0
+    ref_grads, our_grads = grads(ref_model), grads(our_model)
+    assert ref_grads.keys() == our_grads.keys() and "logit_scale" in our_grads
+    for name in ref_grads:
+        assert_grad_close(our_grads[name], ref_grads[name], name)
+    assert all(p.grad is None for p in teacher.model.parameters())
+
+
+def test_teacher_outputs_that_clash_with_the_models_are_refused():
+    with pytest.raises(ValueError, match="clash"):
+        cached_backward(open_clip_vit(), batches([2, 2]), ClipLoss(),
+                        teacher=lambda images, texts: {"image_features": images})

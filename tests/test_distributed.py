@@ -33,7 +33,8 @@ from torch.testing import assert_close
 from bigbatch.accumulation import cached_backward
 from bigbatch.distributed import Launch, World, cleanup, init_distributed, world_from_env
 from bigbatch.losses import CaptionLoss, ClipLoss, create_loss
-from tiny_models import batches, open_clip_coca, open_clip_vit, padded_batches
+from bigbatch.teacher import Teacher
+from tiny_models import batches, open_clip_coca, open_clip_teacher, open_clip_vit, padded_batches
 
 INIT_SEED, STEP_SEED, DATA_SEED = 1234, 7, 100
 FP32 = dict(rtol=1e-5, atol=1e-7)
@@ -41,7 +42,7 @@ EVEN = ((4, 4, 4),) * 2  # micro-batch sizes per rank
 
 @dataclass(frozen=True)
 class Case:
-    loss: str = "clip"  # clip | siglip | coca (clip + the caption loss)
+    loss: str = "clip"  # clip | siglip | coca (clip + the caption loss) | distill (clip + a teacher's)
     local_loss: bool = False
     gather_with_grad: bool = False
     wrap: str = "ddp"  # ddp | fsdp2 | average (no wrapper: gradients averaged by hand, as DDP would)
@@ -74,6 +75,14 @@ def make_model(case: Case) -> torch.nn.Module:
     return model
 
 
+def make_teacher(case: Case) -> Teacher | None:
+    """The distillation teacher, the same on every rank (frozen: its own seed)."""
+    if case.loss != "distill":
+        return None
+    torch.manual_seed(INIT_SEED + 1)
+    return Teacher(open_clip_teacher())
+
+
 def rank_batches(case: Case, rank: int) -> list:
     make = padded_batches if case.loss == "coca" else batches
     return make(list(case.sizes[rank]), seed=DATA_SEED + rank)
@@ -104,11 +113,11 @@ def wrap(model: torch.nn.Module, case: Case, world: World, **ddp_options) -> tor
 
 def step_grads(case: Case, world: World) -> dict:
     """One cached step; the loss and every parameter's full gradient on this rank."""
-    model = make_model(case)
+    model, teacher = make_model(case), make_teacher(case)
     wrapped = wrap(model, case, world)
     torch.manual_seed(STEP_SEED + world.rank)
     loss = cached_backward(wrapped, rank_batches(case, world.rank), make_loss(case, world),
-                           sample_loss=caption_loss(case))
+                           sample_loss=caption_loss(case), teacher=teacher)
     if case.wrap == "average":
         for p in model.parameters():
             dist.all_reduce(p.grad)
@@ -240,7 +249,8 @@ def spawned(tasks: list, world_size: int):
 
 @functools.cache
 def reference(case: Case) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and gradient of one process on all ranks' micro-batches, concatenated rank-major."""
+    """Loss and gradient of one process on all ranks' micro-batches, concatenated rank-major;
+    distillation: open_clip's own DistillClipLoss, the teacher run once on the whole batch."""
     model = make_model(case)
     with one_thread():
         outs = []
@@ -249,7 +259,15 @@ def reference(case: Case) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             outs += [model(*mb) for mb in rank_batches(case, rank)]
         merged = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
         scalars = {k: outs[0][k] for k in ("logit_scale", "logit_bias") if k in outs[0]}
-        loss = create_loss("clip" if case.loss == "coca" else case.loss)(**merged, **scalars)
+        if case.loss == "distill":
+            import open_clip
+            inputs = [mb for rank in range(case.world_size) for mb in rank_batches(case, rank)]
+            images, texts = (torch.cat(t) for t in zip(*inputs))
+            terms = open_clip.loss.DistillClipLoss()(**merged, **scalars, **make_teacher(case)(images, texts),
+                                                     output_dict=True)
+            loss = sum(terms.values())
+        else:
+            loss = create_loss("clip" if case.loss == "coca" else case.loss)(**merged, **scalars)
         caption = caption_loss(case)
         if caption is not None:  # over every rank's caption tokens at once
             tokens = {k: torch.cat([o[k] for o in outs]) for k in caption.keys}
@@ -308,10 +326,13 @@ TILED = [Case(local_loss=True, gather_with_grad=True, tile_size=5),
 # CoCa: the caption loss's mean over tokens, ranks with different token counts
 COCA = [Case("coca", local_loss=True, gather_with_grad=True),
         Case("coca", wrap="average", sizes=((4, 4, 4), (4, 4, 2)))]
+# Distillation: the teacher's features gathered with the student's, its term over the global batch
+DISTILL = [Case("distill", wrap="average"), Case("distill", local_loss=True, gather_with_grad=True),
+           Case("distill", gather_with_grad=True, wrap="average", sizes=((4, 4, 4), (4, 4, 2)))]
 THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),) * 3)
          for w in ("ddp", "average")]
 
-two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED, *COCA]]
+two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED, *COCA, *DISTILL]]
                     + [(count_syncs, SYNCS), (validation_metrics, Case()), (validation_failure, Case())],
                     world_size=2)
 three_ranks = spawned([(step_grads, c) for c in THREE], world_size=3)
@@ -343,6 +364,11 @@ def test_three_ranks(three_ranks, case):
 
 @pytest.mark.parametrize("case", COCA, ids=str)
 def test_coca_caption_loss_equals_one_process_on_the_global_batch(two_ranks, case):
+    assert_matches_reference(two_ranks(step_grads, case), case)
+
+
+@pytest.mark.parametrize("case", DISTILL, ids=str)
+def test_distillation_equals_open_clips_objective_on_the_global_batch(two_ranks, case):
     assert_matches_reference(two_ranks(step_grads, case), case)
 
 

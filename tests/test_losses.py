@@ -310,3 +310,26 @@ def test_large_batch_against_float64_blockwise():
     assert_grad_close(grads["text_features"][some].double(), d_texts, "text_features")
     assert_close(grads["logit_scale"].double(), d_scale, rtol=1e-4, atol=1e-7)
     print(f"\nN={n} D={dim}: tiled float32 forward+backward {elapsed:.1f} s; peak {peak / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize("tile_size", [None, 5], ids=["plain", "contrastive-tiled"])
+def test_distillation_equals_open_clips_distill_clip_loss(tile_size):
+    """Value and gradients against open_clip's DistillClipLoss; a teacher of another width
+    (24), its features constants; with tiles the contrastive part is blocked, the distill
+    term stays plain."""
+    import open_clip
+
+    from bigbatch.losses import DistillClipLoss
+
+    student = make_inputs(23, bias=False)
+    student.pop("logit_bias")
+    teacher = make_inputs(23, dim=24, bias=False, seed=1)
+    teacher = dict(dist_image_features=teacher["image_features"],
+                   dist_text_features=teacher["text_features"], dist_logit_scale=torch.tensor(20.0))
+    peer = open_clip.loss.DistillClipLoss()
+    ref = value_and_grads(lambda **s: sum(peer(**s, **teacher, output_dict=True).values()), student)
+    ours = DistillClipLoss(tile_size=tile_size)
+    assert_same(value_and_grads(lambda **s: ours(**s, **teacher), student), ref)
+    terms = peer(**student, **teacher, output_dict=True)
+    for name, term in terms.items():
+        assert_close(ours.terms[name], term, **FP32)

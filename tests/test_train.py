@@ -447,3 +447,63 @@ def test_training_from_pipe_and_fsspec_shards_equals_the_local_path(tmp_path):
     assert [step for step, _ in losses["local"]] == [1, 2, 3]  # 24 samples = 3 steps of 4 x 2
     assert_close(losses["pipe"], losses["local"])
     assert_close(losses["fsspec"], losses["local"])
+
+
+def test_distillation_with_accumulation_logs_its_terms_and_resumes_exactly(tmp_path, monkeypatch):
+    """A teacher of another architecture (bigbatch-tiny, weights from a file) with --accum-freq 2:
+    the distill term is logged under open_clip_train's name; the checkpoint holds the student
+    alone, and a run resumed from it (the teacher rebuilt from the flags) equals the whole run."""
+    from bigbatch.model import create_model
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(create_model("bigbatch-tiny").model.state_dict(), teacher)
+    args = ["--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4",
+            "--accum-freq", "2", "--epochs", "2", "--force-patch-dropout", "0.5",
+            "--distill-model", "bigbatch-tiny", "--distill-pretrained", str(teacher)]
+    whole = run(tmp_path, *args, name="whole")
+    train = records(whole, "train")
+    assert len(train) == 4
+    for r in train:
+        assert r["distill_loss"] > 0 and r["contrastive_loss"] > 0
+        assert r["loss"] == pytest.approx(r["contrastive_loss"] + r["distill_loss"], rel=1e-5)
+
+    save = bigbatch.checkpoint.save_run
+
+    def save_then_crash(*a, **kw):
+        save(*a, **kw)
+        raise Crash
+
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path, *args, name="broken")
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
+    resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
+    a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert a["state_dict"].keys() == create_model(MODEL).model.state_dict().keys()  # no teacher
+    for key, value in a["state_dict"].items():
+        assert_close(b["state_dict"][key], value, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--distill-model", "bigbatch-tiny"], "needs both --distill-model and --distill-pretrained"),
+    (["--distill-model", "bigbatch-tiny", "--distill-pretrained", "t.pt", "--siglip"], "drop --siglip"),
+    (["--distill-model", "ViT-B-32", "--distill-pretrained", "openai"],
+     "--distill-pretrained openai: the weights of open_clip's ViT-B-32 'openai' are not available offline"),
+    (["--distill-model", "bigbatch-small", "--distill-pretrained", "{bigbatch-small}"],
+     "--distill-model bigbatch-small reads images of size (64, 64), the student (--model) gives (32, 32)"),
+    (["--model", str(MODEL).replace("clip", "coca"), "--distill-model", "bigbatch-tiny",
+      "--distill-pretrained", "{bigbatch-tiny}"], "with a CoCa student is not supported"),
+])
+def test_distillation_mistakes_are_one_line_and_leave_no_run_folder(tmp_path, capsys, flags, message):
+    from bigbatch.model import create_model
+    flags = list(flags)
+    for i, flag in enumerate(flags):
+        if flag.startswith("{"):
+            flags[i] = str(tmp_path / "teacher.pt")
+            torch.save(create_model(flag.strip("{}")).model.state_dict(), flags[i])
+    code = main(["train", *FAST, "--dataset-type", "synthetic", "--logs", str(tmp_path / "logs"),
+                 "--name", "x", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "logs").exists()

@@ -29,6 +29,20 @@ def open_clip_vit(patch_dropout: float = 0.0, dropout: float = 0.0,
     return model
 
 
+def open_clip_teacher() -> nn.Module:
+    """A distillation teacher for `open_clip_vit`: another ViT CLIP (wider, one layer per tower,
+    16 px patches, embed dim 24) reading the same 32 px images and 16-token texts; eval mode."""
+    model = open_clip.CLIP(
+        embed_dim=24,
+        vision_cfg=dict(image_size=32, patch_size=16, width=48, layers=1, head_width=16, mlp_ratio=2),
+        text_cfg=dict(TEXT_CFG, width=48, heads=3, layers=1),
+        output_dict=True,
+    )
+    with torch.no_grad():  # a trained teacher's temperature, not the initial one
+        model.logit_scale.fill_(3.0)
+    return model.eval()
+
+
 def open_clip_coca(dropout: float = 0.0) -> nn.Module:
     """An open_clip CoCa: ViT image tower (attentional pooler), text tower, caption decoder."""
     model = open_clip.CoCa(

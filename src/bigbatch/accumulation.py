@@ -28,6 +28,12 @@ pass 1 only: name its input's position in `frozen_inputs` and pass 2 calls the m
 with None there (open_clip models then skip that tower); its cached features need no
 gradient. It must draw no random numbers, or the other tower's replayed masks shift.
 
+A teacher (distillation: a frozen model whose outputs the loss reads) is run in pass 1
+only, right after the model on the same inputs, under no_grad: its outputs join the
+micro-batch's under their own keys, are cached and concatenated like the model's, get
+no gradient and are never recomputed. Run after the model's forward, it cannot shift the
+replayed masks; it should still be deterministic (eval mode), as it runs once.
+
 A loss whose terms do not couple samples (CoCa's captioning, a `SampleLoss`) is taken
 in pass 2 only, on each micro-batch's own outputs, and back-propagated together with its
 feature slice: the outputs it reads (caption logits (B, T, vocab)) are never cached.
@@ -80,6 +86,7 @@ def cached_backward(
     frozen_inputs: Sequence[int] = (),
     to_device: Callable[[MicroBatch], MicroBatch] | None = None,
     sample_loss: SampleLoss | None = None,
+    teacher: Callable[..., dict] | None = None,
 ) -> torch.Tensor:
     """Accumulate into `.grad` the gradient of `loss_fn` over all micro-batches together.
 
@@ -101,6 +108,9 @@ def cached_backward(
         sample_loss: a loss whose terms do not couple samples (CoCa's caption loss),
             added to `loss_fn`'s and taken per micro-batch in pass 2; `loss_fn` does not
             see its keys. It may need every tower, so it rules out `frozen_inputs`.
+        teacher: called like the model, once per micro-batch in pass 1 (no grad); returns
+            outputs for the loss under keys the model does not use (e.g. `dist_image_features`),
+            constants of the step: no gradient, no recompute.
 
     Returns:
         The loss, detached: `loss_fn`'s plus the sample loss over the whole batch.
@@ -119,7 +129,8 @@ def cached_backward(
     if upcoming is None:
         with _gradient_sync(model, enabled=True):
             with autocast():
-                out = model(*move(current))
+                inputs = move(current)
+                out = _with_teacher(model(*inputs), teacher, inputs)
                 loss = loss_fn(**_drop(out, sample_keys))
                 if sample_loss is not None:
                     term = sample_loss(out, mean_over_ranks(sample_loss.count(out).float()))
@@ -135,7 +146,9 @@ def cached_backward(
     while upcoming is not None:
         rng_states.append(_RngState.capture(cuda_devices))
         with torch.no_grad(), autocast():
-            out = model(*move(current))
+            inputs = move(current)
+            out = _with_teacher(model(*inputs), teacher, inputs)
+            del inputs
             if sample_loss is not None:
                 counts.append(sample_loss.count(out))
             cached.append(_drop(out, sample_keys))
@@ -143,7 +156,9 @@ def cached_backward(
         cached_inputs.append(current)
         current, upcoming = upcoming, next(batches, None)
     with _gradient_sync(model, enabled=False), autocast():
-        last_out = model(*move(current))
+        inputs = move(current)
+        last_out = _with_teacher(model(*inputs), teacher, inputs)
+        del inputs
     rng_after_pass1 = _RngState.capture(cuda_devices)
     if sample_loss is not None:
         with torch.no_grad():
@@ -155,8 +170,10 @@ def cached_backward(
     outputs = cached + [last_out]
     per_sample_keys = [k for k, v in last_out.items() if _is_per_sample(v) and k not in sample_keys]
     sizes = [_batch_size(out, per_sample_keys) for out in outputs]
-    leaves = {k: _leaf(torch.cat([out[k].detach() for out in outputs])) for k in per_sample_keys}
-    shared = {k: _leaf(v.detach()) if _is_model_level(v) else v
+    # outputs the kept graph does not reach (a teacher's, a frozen tower's) need no gradient
+    leaves = {k: _leaf(torch.cat([out[k].detach() for out in outputs]), last_out[k].requires_grad)
+              for k in per_sample_keys}
+    shared = {k: _leaf(v.detach(), v.requires_grad) if _is_model_level(v) else v
               for k, v in last_out.items() if k not in leaves and k not in sample_keys}
     del outputs, cached  # the concatenated leaves replace the micro-batches' features
     with autocast():
@@ -211,6 +228,17 @@ def _backward_slice(out: dict, slices: dict, j: int, shared_grads: dict,
         torch.autograd.backward(tensors, grads)
 
 
+def _with_teacher(outputs: dict, teacher: Callable[..., dict] | None, inputs: MicroBatch) -> dict:
+    """The model's outputs and, without grad, the teacher's on the same inputs."""
+    if teacher is None:
+        return outputs
+    with torch.no_grad():
+        extra = teacher(*inputs)
+    if clash := outputs.keys() & extra.keys():
+        raise ValueError(f"the teacher's outputs {sorted(clash)} clash with the model's: rename them")
+    return {**outputs, **extra}
+
+
 def _drop(outputs: dict, keys: set[str]) -> dict:
     return {k: v for k, v in outputs.items() if k not in keys}
 
@@ -229,8 +257,8 @@ def _is_model_level(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim <= 1 and value.is_floating_point()
 
 
-def _leaf(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.requires_grad_(tensor.is_floating_point())
+def _leaf(tensor: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    return tensor.requires_grad_(grad and tensor.is_floating_point())
 
 
 def _batch_size(out: dict, per_sample_keys: list[str]) -> int:

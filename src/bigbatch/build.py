@@ -1,6 +1,6 @@
 """What a run is built from, before its first step: the process group, the batch layout
 (--batch-size auto, --global-batch-size, --offload-inputs resolved), the model with its
-locked towers, its losses and optimizer, and the data.
+locked towers, a distillation teacher, its losses and optimizer, and the data.
 
 Each builder turns the user's mistakes into one ConfigError naming the fix; the checks that
 need no model (`check_user_data`) run before anything heavy is built.
@@ -24,6 +24,7 @@ from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
                             register_model_config, use_bnb_linear)
 from bigbatch.runlog import log
+from bigbatch.teacher import Teacher, load_teacher
 from bigbatch.weights import load_model, resolve_weights
 
 
@@ -75,9 +76,26 @@ def build_model(cfg: TrainConfig, world: World, layout: BatchLayout):
     return bundle, model, frozen_inputs
 
 
+def build_teacher(cfg: TrainConfig, world: World, student: torch.nn.Module) -> Teacher | None:
+    """--distill-model's frozen teacher on this rank's device (not wrapped: it never trains)."""
+    if cfg.distill_model is None:
+        return None
+    if is_coca(student):
+        raise ConfigError("--distill-model with a CoCa student is not supported (nor in "
+                          "open_clip_train): distil into a CLIP model, or drop --distill-model")
+    teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, student, world.device,
+                           precision=open_clip_options(cfg)["precision"], cache_dir=cfg.cache_dir)
+    log.info(f"distilling from {cfg.distill_model} ({cfg.distill_pretrained}), frozen: embedded once "
+             f"per sample, its term taken with the contrastive loss over the global batch")
+    return teacher
+
+
 def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn.Module):
-    """The contrastive loss over the global batch; for CoCa also its caption loss, whose
-    terms do not couple samples (cached_backward takes it per micro-batch in pass 2)."""
+    """The contrastive loss over the global batch (with the distillation term when there is
+    a teacher); for CoCa also its caption loss, whose terms do not couple samples
+    (cached_backward takes it per micro-batch in pass 2)."""
+    if cfg.distill_model is not None:  # build_teacher refused a CoCa student
+        loss_name = "distill"
     contrastive = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                               rank=world.rank, world_size=world.world_size, tile_size=cfg.loss_tile_size)
     if not is_coca(model):

@@ -61,8 +61,8 @@ class TrainConfig:
     aug_cfg: dict | None = option(None, "training augmentation as key=value pairs of open_clip's AugmentationCfg (scale='(0.5, 1.0)' color_jitter=0.4 use_timm=True re_prob=0.25 ...)", "preprocessing", nargs="*")
     coca_caption_loss_weight: float = option(2.0, "CoCa models: weight of the caption loss (taken per micro-batch in pass 2, its logits never cached)", "model")
     coca_contrastive_loss_weight: float = option(1.0, "CoCa models: weight of the contrastive loss", "model")
-    distill_model: str | None = option(None, "distil from this open_clip model (not supported yet)", "model")
-    distill_pretrained: str | None = option(None, "weights of --distill-model (not supported yet)", "model")
+    distill_model: str | None = option(None, "distil from this frozen teacher (an open_clip model reading the student's images and tokens): CLIP's loss plus open_clip's distillation term, exact with --accum-freq (the teacher runs once per sample)", "model")
+    distill_pretrained: str | None = option(None, "weights of --distill-model: a checkpoint file, or an open_clip pretrained tag whose weights are in the local cache", "model")
     torchcompile: bool = option(False, "torch.compile the model (in place; dropout still replayed exactly in pass 2)", "model")
     torchscript: bool = option(False, "refused: TorchScript is deprecated; export with `bigbatch export` instead", "model")
     trace: bool = option(False, "refused: a traced model cannot train; export with `bigbatch export` instead", "model")
@@ -225,6 +225,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.local_loss and not cfg.gather_with_grad:
         raise ConfigError("--local-loss needs --gather-with-grad (otherwise the other ranks' "
                           "gradient with respect to this rank's features is lost)")
+    if (cfg.distill_model is None) != (cfg.distill_pretrained is None):
+        raise ConfigError("distillation needs both --distill-model and --distill-pretrained "
+                          "(the teacher and its weights), or neither")
+    if cfg.distill_model is not None and cfg.siglip:
+        raise ConfigError("--distill-model distils with CLIP's softmax loss (open_clip's "
+                          "DistillClipLoss), not SigLIP's: drop --siglip or the distillation")
     _validate_peer_options(cfg)
     if cfg.pretrained == "":  # open_clip_train's default: no weights
         cfg = dataclasses.replace(cfg, pretrained=None)

@@ -1,5 +1,6 @@
 """Contrastive losses over a whole (global) batch: CLIP's softmax and SigLIP's sigmoid;
-and CoCa's caption loss, whose terms do not couple samples.
+CLIP's with distillation from a teacher; and CoCa's caption loss, whose terms do not
+couple samples.
 
 Both take the model's output dict as keyword arguments, so that
 `loss_fn(**model(images, texts))` works and extra keys are ignored. Logits are
@@ -32,6 +33,7 @@ Tiling (`tile_size`, see bigbatch.tiled): a loss over n rows and N columns is ta
 (tile, tile) blocks, never materialising the (n, N) logits, once n * N exceeds
 PLAIN_MAX_LOGITS (8192^2: N > 8192 for the whole batch) or whenever tile_size is set.
 The same rows, columns and normalisation in every mode; only the working set differs.
+Distillation's term is not tiled: it takes the plain (n, N) logits of student and teacher.
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ class ClipLoss(_GlobalBatchLoss):
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
                 **_: object) -> torch.Tensor:
         (images, texts), sizes = self.gather(image_features, text_features)  # (N, D) each
+        term = self.contrastive(image_features, text_features, images, texts, sizes,
+                                logit_scale, logit_bias)
+        return self.global_value(term) if self.local else term
+
+    def contrastive(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                    images: torch.Tensor, texts: torch.Tensor, sizes: list[int],
+                    logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's term from its own (n, D) and the gathered (N, D) features: the
+        global loss, or under local_loss world_size times its rows' share of it."""
         n_total = sum(sizes)
         if not self.local:
             tile = self.tile(n_total, n_total)
@@ -122,7 +133,50 @@ class ClipLoss(_GlobalBatchLoss):
         start, tile = sum(sizes[:self.rank]), self.tile(image_features.shape[0], n_total)
         rows = (_cross_entropy_sum(image_features, texts, start, logit_scale, logit_bias, tile)  # (n, N)
                 + _cross_entropy_sum(text_features, images, start, logit_scale, logit_bias, tile))
-        return self.global_value(rows * self.world_size / (2 * n_total))
+        return rows * self.world_size / (2 * n_total)
+
+
+class DistillClipLoss(ClipLoss):
+    """CLIP's loss plus distillation from a frozen teacher (open_clip's DistillClipLoss):
+    in each direction, the cross-entropy of the student's softmax over the batch against
+    the teacher's, -sum_j p_ij log q_ij, averaged over the rows and the two directions.
+
+    The teacher's features (`dist_image_features`, `dist_text_features`, its exp'd
+    `dist_logit_scale`) are gathered with the student's, in the same collective, and
+    its term couples samples like the contrastive one: taken once over the global batch,
+    with the same distributed modes (module docstring). A logit bias shifts a row's logits
+    alike: the distillation term does not depend on it. After each call `terms` holds
+    the two parts, detached, under the peer's names (`contrastive_loss`, `distill_loss`).
+    """
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, dist_image_features: torch.Tensor,
+                dist_text_features: torch.Tensor, dist_logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        (images, texts, teacher_images, teacher_texts), sizes = self.gather(
+            image_features, text_features, dist_image_features, dist_text_features)
+        contrastive = self.contrastive(image_features, text_features, images, texts, sizes,
+                                       logit_scale, logit_bias)
+        if self.local:  # this rank's rows against every column, in both directions
+            start = sum(sizes[:self.rank])
+            rows = slice(start, start + image_features.shape[0])
+            distill = (_soft_cross_entropy_sum(
+                _logits(image_features, texts, logit_scale, None),
+                _logits(teacher_images[rows], teacher_texts, dist_logit_scale, None))
+                + _soft_cross_entropy_sum(
+                _logits(text_features, images, logit_scale, None),
+                _logits(teacher_texts[rows], teacher_images, dist_logit_scale, None)))
+            distill = distill * self.world_size / (2 * sum(sizes))
+        else:  # the text direction's logits are the image direction's, transposed
+            student = _logits(images, texts, logit_scale, None)  # (N, N)
+            teacher = _logits(teacher_images, teacher_texts, dist_logit_scale, None)
+            distill = (_soft_cross_entropy_sum(student, teacher)
+                       + _soft_cross_entropy_sum(student.T, teacher.T)) / (2 * sum(sizes))
+        terms = torch.stack([contrastive, distill])
+        if self.local:
+            terms = self.global_value(terms)
+        self.terms = dict(zip(("contrastive_loss", "distill_loss"), terms.detach()))
+        return terms.sum()
 
 
 class SigLipLoss(_GlobalBatchLoss):
@@ -166,6 +220,11 @@ def _cross_entropy_sum(rows: torch.Tensor, columns: torch.Tensor, start: int,
                                            start=start, tile=tile).sum()
     labels = torch.arange(start, start + rows.shape[0], device=rows.device)
     return F.cross_entropy(_logits(rows, columns, logit_scale, logit_bias), labels, reduction="sum")
+
+
+def _soft_cross_entropy_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of -sum_j softmax(teacher)_ij log softmax(student)_ij, (n, N) logits."""
+    return -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum()
 
 
 def _sigmoid_pairs_sum(images: torch.Tensor, texts: torch.Tensor, start: int,
@@ -232,8 +291,9 @@ class Weighted(nn.Module):
 
 
 def create_loss(name: str, **options) -> nn.Module:
-    """`clip` or `siglip`; options: local_loss, gather_with_grad, rank, world_size, tile_size."""
-    losses = {"clip": ClipLoss, "siglip": SigLipLoss}
+    """`clip`, `siglip` or `distill` (CLIP's with a teacher's); options: local_loss,
+    gather_with_grad, rank, world_size, tile_size."""
+    losses = {"clip": ClipLoss, "siglip": SigLipLoss, "distill": DistillClipLoss}
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}: choose one of {sorted(losses)}")
     return losses[name](**options)

@@ -2,8 +2,8 @@
 
 `TABLE` has a row for every flag of open_clip_train's parser (a test reads that parser,
 so a new peer flag without a row fails it); the README's compatibility table is
-`markdown_table()` (`python -m bigbatch.peer_flags` prints it). `check(cfg)` stops a
-flag that has no sense here, or is not built yet, with one line naming what to use.
+`markdown_table()` (`python -m bigbatch.peer_flags` prints it). `refusal(cfg)` names a
+flag that has no sense here, in one line saying what to use.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ TABLE: dict[str, tuple[str, str]] = {
     "--remote-sync-frequency": (SAME, "seconds"),
     "--remote-sync-protocol": ("`s3` and `fsspec` both copy with fsspec", "default `fsspec`; `s3` does not call the aws CLI"),
     "--delete-previous-checkpoint": ("keeps only the newest `epoch_N.pt`", "deletes every older `epoch_N.pt`, not only N-1"),
-    "--distill-model": ("refused: not supported yet", "distillation with exact accumulation is not built yet"),
-    "--distill-pretrained": ("refused: not supported yet", "distillation with exact accumulation is not built yet"),
+    "--distill-model": (SAME, "with any `--accum-freq` (open_clip_train: 1 only), exact: the teacher embeds each sample once, the distillation term is taken over the global batch; needs `--distill-pretrained`; not with `--siglip` or a CoCa student; logged as `distill_loss` and `contrastive_loss`"),
+    "--distill-pretrained": (SAME, "a checkpoint file, or a tag from the local cache (nothing is downloaded)"),
     "--use-bnb-linear": ("replaces the towers' MLP linears by that bitsandbytes class", "needs `pip install bitsandbytes`"),
     "--siglip": (SAME, ""),
     "--loss-dist-impl": ("accepted (SigLIP: bidir, shift, reduce, gather)", "features are always all-gathered once per step: the same loss and gradient"),
@@ -113,10 +113,6 @@ REFUSED = {
                    "plain open_clip checkpoint to script later",
     "trace": "--trace: a traced model is for inference only and cannot train: drop it; `bigbatch "
              "export` writes a plain open_clip checkpoint to trace later",
-    "distill_model": "--distill-model is not supported yet (distillation with exact accumulation): "
-                     "drop --distill-model and --distill-pretrained",
-    "distill_pretrained": "--distill-pretrained is not supported yet (distillation with exact "
-                          "accumulation): drop --distill-model and --distill-pretrained",
 }
 
 

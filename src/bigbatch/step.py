@@ -134,8 +134,10 @@ def optimizer_step(model, optimizer, scaler, apply: bool = True) -> None:
         unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def logged_scalars(model, grad_norm: torch.Tensor, nonfinite_steps: int) -> dict[str, float]:
+def logged_scalars(model, grad_norm: torch.Tensor, nonfinite_steps: int, loss_fn=None) -> dict[str, float]:
     """What a progress line adds to the loss: read at log steps only (host syncs; FSDP2's
-    full logit scale is a collective, and every rank logs at the same steps)."""
+    full logit scale is a collective, and every rank logs at the same steps); and the
+    loss's parts where it has them (distillation's `contrastive_loss`, `distill_loss`)."""
+    terms = {name: term.item() for name, term in getattr(loss_fn, "terms", {}).items()}
     return {"logit_scale": as_local(unwrap(model).logit_scale).exp().item(),
-            "grad_norm": grad_norm.item(), "nonfinite_steps": nonfinite_steps}
+            "grad_norm": grad_norm.item(), "nonfinite_steps": nonfinite_steps, **terms}

@@ -23,7 +23,8 @@ from bigbatch import checkpoint as ckpt
 from bigbatch import faults, rundir
 from bigbatch.accumulation import cached_backward
 from bigbatch.build import (announce, batch_layout, build_losses, build_model, build_optimizer,
-                            check_user_data, data_spec, open_data, seed_everything, start_distributed)
+                            build_teacher, check_user_data, data_spec, open_data, seed_everything,
+                            start_distributed)
 from bigbatch.config import BatchLayout, Run, TrainConfig, to_dict, wants_report
 from bigbatch.data import DataError
 from bigbatch.device import autocast_factory, resolve_precision, set_threads
@@ -80,6 +81,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
         check_user_data(data_spec(cfg, world, layout, train=split))
     seed_everything(cfg.seed)  # the same initial weights on every rank
     bundle, model, frozen_inputs = build_model(cfg, world, layout)
+    teacher = build_teacher(cfg, world, bundle.model)
     seed_everything(cfg.seed + world.rank)  # but each rank its own dropout masks
     loss_name = "siglip" if cfg.siglip else "clip"
     loss_fn, caption_loss = build_losses(cfg, world, loss_name, bundle.model)
@@ -128,7 +130,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             inputs, to_device = step_inputs(micro_batches, device, layout.offload_inputs)
             loss = cached_backward(model, inputs, loss_fn, autocast=autocast, grad_scaler=state.scaler,
                                    frozen_inputs=not_recomputed, to_device=to_device,
-                                   sample_loss=caption_loss)
+                                   sample_loss=caption_loss, teacher=teacher)
             grad_norm = unscale_and_clip(model, state.optimizer, state.scaler, cfg.grad_clip_norm)
             # the step's one host sync: a flag from its loss and norm, and the signals;
             # fp16: the scaler skips overflowing gradients itself; ranks agree on both flags
@@ -146,7 +148,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
                 data_seconds=micro_batches.data_seconds,
                 samples=micro_batches.samples * world.world_size,
                 effective_batch=layout.effective_batch, print_now=print_now,
-                extra=logged_scalars(model, grad_norm, skipped_steps.total) if print_now else None)
+                extra=logged_scalars(model, grad_norm, skipped_steps.total, loss_fn) if print_now else None)
             skipped_steps.stop_if_stuck(state.step)
             batches_done += micro_batches.count
             if stop or (cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0

@@ -33,6 +33,8 @@ The prediction follows the step's phases (DESIGN.md §2); all sizes are per rank
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
 fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
+Nor is a distillation teacher (--distill-model): its weights, one micro-batch's inference
+and its cached features (N x its embed dim, twice) come on top of the plan.
 """
 
 from __future__ import annotations
