@@ -167,6 +167,16 @@ def test_weights_gradients_and_adamw_state_are_exact(real_tiny):
     assert estimate.optimizer_state == state
 
 
+def test_an_ema_of_the_weights_is_a_second_copy_on_the_device(real_tiny):
+    from bigbatch.ema import ModelEMA
+    plain = estimate_memory(TINY, batch_size=4, accum_freq=2)
+    with_ema = estimate_memory(TINY, batch_size=4, accum_freq=2, ema_decay=0.999)
+    ema = ModelEMA(real_tiny, 0.999).module
+    copy = sum(t.numel() * t.element_size() for t in [*ema.parameters(), *ema.buffers()])
+    assert with_ema.ema_weights == copy and with_ema.weights == plain.weights + copy
+    assert with_ema.peak == plain.peak + copy
+
+
 def test_terms_follow_the_step():
     one = estimate_memory(TINY, batch_size=32, accum_freq=1)
     assert one.cached_features == 0 and one.global_batch_size == 32

@@ -2,7 +2,8 @@
 
 The prediction follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
 
-    W  weights (parameters and buffers, fp32: autocast keeps fp32 master weights)
+    W  weights (parameters and buffers, fp32: autocast keeps fp32 master weights), and
+       with --ema-decay their moving average, a second copy on the device
     G  gradients, fp32 per trainable parameter (under DDP they are views into its
        all-reduce buckets: gradient_as_bucket_view, no second copy)
     O  AdamW state, two fp32 moments per trainable parameter (frozen ones have none)
@@ -50,7 +51,7 @@ from bigbatch.tiled import loss_working_set_bytes
 
 FLOAT32 = 4
 TRAIN_FIELDS = ("model", "precision", "grad_checkpointing", "local_loss", "loss_tile_size", "siglip",
-                "offload_inputs", "force_patch_dropout")  # PlanOptions' fields TrainConfig has too
+                "offload_inputs", "force_patch_dropout", "ema_decay")  # PlanOptions' fields TrainConfig has too
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class PlanOptions:
     siglip: bool = False
     offload_inputs: bool = False
     force_patch_dropout: float | None = None
+    ema_decay: float | None = None        # an EMA of the weights: a second copy of them
     target: str = "cuda"                  # the device type the run trains on ("cpu": CPU
                                           # autocast and CPU attention kernels)
     device: str = "cpu"                   # where to estimate: "cpu"/"meta" on fake tensors,
@@ -119,7 +121,7 @@ class MemoryPlan:
     global_batch_size: int     # b x K x W
     precision: str
     grad_checkpointing: bool
-    weights: int               # W
+    weights: int               # W (with --ema-decay: + ema_weights)
     gradients: int             # G
     gradient_transient: int    # T: the largest gradient, made apart before it joins .grad
     optimizer_state: int       # O
@@ -137,6 +139,7 @@ class MemoryPlan:
     activations_checkpointed: int | None = None  # A with --grad-checkpointing, when known
     gpu_memory: int | None = None
     reserve: float = DEFAULT_RESERVE
+    ema_weights: int = 0       # --ema-decay's copy of the weights, part of `weights`
 
     @property
     def usable_memory(self) -> int | None:
@@ -151,7 +154,8 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
     """The peak formula of the module docstring, term by term."""
     W, n = o.world_size, b * K  # n: this rank's samples in the step
     trainable = profile.trainable_params
-    weights = profile.param_bytes + profile.buffer_bytes
+    ema_weights = profile.param_bytes + profile.buffer_bytes if o.ema_decay else 0
+    weights = profile.param_bytes + profile.buffer_bytes + ema_weights
     gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
     optimizer_state = 2 * FLOAT32 * trainable
     inputs = (min(2 * b, n) if o.offload_inputs else n) * profile.input_bytes_per_sample
@@ -184,7 +188,7 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         source="probe on cuda" if o.probes else "meta estimate",
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
         loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,
-        reserve=o.reserve)
+        reserve=o.reserve, ema_weights=ema_weights)
 
 
 def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int) -> tuple[int, int | None]:

@@ -21,7 +21,7 @@ def format_plan(plan: MemoryPlan) -> str:
               else "1 micro-batch" if K == 1 else f"{K} micro-batches")
     loss = f"tiles of {plan.loss_tile}" if plan.loss_tile else "plain logits"
     rows = [
-        ("weights", plan.weights),
+        ("weights" + (" (+ their EMA copy)" if plan.ema_weights else ""), plan.weights),
         ("gradients (fp32)", plan.gradients),
         ("a new gradient before it joins .grad (the largest)", plan.gradient_transient),
         ("optimizer state (AdamW, 2 fp32 moments)", plan.optimizer_state),
