@@ -201,6 +201,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.force_patch_dropout is not None and not 0 <= cfg.force_patch_dropout < 1:
         raise ConfigError("--force-patch-dropout must be in [0, 1)")
     if cfg.train_data is None and cfg.dataset_type != "synthetic":
+        if cfg.val_data or cfg.imagenet_val or cfg.imagenet_v2:  # open_clip_train's evaluation-only call
+            raise ConfigError("no --train-data: to evaluate a model without training, run bigbatch eval "
+                              "with the same --model, --pretrained and data (bigbatch eval --help)")
         raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type synthetic")
     if cfg.dataset_type == "synthetic" and cfg.train_data is not None:
         raise ConfigError("--dataset-type synthetic draws its own data: drop --train-data or pick another --dataset-type")
