@@ -99,6 +99,21 @@ class Crash(RuntimeError):
     pass
 
 
+def crash_after_first_save_then_resume(tmp_path, monkeypatch, args) -> Path:
+    """Run 'broken' until the process dies right after its first checkpoint, then resume it."""
+    save = bigbatch.checkpoint.save_run
+
+    def save_then_crash(*a, **kw):
+        save(*a, **kw)
+        raise Crash
+
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path, *args, name="broken")
+    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
+    return run(tmp_path, *args, "--resume", "latest", name="broken")
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
     """Dropout masks and (with a loader worker) augmentations continue exactly."""
@@ -107,18 +122,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, workers):
             "--workers", workers]
     whole = run(tmp_path, *args, name="whole")
 
-    save = bigbatch.checkpoint.save_run
-
-    def save_then_crash(*a, **kw):  # the process dies right after the epoch-1 checkpoint
-        save(*a, **kw)
-        raise Crash
-
-    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save_then_crash)
-    with pytest.raises(Crash):
-        run(tmp_path, *args, name="broken")
-    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
-    resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
-
+    resumed = crash_after_first_save_then_resume(tmp_path, monkeypatch, args)
     a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
@@ -467,17 +471,7 @@ def test_distillation_with_accumulation_logs_its_terms_and_resumes_exactly(tmp_p
         assert r["distill_loss"] > 0 and r["contrastive_loss"] > 0
         assert r["loss"] == pytest.approx(r["contrastive_loss"] + r["distill_loss"], rel=1e-5)
 
-    save = bigbatch.checkpoint.save_run
-
-    def save_then_crash(*a, **kw):
-        save(*a, **kw)
-        raise Crash
-
-    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save_then_crash)
-    with pytest.raises(Crash):
-        run(tmp_path, *args, name="broken")
-    monkeypatch.setattr(bigbatch.checkpoint, "save_run", save)
-    resumed = run(tmp_path, *args, "--resume", "latest", name="broken")
+    resumed = crash_after_first_save_then_resume(tmp_path, monkeypatch, args)
     a = torch.load(whole / "checkpoints" / "epoch_latest.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert a["state_dict"].keys() == create_model(MODEL).model.state_dict().keys()  # no teacher
