@@ -312,11 +312,11 @@ def test_large_batch_against_float64_blockwise():
     print(f"\nN={n} D={dim}: tiled float32 forward+backward {elapsed:.1f} s; peak {peak / 2**20:.0f} MiB")
 
 
-@pytest.mark.parametrize("tile_size", [None, 5], ids=["plain", "contrastive-tiled"])
+@pytest.mark.parametrize("tile_size", [None, 5, 23], ids=["plain", "tiled", "one-tile"])
 def test_distillation_equals_open_clips_distill_clip_loss(tile_size):
     """Value and gradients against open_clip's DistillClipLoss; a teacher of another width
-    (24), its features constants; with tiles the contrastive part is blocked, the distill
-    term stays plain."""
+    (24), its features constants; with tiles both terms are taken in blocks (ragged: 23
+    rows in tiles of 5), never as (N, N) logits."""
     import open_clip
 
     from bigbatch.losses import DistillClipLoss
@@ -333,3 +333,27 @@ def test_distillation_equals_open_clips_distill_clip_loss(tile_size):
     terms = peer(**student, **teacher, output_dict=True)
     for name, term in terms.items():
         assert_close(ours.terms[name], term, **FP32)
+
+
+@pytest.mark.parametrize("n, N, symmetric, tile", [(7, 7, True, 3), (5, 11, False, 4), (9, 9, True, 100)])
+def test_tiled_soft_cross_entropy_equals_the_plain_one(n, N, symmetric, tile):
+    """Per-row (and per-column) distillation terms and their gradients, blocks against the
+    (n, N) softmaxes; the teacher (another width) gets no gradient."""
+    from bigbatch.tiled import soft_cross_entropy
+    torch.manual_seed(0)
+    rows, columns = torch.randn(n, 6, requires_grad=True), torch.randn(N, 6, requires_grad=True)
+    scale = torch.tensor(2.3, requires_grad=True)
+    teacher_rows, teacher_columns, teacher_scale = torch.randn(n, 5), torch.randn(N, 5), torch.tensor(3.0)
+    weights = torch.randn(n), torch.randn(N)
+    student, teacher = scale * rows @ columns.T, teacher_scale * teacher_rows @ teacher_columns.T
+    expected = [-(teacher.softmax(1) * student.log_softmax(1)).sum(1),
+                -(teacher.T.softmax(1) * student.T.log_softmax(1)).sum(1)][:1 + symmetric]
+    got = soft_cross_entropy(rows, columns, scale, teacher_rows, teacher_columns, teacher_scale,
+                             tile=tile, symmetric=symmetric)
+    got = list(got) if symmetric else [got]
+    for a, b in zip(got, expected):  # lse(S_i) - sum_j p_ij S_ij: a difference, in float32
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+    inputs = (rows, columns, scale)
+    reference = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), inputs)
+    for a, b in zip(torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), inputs), reference):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -33,7 +33,7 @@ Tiling (`tile_size`, see bigbatch.tiled): a loss over n rows and N columns is ta
 (tile, tile) blocks, never materialising the (n, N) logits, once n * N exceeds
 PLAIN_MAX_LOGITS (8192^2: N > 8192 for the whole batch) or whenever tile_size is set.
 The same rows, columns and normalisation in every mode; only the working set differs.
-Distillation's term is not tiled: it takes the plain (n, N) logits of student and teacher.
+Distillation's soft cross-entropy is tiled alike (bigbatch.tiled.soft_cross_entropy).
 """
 
 from __future__ import annotations
@@ -157,21 +157,25 @@ class DistillClipLoss(ClipLoss):
             image_features, text_features, dist_image_features, dist_text_features)
         contrastive = self.contrastive(image_features, text_features, images, texts, sizes,
                                        logit_scale, logit_bias)
+        n_total = sum(sizes)
         if self.local:  # this rank's rows against every column, in both directions
             start = sum(sizes[:self.rank])
-            rows = slice(start, start + image_features.shape[0])
-            distill = (_soft_cross_entropy_sum(
-                _logits(image_features, texts, logit_scale, None),
-                _logits(teacher_images[rows], teacher_texts, dist_logit_scale, None))
-                + _soft_cross_entropy_sum(
-                _logits(text_features, images, logit_scale, None),
-                _logits(teacher_texts[rows], teacher_images, dist_logit_scale, None)))
-            distill = distill * self.world_size / (2 * sum(sizes))
+            rows, tile = slice(start, start + image_features.shape[0]), self.tile(image_features.shape[0], n_total)
+            distill = (_distill_sum(image_features, texts, logit_scale, teacher_images[rows], teacher_texts,
+                                    dist_logit_scale, tile)
+                       + _distill_sum(text_features, images, logit_scale, teacher_texts[rows], teacher_images,
+                                      dist_logit_scale, tile))
+            distill = distill * self.world_size / (2 * n_total)
+        elif (tile := self.tile(n_total, n_total)) is not None:  # both directions, one pass
+            image_to_text, text_to_image = tiled.soft_cross_entropy(
+                images, texts, logit_scale, teacher_images, teacher_texts, dist_logit_scale,
+                tile=tile, symmetric=True)
+            distill = (image_to_text.sum() + text_to_image.sum()) / (2 * n_total)
         else:  # the text direction's logits are the image direction's, transposed
             student = _logits(images, texts, logit_scale, None)  # (N, N)
             teacher = _logits(teacher_images, teacher_texts, dist_logit_scale, None)
             distill = (_soft_cross_entropy_sum(student, teacher)
-                       + _soft_cross_entropy_sum(student.T, teacher.T)) / (2 * sum(sizes))
+                       + _soft_cross_entropy_sum(student.T, teacher.T)) / (2 * n_total)
         terms = torch.stack([contrastive, distill])
         if self.local:
             terms = self.global_value(terms)
@@ -220,6 +224,17 @@ def _cross_entropy_sum(rows: torch.Tensor, columns: torch.Tensor, start: int,
                                            start=start, tile=tile).sum()
     labels = torch.arange(start, start + rows.shape[0], device=rows.device)
     return F.cross_entropy(_logits(rows, columns, logit_scale, logit_bias), labels, reduction="sum")
+
+
+def _distill_sum(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor,
+                 teacher_rows: torch.Tensor, teacher_columns: torch.Tensor, teacher_scale: torch.Tensor,
+                 tile: int | None) -> torch.Tensor:
+    """Sum over the n rows of the student's soft cross-entropy against the teacher's softmax."""
+    if tile is not None:
+        return tiled.soft_cross_entropy(rows, columns, logit_scale, teacher_rows, teacher_columns,
+                                        teacher_scale, tile=tile).sum()
+    return _soft_cross_entropy_sum(_logits(rows, columns, logit_scale, None),
+                                   _logits(teacher_rows, teacher_columns, teacher_scale, None))
 
 
 def _soft_cross_entropy_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

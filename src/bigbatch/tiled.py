@@ -84,6 +84,29 @@ def sigmoid_pair_loss(rows: torch.Tensor, columns: torch.Tensor, logit_scale: to
         return _SigmoidPairs.apply(rows, columns, logit_scale, logit_bias, start, tile)
 
 
+def soft_cross_entropy(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor,
+                       teacher_rows: torch.Tensor, teacher_columns: torch.Tensor,
+                       teacher_scale: torch.Tensor, *, tile: int = DEFAULT_TILE, symmetric: bool = False):
+    """Distillation's per-row soft cross-entropy, -sum_j p_ij log q_ij, where q is the
+    softmax over columns of the student's logits scale * rows @ columns.T and p the
+    teacher's (its features and scale are constants: they get no gradient).
+
+    -> (n,) float32; symmetric=True (n == N) also returns the columns' (N,) terms (the
+    text->image direction: softmax over the rows). With lse the log-sum-exp of a row,
+    -sum_j p_ij log q_ij = lse(S_i) - sum_j p_ij S_ij: the forward streams over the blocks
+    twice (the log-sum-exps, then the p-weighted logits), the backward once more with
+    dL/dS_ij = g_i (q_ij - p_ij) (+ the column direction's term).
+    """
+    _check(rows, columns, 0, tile)
+    if symmetric and rows.shape[0] != columns.shape[0]:
+        raise ValueError("symmetric needs as many rows as columns")
+    with no_autocast(rows.device):
+        row_ce, column_ce = _SoftCrossEntropy.apply(rows, columns, logit_scale, teacher_rows.detach(),
+                                                    teacher_columns.detach(), teacher_scale.detach(),
+                                                    tile, symmetric)
+    return (row_ce, column_ce) if symmetric else row_ce
+
+
 def loss_working_set_bytes(n_rows: int, n_cols: int, dim: int, tile: int | None = DEFAULT_TILE,
                            tiled: bool = True, loss: str = "clip") -> int:
     """Estimated peak bytes the loss allocates beyond its input features, float32 features.
@@ -221,6 +244,61 @@ class _SigmoidPairs(torch.autograd.Function):
 
         with no_autocast(rows.device):
             return _backward_blocks(ctx, rows, columns, logit_scale, logit_bias, block_grad) + (None,) * 2
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, columns, logit_scale, teacher_rows, teacher_columns, teacher_scale, tile, symmetric):
+        n, N = rows.shape[0], columns.shape[0]
+        s, t = _scalars(logit_scale, None)[0], _scalars(teacher_scale, None)[0]
+
+        def blocks():
+            for i0, i1 in _spans(n, tile):
+                r, tr = rows[i0:i1].float(), teacher_rows[i0:i1].float()
+                for j0, j1 in _spans(N, tile):
+                    yield i0, i1, j0, j1, _block(r, columns[j0:j1], s, None), _block(tr, teacher_columns[j0:j1], t, None)
+
+        # row k of each: the student's (0) and the teacher's (1) log-sum-exps
+        row_lse = rows.new_full((2, n), -float("inf"), dtype=torch.float32)
+        column_lse = rows.new_full((2, N if symmetric else 0), -float("inf"), dtype=torch.float32)
+        for i0, i1, j0, j1, student, teacher in blocks():
+            for k, logits in enumerate((student, teacher)):
+                torch.logaddexp(row_lse[k, i0:i1], logits.logsumexp(1), out=row_lse[k, i0:i1])
+                if symmetric:
+                    torch.logaddexp(column_lse[k, j0:j1], logits.logsumexp(0), out=column_lse[k, j0:j1])
+        row_dot = rows.new_zeros((n,), dtype=torch.float32)  # sum_j p_ij S_ij
+        column_dot = rows.new_zeros((N if symmetric else 0,), dtype=torch.float32)
+        for i0, i1, j0, j1, student, teacher in blocks():
+            row_dot[i0:i1] += ((teacher - row_lse[1, i0:i1, None]).exp_() * student).sum(1)
+            if symmetric:
+                column_dot[j0:j1] += ((teacher - column_lse[1, None, j0:j1]).exp_() * student).sum(0)
+        ctx.save_for_backward(rows, columns, logit_scale, teacher_rows, teacher_columns, teacher_scale,
+                              row_lse, column_lse)
+        ctx.tile, ctx.symmetric = tile, symmetric
+        return row_lse[0] - row_dot, column_lse[0] - column_dot
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, row_grad, column_grad):
+        rows, columns, logit_scale, teacher_rows, teacher_columns, teacher_scale, row_lse, column_lse = ctx.saved_tensors
+        t, symmetric = _scalars(teacher_scale, None)[0], ctx.symmetric
+        row_grad = _grad_or_zeros(row_grad, row_lse[0])
+        column_grad = _grad_or_zeros(column_grad, column_lse[0]) if symmetric else None
+
+        def block_grad(student, i0, i1, j0, j1):
+            """g_i (q_ij - p_ij), + g_j (q'_ij - p'_ij) over the column's rows."""
+            teacher = _block(teacher_rows[i0:i1].float(), teacher_columns[j0:j1], t, None)
+            grad = (student - row_lse[0, i0:i1, None]).exp()
+            grad.sub_((teacher - row_lse[1, i0:i1, None]).exp_()).mul_(row_grad[i0:i1, None])
+            if symmetric:
+                by_column = (student.sub_(column_lse[0, None, j0:j1])).exp_()
+                by_column.sub_(teacher.sub_(column_lse[1, None, j0:j1]).exp_())
+                grad.add_(by_column.mul_(column_grad[None, j0:j1]))
+            return grad
+
+        with no_autocast(rows.device):
+            d_rows, d_columns, d_scale, _ = _backward_blocks(ctx, rows, columns, logit_scale, None, block_grad)
+        return d_rows, d_columns, d_scale, None, None, None, None, None
 
 
 def _backward_blocks(ctx, rows, columns, logit_scale, logit_bias, block_grad) -> tuple:
