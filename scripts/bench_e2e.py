@@ -8,7 +8,7 @@ and the end-of-run work. Each contender gets the same data, model and flags:
   data       --samples drawn shapes (bigbatch.data.shapes), written once as files, half
              PNG and half JPEG, listed in a tab-separated CSV; the same files also go into
              webdataset shards (bigbatch only: open_clip_train's shard path needs
-             webdataset <= 0.2.86, see shared/PEER.md).
+             webdataset <= 0.2.86; bigbatch runs on newer ones).
   model      a custom config (--model-config), given to bigbatch as its JSON path and to
              the peer as `--model local-dir:DIR` (DIR/open_clip_config.json).
   flags      --batch-size B --accum-freq K --workers W --epochs E --precision fp32, the
@@ -19,7 +19,7 @@ Contenders (per configuration B x K with W workers):
   bigbatch csv      `python -m bigbatch train`, CSV
   bigbatch wds      `python -m bigbatch train`, webdataset shards of the same files
 
-How it is measured (no time is ever asserted; DESIGN.md section 6):
+How it is measured (no time is ever asserted):
 - wall: the process's wall time, measured here around the subprocess.
 - the training phase and the data wait, measured alike in both processes by this
   script run as their launcher (`--child`): every DataLoader iterator's `__next__` is

@@ -69,7 +69,7 @@ def settings(smoke: bool) -> dict:
                               ("ViT-B-32", 256, 16, False, True), ("ViT-L-14", 64, 4, False, False),
                               ("ViT-L-14", 64, 8, True, True)],
                 largest_model="ViT-B-32", largest_micro=1024,
-                largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 524288}, largest_cap=1 << 20,
+                largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 262144}, largest_cap=1 << 20,
                 capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
                 compile_model="ViT-B-32", compile_batch=256, compile_k=4, compile_backend="inductor",
                 budgets=dict(env=15, tests=45, bench=70, plan=80, capped=170, largest=130,

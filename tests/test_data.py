@@ -99,7 +99,7 @@ def test_demo_writes_shards_sizes_and_class_files(demo):
 def test_demo_main_prints_patterns(tmp_path, capsys):
     assert demo_main([str(tmp_path), "--num-train", "3", "--num-val", "2", "--image-size", "16"]) == 0
     out = capsys.readouterr().out
-    assert f"train: 3 samples in 1 shards: {tmp_path / 'train' / 'shard-000000.tar'}" in out
+    assert f"train: 3 samples in 1 shard: {tmp_path / 'train' / 'shard-000000.tar'}" in out
     assert (tmp_path / "val" / "shard-000000.tar").is_file()
 
 

@@ -300,8 +300,9 @@ def resume_run(state: RunState, run: Run, cfg: TrainConfig, world: World) -> int
         log.warning(f"{path} was saved mid-epoch with another data layout "
                     f"({saved.data_layout}, now {data_layout(cfg, run)}): the batches "
                     "left out of this epoch only approximate those already trained on")
-    where = f", {skip} batches into epoch {state.epoch + 1}" if skip else ""
-    log.info(f"resumed from {path}: epoch {state.epoch}, step {state.step}{where}")
+    where = (f"step {state.step}, {skip} batches into epoch {state.epoch + 1}" if skip
+             else f"step {state.step}, after epoch {state.epoch}")
+    log.info(f"resumed from {path}: {where}")
     return skip
 
 

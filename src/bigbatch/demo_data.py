@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     for split in ("train", "val"):
         info = summary[split]
-        print(f"{split}: {info['num_samples']} samples in {info['num_shards']} shards: {info['pattern']}")
+        shards = f"{info['num_shards']} shard" + ("s" if info["num_shards"] != 1 else "")
+        print(f"{split}: {info['num_samples']} samples in {shards}: {info['pattern']}")
     print(f"classes: {summary['classnames']}\ntemplates: {summary['templates']}")
     print(f"wrote in {summary['seconds']} s; train with:\n"
           f"  --train-data '{summary['train']['pattern']}' --val-data '{summary['val']['pattern']}'")

@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the checkpoint also holds EMA weights; --ema exports those instead")
     if model:
         print(f"load it with: open_clip.create_model_and_transforms({model!r}, pretrained={str(args.output)!r})")
-        if model not in open_clip.list_models():
-            print(f"note: open_clip knows {model!r} only once its config is registered: `import bigbatch.model` "
-                  "registers bigbatch's own configs, open_clip.add_model_config(DIR) any other JSON")
+        from bigbatch.model import PACKAGED_CONFIGS
+        if (PACKAGED_CONFIGS / f"{model}.json").is_file():  # bigbatch's own: unknown to plain open_clip
+            print(f"note: {model!r} is bigbatch's config: first `import bigbatch.model` (it registers it), or "
+                  f"open_clip.add_model_config({str(PACKAGED_CONFIGS / (model + '.json'))!r})")
+        elif model not in open_clip.list_models():
+            print(f"note: open_clip knows {model!r} only once its config is registered: "
+                  "open_clip.add_model_config(PATH_TO_ITS_JSON)")
         elif "logit_bias" in state and not _config(model).get("init_logit_bias"):
             print("note: these weights have a logit_bias (trained with --siglip) that the config of "
                   f"{model!r} lacks: pass init_logit_bias=-10.0 to create_model_and_transforms as well")

@@ -47,8 +47,8 @@ def _add_option(group, f: dataclasses.Field, aliases: tuple[str, ...] = (), **ov
     meta = {key: value for key, value in f.metadata.items() if key != "group"}
     if f.default is not None and "(default:" not in meta["help"]:
         meta["help"] += f" (default: {f.default!r})"
-    if f.type in ("bool", bool):
-        meta["action"] = argparse.BooleanOptionalAction
+    if f.type in ("bool", bool):  # --x and --no-x; a flag already named no-x only switches on
+        meta["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
     else:
         meta["type"] = _parse_type(f)
     group.add_argument(f"--{flag_name(f.name)}", *aliases, **{**meta, **overrides})

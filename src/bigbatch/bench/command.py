@@ -20,22 +20,33 @@ CPU_LOSS_SIZES = [4096, 8192, 16384, 32768, 65536]
 CUDA_LOSS_SIZES = CPU_LOSS_SIZES + [131072, 262144]
 
 
+class DefaultsInHelp(argparse.HelpFormatter):
+    """Each help ends with its default, unless it names one already or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="bigbatch bench", description="bigbatch accumulated vs plain vs open_clip_train accumulated, side by side "
                     "(samples/s, peak memory), plus the loss working set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsInHelp)
     p.add_argument("--model", default="bigbatch-small", help="open_clip model name or bigbatch config")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size b")
     p.add_argument("--accum-freq", type=int, default=4, help="micro-batches per step K")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (one step of each configuration each)")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16"],
+                   help="as for bigbatch train")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--wd", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the timed steps")
+    p.add_argument("--wd", type=float, default=0.2, help="weight decay of the timed steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and inputs")
     p.add_argument("--out", default="bench", help="folder for the JSON, markdown and PNG")
     p.add_argument("--skip-peer", action="store_true", help="do not run open_clip_train")
     p.add_argument("--skip-memory", action="store_true", help="no memory step per configuration")
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="wait up to this many seconds for the 1-minute load average to fall below "
                         "--quiet-load before starting")
-    p.add_argument("--quiet-load", type=float, default=1.5)
+    p.add_argument("--quiet-load", type=float, default=1.5, help="the load average --wait-quiet waits for")
     return p
 
 

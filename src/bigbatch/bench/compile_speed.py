@@ -7,7 +7,7 @@ the trainer takes on the same K micro-batches of random uint8 images and token i
 step. The compiled copy's first step compiles both grad modes' graphs; it is timed on its
 own. Then rounds alternate the order of eager and compiled, so that the load of a shared
 machine hits both alike, and the speed-up is the median of the paired per-round ratios
-(DESIGN.md section 6: ratios measured side by side, never an asserted time).
+(ratios measured side by side, never an asserted time).
 
 Usage (from the repository's root; scripts/bench_compile.py calls the same):
   python -m bigbatch.bench.compile_speed           # CPU: bigbatch-small, 32 x 4, 7 rounds

@@ -23,7 +23,7 @@ def largest_batch_search(model_fn: Callable[[], torch.nn.Module], args, log: Cal
 
     plain doubles its one batch; the accumulated setups keep the micro-batch b and double
     K, reusing one micro-batch of data K times (the loss sees N = b*K samples; the inputs
-    of a huge K would live in host memory anyway, DESIGN.md section 1).
+    of a huge K would live in host memory anyway, docs/design.md section 1).
     """
     size, context, vocab = model_shapes(model_fn())
     results = {}

@@ -1,6 +1,6 @@
 """The whole benchmark: the configurations set up, every study in order, the result written.
 
-How it is measured (DESIGN.md section 6; no time is ever asserted): the step throughput
+How it is measured (no time is ever asserted): the step throughput
 (bigbatch.bench.throughput), the memory of one untimed step per configuration
 (bigbatch.bench.step_memory), the loss working set at N = 4k ... 64k (256k on CUDA)
 (bigbatch.bench.loss), and on CUDA the largest global batch one step completes

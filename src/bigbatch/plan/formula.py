@@ -1,6 +1,6 @@
 """The peak GPU memory of one optimizer step of `cached_backward`, term by term.
 
-The prediction follows the step's phases (DESIGN.md §2); all sizes are per rank, in bytes:
+The prediction follows the step's phases (docs/design.md section 2); all sizes are per rank, in bytes:
 
     W  weights (parameters and buffers, fp32: autocast keeps fp32 master weights), and
        with --ema-decay their moving average, a second copy on the device

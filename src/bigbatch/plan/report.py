@@ -15,7 +15,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"global batch {plan.global_batch_size} = batch-size {plan.batch_size} x accum-freq {K} "
         f"x world-size {W}",
         "",
-        f"{'per GPU':<50}{'GiB':>8}",
+        f"{'per GPU':<54}{'GiB':>8}",
     ]
     inputs = ("offloaded: 2 micro-batches at most" if plan.offload_inputs and K > 1
               else "1 micro-batch" if K == 1 else f"{K} micro-batches")
@@ -30,9 +30,9 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"cached features ({plan.batch_size * K} rows, + grads)", plan.cached_features),
         (f"loss working set ({loss})", plan.loss_working_set),
     ]
-    lines += [f"  {name:<48}{gib(size):>8}" for name, size in rows]
-    lines.append("-" * 58)
-    lines.append(f"{'peak (' + plan.phase + ' phase)':<50}{gib(plan.peak):>8}")
+    lines += [f"  {name:<52}{gib(size):>8}" for name, size in rows]
+    lines.append("-" * 62)
+    lines.append(f"{'peak (' + plan.phase + ' phase)':<54}{gib(plan.peak):>8}")
     lines.append("  = weights + optimizer + inputs + max(activations + cached + loss,")
     lines.append("    activations + feature grads + gradients)")
     if plan.gpu_memory is not None:
