@@ -53,6 +53,15 @@ def test_help_and_flag_mistakes_do_not_import_torch(command):
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_a_bad_flag_combination_is_one_line_before_torch_is_imported():
+    probe = ("import sys\nfrom bigbatch.cli import main\n"
+             "code = main(['train', '--dataset-type', 'synthetic', '--resume', 'latest'])\n"
+             "print(code, sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "2 []"
+    assert done.stderr.count("\n") == 1 and "--resume latest continues a named run" in done.stderr
+
+
 def test_train_help_has_no_glitches():
     parser = build_parser()
     text = parser.format_help()

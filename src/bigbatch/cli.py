@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Mistakes a user can make: one line, no traceback. Imported only once one happened:
-    the data layer imports torch, which `--help` and flag errors do without."""
+    """Mistakes a user can make: one line, no traceback. The data layer's error is looked
+    up only where the data layer was imported (it imports torch: a flag mistake caught
+    before then answers at once)."""
     from bigbatch.errors import ConfigError
-    from bigbatch.data import DataError
-    return ConfigError, DataError
+    data = sys.modules.get("bigbatch.data")
+    return (ConfigError, data.DataError) if data is not None else (ConfigError,)
 
 
 def _train(argv: list[str]) -> int:
