@@ -200,11 +200,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--grad-clip-norm must be positive (omit it to disable clipping)")
     if cfg.force_patch_dropout is not None and not 0 <= cfg.force_patch_dropout < 1:
         raise ConfigError("--force-patch-dropout must be in [0, 1)")
-    if cfg.train_data is None and cfg.dataset_type != "synthetic":
-        if cfg.val_data or cfg.imagenet_val or cfg.imagenet_v2:  # open_clip_train's evaluation-only call
-            raise ConfigError("no --train-data: to evaluate a model without training, run bigbatch eval "
-                              "with the same --model, --pretrained and data (bigbatch eval --help)")
-        raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type synthetic")
+    if cfg.train_data is None and cfg.dataset_type != "synthetic" and not evaluation_only(cfg):
+        raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type "
+                          "synthetic (or, to evaluate a model, --val-data / --imagenet-val without it)")
     if cfg.dataset_type == "synthetic" and cfg.train_data is not None:
         raise ConfigError("--dataset-type synthetic draws its own data: drop --train-data or pick another --dataset-type")
     _check_zeroshot_sets(cfg)
@@ -298,6 +296,12 @@ def check_imagenet_dirs(imagenet_val: str | None, imagenet_v2: str | None) -> No
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"--{flag_name(name)} {path}: no such folder (give an "
                               f"ImageFolder tree, one sub-folder per class)")
+
+
+def evaluation_only(cfg: TrainConfig) -> bool:
+    """open_clip_train's run without --train-data: the model evaluated once on what is given."""
+    return (cfg.train_data is None and cfg.dataset_type != "synthetic"
+            and any((cfg.val_data, cfg.imagenet_val, cfg.imagenet_v2)))
 
 
 def wants_report(cfg: TrainConfig, target: str) -> bool:

@@ -25,7 +25,7 @@ from bigbatch.accumulation import cached_backward
 from bigbatch.build import (announce, batch_layout, build_losses, build_model, build_optimizer,
                             build_teacher, check_user_data, data_spec, open_data, seed_everything,
                             start_distributed)
-from bigbatch.config import BatchLayout, Run, TrainConfig, to_dict, wants_report
+from bigbatch.config import BatchLayout, Run, TrainConfig, evaluation_only, to_dict, wants_report
 from bigbatch.data import DataError
 from bigbatch.device import autocast_factory, resolve_precision, set_threads
 from bigbatch.distributed import World, any_over_ranks, cleanup, gather_objects
@@ -74,6 +74,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     device = world.device
     precision = resolve_precision(cfg.precision, device)
     layout = batch_layout(cfg, world, precision)
+    if evaluation_only(cfg):
+        return evaluate_once(cfg, world, layout, precision)
     run = name_run(cfg, world, layout)
     if finished(cfg, run):
         return {}
@@ -250,6 +252,20 @@ class Evaluation:
                                         world_size=world.world_size)
         log.info("zero-shot ImageNet: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics.items()))
         return metrics
+
+
+def evaluate_once(cfg: TrainConfig, world: World, layout: BatchLayout, precision: str) -> dict:
+    """No --train-data, as open_clip_train takes it: the model (--pretrained's weights)
+    evaluated once on --val-data and --imagenet-val/-v2; no run folder is written."""
+    if cfg.val_data:
+        check_user_data(data_spec(cfg, world, layout, train=False))
+    bundle, model, _ = build_model(cfg, world, layout)
+    if cfg.pretrained is None:
+        log.info("evaluating random weights (no --pretrained)")
+    evaluation = Evaluation(cfg, world, layout, bundle, create_loss("siglip" if cfg.siglip else "clip"),
+                            autocast_factory(precision, world.device))
+    metrics = evaluation.validation(model, zeroshot=True) if evaluation.val_data else {}
+    return {**metrics, **(evaluation.imagenet_zeroshot(model) if evaluation.imagenet else {})}
 
 
 @contextlib.contextmanager
