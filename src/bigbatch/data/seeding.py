@@ -36,11 +36,15 @@ def make_np_rng(*keys: object) -> np.random.Generator:
 @contextlib.contextmanager
 def augment_stream(*keys: object):
     """Augment one sample from ``keys`` alone: in a worker, on its global generator; in the
-    main process (--workers 0), on a fork of it, so the trainer's stream stays untouched."""
+    main process (--workers 0), on a fork of it, so the trainer's stream stays untouched.
+
+    Only the CPU generator is seeded (augmentations run on the CPU): torch.manual_seed
+    would also queue a lazy seed for every accelerator type, recording a stack trace each
+    time, which made it cost as much as decoding the image."""
     if get_worker_info() is not None:
-        torch.manual_seed(make_rng(*keys).getrandbits(63))
+        torch.default_generator.manual_seed(make_rng(*keys).getrandbits(63))
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(make_rng(*keys).getrandbits(63))
+        torch.default_generator.manual_seed(make_rng(*keys).getrandbits(63))
         yield
