@@ -12,8 +12,10 @@ still make a (smaller) step. The learning-rate schedule counts optimizer steps.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import signal
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -124,6 +126,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
+        if epoch == cfg.epochs - 1 and world.is_main:  # the plot's imports, beside the last epoch
+            threading.Thread(target=importlib.import_module, args=("bigbatch.plots",), daemon=True).start()
         model.train()
         set_frozen_towers_to_eval(unwrap(model), frozen_inputs)
         for micro_batches in step_micro_batches(train_data.loader, layout.accum_freq):
