@@ -45,7 +45,6 @@ from torch import nn
 
 from bigbatch import tiled
 from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, mean_over_ranks
-from bigbatch.tiled import loss_working_set_bytes  # noqa: F401  (for the planner and benchmarks)
 
 
 class _GlobalBatchLoss(nn.Module):
