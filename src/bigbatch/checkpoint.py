@@ -17,7 +17,7 @@ import pickle
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -214,11 +214,12 @@ def model_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
 
 
 def export_weights(checkpoint: str | Path, output: str | Path, *, ema: bool = False,
-                   scalar_shape: tuple[int, ...] | None = None) -> Checkpoint:
+                   scalar_shape: Callable[[str | None], tuple[int, ...] | None] = lambda model: None
+                   ) -> Checkpoint:
     """Write the plain weights of `checkpoint` (or its EMA weights) to `output`: a
     `.safetensors` name gives a safetensors file, anything else `torch.save`. Scalars get
-    `scalar_shape` (the model's; None: left as saved). Returns the checkpoint, its
-    `state_dict` the weights written."""
+    the shape `scalar_shape(the model the checkpoint records)` gives (None: left as saved).
+    Returns the checkpoint, its `state_dict` the weights written."""
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and checkpoint.exists() and os.path.samefile(output, checkpoint):
         raise ConfigError(f"export would overwrite its input {checkpoint}: pick another OUT path")
@@ -226,7 +227,8 @@ def export_weights(checkpoint: str | Path, output: str | Path, *, ema: bool = Fa
     if ema and state.ema_state_dict is None:
         raise ConfigError(f"checkpoint {checkpoint} holds no EMA weights (no 'ema_state_dict'; train with "
                           "--ema-decay to keep them): drop --ema to export the trained weights")
-    shapes = None if scalar_shape is None else dict.fromkeys(SCALARS, torch.Size(scalar_shape))
+    shape = scalar_shape(state.model if isinstance(state.model, str) else None)
+    shapes = None if shape is None else dict.fromkeys(SCALARS, torch.Size(shape))
     weights = canonical_weights(state.ema_state_dict if ema else state.state_dict, shapes)
     if output.suffix == ".safetensors":
         _save_safetensors(weights, output)

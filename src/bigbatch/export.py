@@ -73,12 +73,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, ema: bool =
     """Write the plain weights of `checkpoint` to `output` (bigbatch.checkpoint.export_weights),
     scalars shaped as the model the checkpoint records has them; returns the Checkpoint,
     its `state_dict` the weights written."""
-    from bigbatch.checkpoint import export_weights, peek
+    from bigbatch.checkpoint import export_weights
 
-    recorded = peek(checkpoint) if Path(checkpoint).is_file() else None
-    model = getattr(recorded, "model", None)
-    return export_weights(checkpoint, output, ema=ema,
-                          scalar_shape=_scalar_shape(model if isinstance(model, str) else None))
+    return export_weights(checkpoint, output, ema=ema, scalar_shape=_scalar_shape)
 
 
 def _config(model: str) -> dict:
