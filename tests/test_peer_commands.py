@@ -11,6 +11,7 @@ without --train-data evaluate the model once, as open_clip_train does.
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,6 @@ def train(tmp_path: Path, argv: list[str], name: str = "run") -> Path:
 
 def csv_dataset(root: Path, n: int = 16) -> Path:
     """A tab-separated CSV of shape images with columns filepath and title (the peer's defaults)."""
-    import random
     (root / "images").mkdir(parents=True)
     rows = []
     for i in range(n):
@@ -55,7 +55,7 @@ def imagenet_val(root: Path) -> Path:
     for i in range(1000):
         (root / f"n{i:08d}").mkdir(parents=True)
     for i in (0, 1):
-        draw_sample(__import__("random").Random(i), 40)[0].save(root / f"n{i:08d}" / "0.png")
+        draw_sample(random.Random(i), 40)[0].save(root / f"n{i:08d}" / "0.png")
     return root
 
 
