@@ -43,6 +43,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -327,6 +328,8 @@ def run_once(contender: str, config: dict, args, data: dict, model: dict, work: 
              profile: bool = False) -> dict:
     """One whole run; its wall time, start-up, training phase, data wait, end and exit status."""
     record = work / f"{tag}.json"
+    record.unlink(missing_ok=True)  # a --work folder used before: each run starts afresh
+    shutil.rmtree(work / "logs" / tag, ignore_errors=True)
     argv = command(contender, config, args, data, model, work / "logs", tag)
     env = dict(os.environ)
     if contender != PEER and args.bigbatch_src:
@@ -346,6 +349,9 @@ def run_once(contender: str, config: dict, args, data: dict, model: dict, work: 
         result["error"] = (done.stderr or done.stdout).strip().splitlines()[-1:]
         return result
     marks = json.loads(record.read_text())
+    if marks["last_step"] is None:  # the peer ends some errors with status 0
+        result["error"] = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no training step"]
+        return result
     phase = marks["last_step"] - marks["first_batch"]
     result.update(startup_s=marks["first_batch"] - start, train_s=phase, end_s=end - marks["last_step"],
                   samples_per_s=args.epochs * args.samples / phase,

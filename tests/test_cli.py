@@ -89,3 +89,34 @@ def test_plan_flags_are_trains_where_they_share_a_meaning():
         assert plan[dest].option_strings == train[dest].option_strings, dest
         assert plan[dest].default == defaults[dest], dest
     assert "--tile-size" not in plan_parser().format_help()
+
+
+def test_settling_the_heap_frees_garbage_first_and_leaves_the_collector_as_it_was():
+    """Frozen objects are never collected: what is garbage must be freed (its finalizer run)
+    before the freeze, and the collector must be left on (or off) as it was."""
+    import gc
+    import weakref
+
+    from bigbatch import cli
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.cycle = garbage  # only the cyclic collector frees it
+    freed = weakref.ref(garbage)
+    del garbage
+    try:
+        cli.import_settled("bigbatch.errors")
+        assert freed() is None and gc.isenabled()
+        gc.disable()
+        cli.import_settled("bigbatch.errors")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()  # the rest of the suite runs with a normal heap
+
+
+def test_python_m_bigbatch_exits_with_the_commands_status():
+    done = subprocess.run([sys.executable, "-m", "bigbatch", "trian"], capture_output=True, text=True)
+    assert done.returncode == 2 and "did you mean train?" in done.stderr

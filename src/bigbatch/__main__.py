@@ -1,3 +1,3 @@
-from bigbatch.cli import main
+from bigbatch.cli import entry
 
-raise SystemExit(main())
+entry()
