@@ -120,3 +120,22 @@ def test_settling_the_heap_frees_garbage_first_and_leaves_the_collector_as_it_wa
 def test_python_m_bigbatch_exits_with_the_commands_status():
     done = subprocess.run([sys.executable, "-m", "bigbatch", "trian"], capture_output=True, text=True)
     assert done.returncode == 2 and "did you mean train?" in done.stderr
+
+
+def test_a_package_hidden_during_the_import_is_importable_again_after_it(tmp_path, monkeypatch):
+    import importlib
+
+    from bigbatch import cli
+
+    (tmp_path / "optional_pkg.py").write_text("VALUE = 1\n")
+    (tmp_path / "uses_optional.py").write_text(
+        "try:\n    import optional_pkg\n    HAS = True\nexcept ImportError:\n    HAS = False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert cli.import_settled("uses_optional", ("optional_pkg",)).HAS is False
+        assert importlib.import_module("optional_pkg").VALUE == 1
+    finally:
+        import gc
+        gc.unfreeze()
+        for name in ("uses_optional", "optional_pkg"):
+            sys.modules.pop(name, None)

@@ -75,10 +75,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def _train(argv: list[str]) -> int:
+    from bigbatch.config import wants_report
     from bigbatch.parse import parse_config
 
     cfg = parse_config(argv)  # flags first: --help and mistakes need no torch
-    import_settled("bigbatch.train").train(cfg)
+    # timm imports wandb, when installed, for a summary helper bigbatch never calls (0.3 s)
+    unused = () if wants_report(cfg, "wandb") else ("wandb",)
+    import_settled("bigbatch.train", unused).train(cfg)
     return 0
 
 
@@ -89,9 +92,10 @@ def _module_main(module: str):
     return run
 
 
-def import_settled(module: str):
+def import_settled(module: str, unused: tuple[str, ...] = ()):
     """Import a command's module (torch, torchvision, open_clip: ~400k objects that live
     until exit) with the cyclic garbage collector paused, then freeze what it left.
+    Packages named `unused` look absent to the libraries' optional imports meanwhile.
 
     Otherwise the collector walks them all in every full pass: ~7 passes while importing
     (0.6 s on a CPU) and one more as the interpreter shuts down (1 s). Imports leave little
@@ -99,9 +103,13 @@ def import_settled(module: str):
     paused = gc.isenabled()
     gc.collect()  # before, so that no garbage is frozen (cheap: little is unfrozen yet)
     gc.disable()
+    hidden = [name for name in unused if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(hidden))  # None there: `import name` raises ImportError
     try:
         return importlib.import_module(module)
     finally:
+        for name in hidden:
+            del sys.modules[name]
         gc.freeze()
         if paused:
             gc.enable()
