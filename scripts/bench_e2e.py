@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -151,8 +152,12 @@ def profile_bigbatch() -> dict:
     import torch
     from torch import nn
 
-    import bigbatch.train as train
+    from bigbatch import cli
     from bigbatch.runlog import RunLog
+
+    # imported as the CLI imports it (collector paused, wandb unused), so its start-up is the CLI's
+    train = (cli.import_settled("bigbatch.train", ("wandb",)) if hasattr(cli, "import_settled")
+             else importlib.import_module("bigbatch.train"))  # an older bigbatch (--bigbatch-src)
 
     seconds: dict = {}
     state = {"after_loss": False, "in_loss_backward": False}

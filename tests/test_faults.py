@@ -207,6 +207,33 @@ def test_a_shielded_loader_worker_outlives_a_signal_to_every_process():
     assert torch.cat([first, *batches]).tolist() == list(range(40))
 
 
+
+CRASHING_CHILD = """
+import sys
+import bigbatch.train
+from bigbatch.cli import entry
+step = bigbatch.train.optimizer_step
+def a_bug(*args, **kwargs):
+    if a_bug.calls == 2:
+        raise RuntimeError("a bug at step 3")
+    a_bug.calls += 1
+    return step(*args, **kwargs)
+a_bug.calls = 0
+bigbatch.train.optimizer_step = a_bug
+sys.argv[0] = "bigbatch"
+entry()
+"""
+
+
+def test_a_bug_mid_run_ends_the_process_with_its_traceback_instead_of_hanging(tmp_path):
+    """A traceback keeps the loader's persistent workers alive until exit, and they ignore
+    multiprocessing's SIGTERM (shielded): without closing them first, exit waits forever."""
+    done = subprocess.run([sys.executable, "-c", CRASHING_CHILD,
+                           *train_args(tmp_path, *SYNTH, "--workers", "2")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": SRC})
+    assert done.returncode == 1 and "RuntimeError: a bug at step 3" in done.stderr, done.stderr
+
+
 # --- the run folder
 
 def test_a_run_folder_in_use_is_refused_and_freed_when_its_process_ends(tmp_path, capsys):

@@ -3,7 +3,9 @@ that stop together, and clean failures."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from collections import Counter
 from typing import Iterator
 
@@ -17,6 +19,7 @@ from .samples import DataError
 log = logging.getLogger("bigbatch")
 
 NAMED_PER_EPOCH = 20  # bad samples named in the log per epoch; the rest are counted only
+_open = weakref.WeakSet()  # loaders whose workers may be alive, closed at exit (see Loader.close)
 
 
 class Loader:
@@ -34,6 +37,19 @@ class Loader:
         self.name = name  # how the user named the data, e.g. "--train-data 'x/{0..3}.tar'"
         self.synced = synced
         self.left_over = 0  # samples of the last epoch not trained: another rank had run out
+        _open.add(self)
+
+    def close(self) -> None:
+        """End the worker processes now (a later epoch starts new ones).
+
+        The workers ignore SIGTERM (the trainer stops them, see shield_loader_worker), and
+        multiprocessing's exit handler ends child processes with SIGTERM and then waits for
+        them: a process leaving with a live iterator, as a traceback keeps one, would wait
+        forever. So every loader is closed at exit, before that handler runs."""
+        iterator = getattr(self.dataloader, "_iterator", None)  # persistent workers live there
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -102,3 +118,9 @@ class Loader:
                 log.warning(f"more bad samples in {self.name}: counted, not named")
             named += 1
         return named
+
+
+@atexit.register  # registered after multiprocessing's handler, so it runs before it
+def _close_open_loaders() -> None:
+    for loader in list(_open):
+        loader.close()
