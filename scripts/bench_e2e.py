@@ -11,7 +11,7 @@ and the end-of-run work. Each contender gets the same data, model and flags:
              webdataset <= 0.2.86; bigbatch runs on newer ones).
   model      a custom config (--model-config), given to bigbatch as its JSON path and to
              the peer as `--model local-dir:DIR` (DIR/open_clip_config.json).
-  flags      --batch-size B --accum-freq K --workers W --epochs E --precision fp32, the
+  flags      --batch-size B --accum-freq K --workers W --epochs E --precision P, the
              same lr, warmup, weight decay, seed, logging and checkpoint frequency.
 
 Contenders (per configuration B x K with W workers):
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=3, help="rounds, each running every contender once")
     p.add_argument("--model-config", help="open_clip model config JSON (default: a 3.4 M-parameter ViT)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="fp32", help="both trainers' --precision (default fp32; amp_bf16 on a GPU)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {', '.join(CONTENDERS)}")
     p.add_argument("--profile", action="store_true",
                    help="also one profiled bigbatch csv run per config: seconds by phase, to e2e-profile-<device>.md")
@@ -93,7 +94,6 @@ def run_child(record: str, command: list[str], profile: bool = False) -> None:
     import resource
     import runpy
 
-    import torch
     from torch.utils.data import DataLoader
 
     marks = {"first_batch": None, "last_step": None, "data_seconds": 0.0, "batches": 0, "steps": 0,
@@ -315,7 +315,7 @@ def write_model(root: Path, config: dict) -> dict:
 
 def command(contender: str, config: dict, args, data: dict, model: dict, logs: Path, name: str) -> list[str]:
     shared = ["--batch-size", str(config["batch"]), "--accum-freq", str(config["accum"]),
-              "--workers", str(config["workers"]), "--epochs", str(args.epochs), "--precision", "fp32",
+              "--workers", str(config["workers"]), "--epochs", str(args.epochs), "--precision", args.precision,
               "--lr", "5e-4", "--warmup", "10", "--wd", "0.1", "--seed", "0", "--log-every-n-steps", "10",
               "--save-frequency", "1", "--logs", str(logs), "--name", name]
     csv = ["--dataset-type", "csv", "--csv-img-key", "filepath", "--csv-caption-key", "title",
@@ -408,6 +408,7 @@ def run(args, log=print) -> dict:
     data = write_data(work / "data", args.samples, args.image_size)
     model = write_model(work, config_json)
     result = {"environment": environment(args), "samples": args.samples, "epochs": args.epochs,
+              "precision": args.precision,
               "model_config": config_json, "work": str(work), "configs": {}}
     for config in parse_configs(args.configs):
         runs = {c: [] for c in contenders}
@@ -444,8 +445,8 @@ def summarize(runs: dict) -> dict:
     for contender, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         row = {"runs_ok": len(ok), "runs": len(rs)}
-        for key in ("wall_s", "cpu_s", "startup_s", "train_s", "end_s", "samples_per_s", "data_share",
-                    "max_rss_mib"):
+        for key in ("wall_s", "cpu_s", "startup_s", "train_s", "end_s", "samples_per_s", "data_s",
+                    "data_share", "max_rss_mib"):
             values = [r[key] for r in ok]
             if values:
                 row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -480,10 +481,12 @@ def markdown(result: dict) -> str:
              f"{env['device_name']}, {env['cpus']} CPUs, torch {env['torch']}, git {env['git']}; "
              f"load average {env['load_average_start'][0]:.2f} at start, "
              f"{env.get('load_average_end', [float('nan')])[0]:.2f} at end. {result['samples']} "
-             f"images (PNG/JPEG), {result['epochs']} epochs, fp32. Medians [min-max] over the rounds.", "",
-             "| config | contender | wall s | wall / peer | CPU s | start-up s | train samples/s | data wait "
-             "| after last step s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"images (PNG/JPEG), {result['epochs']} epochs, {result.get('precision', 'fp32')}. Medians "
+             "[min-max] over the rounds. Data wait: seconds the trainer waited for a batch, and their "
+             "share of its training phase.", "",
+             "| config | contender | wall s | wall / peer | CPU s | start-up s | train samples/s | data wait s "
+             "| data wait | after last step s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(row, key, fmt="{:.1f}", scale=1.0):
         v = row.get(key)
@@ -496,7 +499,7 @@ def markdown(result: dict) -> str:
             failed = "" if row["runs_ok"] == row["runs"] else f" ({row['runs'] - row['runs_ok']} failed)"
             lines.append(f"| {name} | {contender}{failed} | {cell(row, 'wall_s')} | "
                          f"{cell(row, 'wall_ratio_to_peer', '{:.2f}')} | {cell(row, 'cpu_s')} | "
-                         f"{cell(row, 'startup_s')} | {cell(row, 'samples_per_s')} | "
+                         f"{cell(row, 'startup_s')} | {cell(row, 'samples_per_s')} | {cell(row, 'data_s', '{:.2f}')} | "
                          f"{cell(row, 'data_share', '{:.0f}%', 100)} | {cell(row, 'end_s')} | "
                          f"{cell(row, 'max_rss_mib', '{:.0f}')} |")
     return "\n".join(lines) + "\n"
@@ -507,7 +510,7 @@ def profile_markdown(result: dict) -> str:
     profiled = {n: c["profile"] for n, c in result["configs"].items() if "phases" in c.get("profile", {})}
     lines = [f"# Where a bigbatch run's time goes ({env['device']}, {env['date']})", "",
              f"One profiled `bigbatch train` run per configuration ({result['samples']} PNG/JPEG "
-             f"images, CSV, {result['epochs']} epochs, fp32; {env['device_name']}, {env['cpus']} "
+             f"images, CSV, {result['epochs']} epochs, {result.get('precision', 'fp32')}; {env['device_name']}, {env['cpus']} "
              f"CPUs, shared machine, git {env['git']}). Seconds and share of the process's wall "
              "time; the timers themselves add a little.", "",
              "| phase | " + " | ".join(profiled) + " |", "|---|" + "---|" * len(profiled)]

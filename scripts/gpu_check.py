@@ -21,6 +21,8 @@ expect, or runs out of time leaves what it had measured, and the other parts sti
             offloaded), and where open_clip_train's accumulation stops on the same work
   compile   `--torchcompile`'s speed-up: the accumulated step of ViT-B-32 (256 x 4) eager
             and compiled with inductor, side by side (--smoke: an eager capture, no speed)
+  e2e       whole CLI runs of bigbatch (CSV, shards) and open_clip_train on the same PNG/JPEG
+            files, model and flags (scripts/bench_e2e.py): ViT-B-32, bf16, 128 x 4, 8 workers
 
 Writes OUT_DIR/gpu-check.{json,md,png} (plus the benchmark's own files) and prints the
 summary. --smoke runs every line on CPU with a tiny model: the test suite does so.
@@ -44,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "assets" / "test-clip.json")
 GiB = 1024 ** 3
-PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "compile")
+PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "compile", "e2e")
 BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
 PEER = "open_clip_train accumulated"
 
@@ -60,8 +62,9 @@ def settings(smoke: bool) -> dict:
                     largest_cap=32,
                     capped_model=TINY, capped_global=64, capped_gib=1.0,
                     compile_model=TINY, compile_batch=4, compile_k=2, compile_backend="eager",
+                    e2e=dict(model=TINY, configs="4x2x1", samples=16, image_size=16, epochs=1),
                     budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180,
-                                 compile=180))
+                                 compile=180, e2e=180))
     return dict(device="cuda", precision="amp_bf16", bench_model="ViT-B-32", bench_batch=256,
                 bench_ks=[4, 16], bench_steps=5,
                 # (model, micro-batch, K, grad checkpointing, offload inputs)
@@ -72,8 +75,9 @@ def settings(smoke: bool) -> dict:
                 largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 262144}, largest_cap=1 << 20,
                 capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
                 compile_model="ViT-B-32", compile_batch=256, compile_k=4, compile_backend="inductor",
+                e2e=dict(model="ViT-B-32", configs="128x4x8", samples=4096, image_size=224, epochs=2),
                 budgets=dict(env=15, tests=45, bench=70, plan=80, capped=170, largest=130,
-                             compile=150))
+                             compile=150, e2e=170))
 
 
 class Recorder:
@@ -349,6 +353,38 @@ def part_compile(cfg: dict, rec: Recorder) -> None:
     rec["result"] = result
 
 
+def part_e2e(cfg: dict, rec: Recorder) -> None:
+    """One interleaved round of whole runs (scripts/bench_e2e.py), on drawn PNG/JPEG files:
+    wall time, training samples/s and data wait of each trainer, and the ratio to the peer's."""
+    import tempfile
+
+    e2e = cfg["e2e"]
+    out = rec.path.parent
+    with tempfile.TemporaryDirectory(prefix="gpu-check-e2e-") as work:
+        command = [sys.executable, str(ROOT / "scripts" / "bench_e2e.py"), "--configs", e2e["configs"],
+                   "--samples", str(e2e["samples"]), "--image-size", str(e2e["image_size"]),
+                   "--epochs", str(e2e["epochs"]), "--pairs", "1", "--model-config", model_config(e2e["model"]),
+                   "--device", cfg["device"], "--precision", cfg["precision"], "--work", work, "--out", str(out)]
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                              timeout=cfg["budgets"]["e2e"] - 10)
+    rec["output_tail"] = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_e2e.py exited with {proc.returncode}")
+    result = json.loads((out / f"e2e-{cfg['device']}.json").read_text())
+    rec["configs"] = {name: {contender: {key: row[key]["median"] for key in
+                                         ("wall_s", "wall_ratio_to_peer", "samples_per_s", "data_share") if key in row}
+                             for contender, row in config["summary"].items()}
+                      for name, config in result["configs"].items()}
+
+
+def model_config(model: str) -> str:
+    """A JSON config's path, or open_clip's own config file of a model it names."""
+    if model.endswith(".json"):
+        return model
+    import open_clip
+    return str(Path(open_clip.__file__).parent / "model_configs" / f"{model}.json")
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _sync(device) -> None:
@@ -477,6 +513,13 @@ def markdown(report: dict) -> str:
                      f"peak {_gib(r['peak_bytes'])} GiB (under the cap: {r['under_cap']}), step {r['step_seconds']} s"
                      if r else "no step completed")
                   + "".join(f"; failed at {f['batch_size']}: {f['error'][:100]}" for f in capped.get("failures", []))]
+    for name, contenders in parts.get("e2e", {}).get("configs", {}).items():
+        lines += ["", f"## Whole runs, {name} (scripts/bench_e2e.py, one round)", "",
+                  "| trainer | wall s | wall / peer | train samples/s | data wait |", "|---|---|---|---|---|"]
+        for contender, r in contenders.items():
+            data_share = f"{r['data_share']:.0%}" if "data_share" in r else "-"
+            lines.append(f"| {contender} | {_num(r.get('wall_s'))} | {_num(r.get('wall_ratio_to_peer'))} | "
+                         f"{_num(r.get('samples_per_s'))} | {data_share} |")
     compiled = parts.get("compile", {}).get("result")
     if compiled:
         lines += ["", "## --torchcompile", "",

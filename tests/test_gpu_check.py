@@ -22,7 +22,9 @@ def test_gpu_check_smoke_runs_every_part_and_reports(tmp_path):
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     parts = report["parts"]
     assert {name: p["status"] for name, p in parts.items()} == {
-        name: "done" for name in ("env", "tests", "bench", "plan", "capped", "largest", "compile")}
+        name: "done" for name in ("env", "tests", "bench", "plan", "capped", "largest", "compile", "e2e")}
+    whole_runs = parts["e2e"]["configs"]["b4x2 w1"]
+    assert whole_runs["bigbatch csv"]["wall_ratio_to_peer"] > 0 and whole_runs["open_clip_train"]["wall_s"] > 0
     assert parts["compile"]["result"]["compiled_samples_per_s"] > 0
     assert "skipped" in parts["tests"]["summary"] or "passed" in parts["tests"]["summary"]
     run = parts["bench"]["runs"][0]

@@ -93,7 +93,7 @@ def _module_main(module: str):
 
 
 def import_settled(module: str, unused: tuple[str, ...] = ()):
-    """Import a command's module (torch, torchvision, open_clip: ~400k objects that live
+    """Import a command's module (torch, torchvision, open_clip: ~700k objects that live
     until exit) with the cyclic garbage collector paused, then freeze what it left.
     Packages named `unused` look absent to the libraries' optional imports meanwhile.
 
