@@ -345,6 +345,15 @@ def test_csv_relative_paths_custom_keys_and_labels(csv_data, tmp_path, monkeypat
     assert batches[0].images.shape == (4, 3, 32, 32) and skipped(batches) == {}
 
 
+
+@pytest.mark.parametrize("workers, step_batches, in_flight", [(1, 4, 4), (2, 4, 3), (8, 4, 2), (1, 64, 4),
+                                                               (0, 4, None)])
+def test_the_workers_keep_a_steps_micro_batches_in_flight(csv_data, workers, step_batches, in_flight):
+    """A step's batches plus the one the Loader holds back, per worker: at least torch's 2,
+    at most 4 (the host's shared memory)."""
+    info = make_data(csv_spec(csv_data, workers=workers, step_batches=step_batches), PRE, TOKENIZER)
+    assert info.loader.dataloader.prefetch_factor == in_flight
+
 def test_csv_tab_separated_defaults(tmp_path, csv_data):
     (tmp_path / "ds" / "train.tsv").write_text("filepath\ttitle\nimages/0.png\ta circle\n")
     batch = next(iter(make_data(DataSpec(str(tmp_path / "ds" / "train.tsv"), "auto", 4), PRE, TOKENIZER).loader))

@@ -209,6 +209,7 @@ def data_spec(cfg: TrainConfig, world: World, layout: BatchLayout, *, train: boo
         dataset_type=cfg.dataset_type, batch_size=layout.batch_size,
         num_samples=cfg.train_num_samples if train else cfg.val_num_samples,
         resampled=cfg.dataset_resampled and train, workers=cfg.workers, seed=cfg.seed,
+        step_batches=layout.accum_freq if train else 1,
         upsampling_factors=cfg.train_data_upsampling_factors if train else None,
         is_train=train, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
         csv_separator=cfg.csv_separator, csv_label_key=cfg.csv_label_key,

@@ -35,6 +35,8 @@ class DataSpec:
     source's shards are drawn ('1::2'); None draws every shard alike."""
     workers: int = 1
     """DataLoader worker processes per rank (0: load in the main process)."""
+    step_batches: int = 1
+    """Batches one optimizer step takes (--accum-freq): the workers keep them in flight."""
     seed: int = 0
     """Shuffles are a function of (seed, epoch) only, identical across runs and restarts."""
     is_train: bool = True
@@ -52,6 +54,16 @@ class DataSpec:
     """The flag that named ``paths``, for messages (default: --train-data / --val-data)."""
     num_samples_flag: str = ""
     """The flag of ``num_samples`` (default: --train-num-samples / --val-num-samples)."""
+
+    @property
+    def prefetch_factor(self) -> int | None:
+        """Batches in flight per worker: a whole step's, plus the one the Loader holds back
+        (see loader.py), so that pass 1 does not wait while a worker decodes its last
+        micro-batches; at least the DataLoader's 2 and at most 4, which bounds the host's
+        shared memory."""
+        if self.workers == 0:
+            return None
+        return min(4, max(2, -(-(self.step_batches + 1) // self.workers)))
 
     def __post_init__(self):
         self.flag = self.flag or ("--train-data" if self.is_train else "--val-data")
