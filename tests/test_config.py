@@ -135,3 +135,16 @@ def test_max_nonfinite_steps_is_a_count():
     assert parse_config([*SYNTH]).max_nonfinite_steps == 5
     with pytest.raises(ConfigError, match="--max-nonfinite-steps must be 0 or more"):
         parse_config([*SYNTH, "--max-nonfinite-steps", "-1"])
+
+
+@pytest.mark.parametrize("model", ["ViT-B-32", "RN50", "convnext_base", "coca_ViT-B-32"])
+def test_adamw_defaults_are_open_clip_trains_for_the_model(model):
+    from open_clip_train.params import get_default_params
+
+    from bigbatch.config import adamw_hyperparameters
+
+    peer = get_default_params(model)
+    cfg = parse_config(["--model", model, "--dataset-type", "synthetic"])
+    assert adamw_hyperparameters(cfg) == (peer["beta1"], peer["beta2"], peer["eps"])
+    given = parse_config(["--model", model, "--dataset-type", "synthetic", "--beta2", "0.95", "--eps", "1e-7"])
+    assert adamw_hyperparameters(given) == (0.9, 0.95, 1e-7)

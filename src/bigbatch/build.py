@@ -16,7 +16,7 @@ import torch
 
 from bigbatch import plan
 from bigbatch.compiled import compile_model
-from bigbatch.config import BatchLayout, Run, TrainConfig
+from bigbatch.config import BatchLayout, Run, TrainConfig, adamw_hyperparameters
 from bigbatch.data import DataSpec, check_data, make_data
 from bigbatch.distributed import World, cleanup, gather_objects, init_distributed, wrap_model
 from bigbatch.errors import ConfigError
@@ -113,7 +113,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     groups = parameter_groups(model, cfg.wd, layer_decay=cfg.layer_decay,
                               tower_lr_scale=tower_lr_scale)
     if cfg.opt == "adamw":
-        return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        beta1, beta2, eps = adamw_hyperparameters(cfg)
+        return adamw(groups, lr=cfg.lr, betas=(beta1, beta2), eps=eps)
     if cfg.opt == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
     from timm.optim import create_optimizer_v2

@@ -82,8 +82,8 @@ class TrainConfig:
     lr: float = option(5e-4, "peak learning rate (tied to the global batch, see README)", "optimization")
     wd: float = option(0.2, "AdamW weight decay (not applied to gains, biases, logit scale/bias)", "optimization")
     beta1: float = option(0.9, "AdamW beta1", "optimization")
-    beta2: float = option(0.98, "AdamW beta2", "optimization")
-    eps: float = option(1e-6, "AdamW epsilon", "optimization")
+    beta2: float | None = option(None, "AdamW beta2 (default, as open_clip_train: 0.98 for ViT models, 0.999 for others)", "optimization")
+    eps: float | None = option(None, "AdamW epsilon (default, as open_clip_train: 1e-6 for ViT models, 1e-8 for others)", "optimization")
     warmup: int = option(10000, "linear warmup, in optimizer steps", "optimization")
     lr_scheduler: str = option("cosine", "learning-rate schedule after warmup: cosine to 0, constant, or constant then a cooldown (--epochs-cooldown)", "optimization", choices=["cosine", "const", "const-cooldown"])
     epochs_cooldown: int | None = option(None, "const-cooldown: the last N epochs decay the lr to --lr-cooldown-end", "optimization")
@@ -192,8 +192,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--global-batch-size must be at least 1")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
-    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+    beta1, beta2, eps = adamw_hyperparameters(cfg)
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         raise ConfigError("--beta1 and --beta2 must be in [0, 1)")
+    if not eps > 0:
+        raise ConfigError(f"--eps must be positive, got {eps}")
     if cfg.loss_tile_size is not None and cfg.loss_tile_size < 1:
         raise ConfigError("--loss-tile-size must be at least 1 (omit it for the automatic choice)")
     if cfg.grad_clip_norm is not None and cfg.grad_clip_norm <= 0:
@@ -236,6 +239,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.pretrained == "":  # open_clip_train's default: no weights
         cfg = dataclasses.replace(cfg, pretrained=None)
     return cfg
+
+
+def adamw_hyperparameters(cfg: TrainConfig) -> tuple[float, float, float]:
+    """beta1, beta2 and eps; those not given are open_clip_train's defaults (CLIP's paper's):
+    0.98 and 1e-6 for a model whose name holds "vit" (and bigbatch's own configs, ViTs),
+    0.999 and 1e-8 for the others."""
+    vit = "vit" in cfg.model.lower() or cfg.model.startswith("bigbatch-")
+    return (cfg.beta1, (0.98 if vit else 0.999) if cfg.beta2 is None else cfg.beta2,
+            (1e-6 if vit else 1e-8) if cfg.eps is None else cfg.eps)
 
 
 LOSS_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
