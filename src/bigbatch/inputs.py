@@ -23,21 +23,24 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
+from bigbatch.crop import fast_crops
+
 Transform = Callable
 
 
 def uint8_transform(transform: Transform) -> tuple[Transform, tuple[float, ...] | None, tuple[float, ...] | None]:
     """open_clip's transform ending in uint8 instead of normalised float, with its mean and std.
 
-    Only a `Compose` whose last two steps are a ToTensor and a Normalize is rewritten; any
-    other transform is returned as it is, with (None, None): its floats reach the model.
+    Only a `Compose` whose last two steps are a ToTensor and a Normalize is rewritten (its
+    RandomResizedCrop drawing in one torch call: bigbatch.crop); any other transform is
+    returned as it is, with (None, None): its floats reach the model.
     """
     steps = getattr(transform, "transforms", None)
     if (not isinstance(transform, T.Compose) or len(steps) < 2
             or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize)):
         return transform, None, None
     normalize = steps[-1]
-    return (T.Compose([*steps[:-2], _to_uint8]), tuple(map(float, normalize.mean)),
+    return (T.Compose([*fast_crops(steps[:-2]), _to_uint8]), tuple(map(float, normalize.mean)),
             tuple(map(float, normalize.std)))
 
 
