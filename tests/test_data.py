@@ -354,6 +354,11 @@ def test_the_workers_keep_a_steps_micro_batches_in_flight(csv_data, workers, ste
     info = make_data(csv_spec(csv_data, workers=workers, step_batches=step_batches), PRE, TOKENIZER)
     assert info.loader.dataloader.prefetch_factor == in_flight
 
+
+def test_shard_workers_keep_a_steps_micro_batches_in_flight_too(demo):
+    spec = DataSpec(demo["train"]["pattern"], "webdataset", 4, workers=2, step_batches=4)
+    assert make_data(spec, PRE, TOKENIZER).loader.dataloader.prefetch_factor == 3
+
 def test_csv_tab_separated_defaults(tmp_path, csv_data):
     (tmp_path / "ds" / "train.tsv").write_text("filepath\ttitle\nimages/0.png\ta circle\n")
     batch = next(iter(make_data(DataSpec(str(tmp_path / "ds" / "train.tsv"), "auto", 4), PRE, TOKENIZER).loader))

@@ -129,7 +129,7 @@ def make_map_data(source: Source, spec: DataSpec, tokenizer: Tokenizer) -> DataI
     generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # see seeding.py
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=spec.workers,
                         collate_fn=MapCollate(tokenizer), generator=generator,
-                        persistent_workers=spec.workers > 0, prefetch_factor=spec.prefetch_factor,
+                        persistent_workers=spec.workers > 0, prefetch_factor=spec.prefetch_factor(spec.workers),
                         pin_memory=torch.cuda.is_available(),
                         worker_init_fn=shield_loader_worker)  # SLURM's SIGTERM is the trainer's
     synced = spec.is_train and spec.world_size > 1

@@ -55,15 +55,14 @@ class DataSpec:
     num_samples_flag: str = ""
     """The flag of ``num_samples`` (default: --train-num-samples / --val-num-samples)."""
 
-    @property
-    def prefetch_factor(self) -> int | None:
-        """Batches in flight per worker: a whole step's, plus the one the Loader holds back
-        (see loader.py), so that pass 1 does not wait while a worker decodes its last
-        micro-batches; at least the DataLoader's 2 and at most 4, which bounds the host's
-        shared memory."""
-        if self.workers == 0:
+    def prefetch_factor(self, workers: int) -> int | None:
+        """Batches in flight per worker, for `workers` loader processes (None for 0): a whole
+        step's, plus the one the Loader holds back (see loader.py), so that pass 1 does not
+        wait while a worker decodes its last micro-batches; at least the DataLoader's 2 and
+        at most 4, which bounds the host's shared memory."""
+        if workers == 0:
             return None
-        return min(4, max(2, -(-(self.step_batches + 1) // self.workers)))
+        return min(4, max(2, -(-(self.step_batches + 1) // workers)))
 
     def __post_init__(self):
         self.flag = self.flag or ("--train-data" if self.is_train else "--val-data")

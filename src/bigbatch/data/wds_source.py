@@ -238,7 +238,7 @@ def make_webdataset_data(spec: DataSpec, preprocess: Preprocess, tokenizer: Toke
 
     generator = reseed(torch.Generator(), spec.seed, "loader", spec.rank)  # not torch's global one
     loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                        persistent_workers=workers > 0, prefetch_factor=spec.prefetch_factor if workers else None,
+                        persistent_workers=workers > 0, prefetch_factor=spec.prefetch_factor(workers),
                         pin_memory=torch.cuda.is_available(),
                         worker_init_fn=shield_loader_worker)  # SLURM's SIGTERM is the trainer's
     synced = spec.is_train and spec.world_size > 1
