@@ -139,14 +139,16 @@ def part_bench(cfg: dict, rec: Recorder) -> None:
     from bigbatch.bench.command import parse_args
     from bigbatch.bench.runner import run
 
-    for k in cfg["bench_ks"]:
+    for i, k in enumerate(cfg["bench_ks"]):
         argv = ["--device", cfg["device"], "--model", cfg["bench_model"], "--precision", cfg["precision"],
                 "--batch-size", str(cfg["bench_batch"]), "--accum-freq", str(k),
                 "--steps", str(cfg["bench_steps"]), "--warmup-steps", "1", "--loss-sizes", "",
                 "--skip-max-batch", "--threads", "0", "--out", str(rec.path.parent)]
-        result = run(parse_args(argv), log=lambda line: print(line, flush=True))
+        profiled = i == 0  # where the first K's step time goes: the pieces apart, one step profiled
+        result = run(parse_args(argv + ["--profile"] * profiled), log=lambda line: print(line, flush=True))
         rec.append("runs", {"accum_freq": k, "batch_size": cfg["bench_batch"],
-                            "configs": _bench_summary(result["configs"]), "targets": result.get("targets")})
+                            "configs": _bench_summary(result["configs"]), "targets": result.get("targets"),
+                            **{key: result[key] for key in ("phases", "profile") if key in result}})
         _free()
 
 
@@ -229,11 +231,11 @@ def host_micro_batches(net, b: int, k: int, seed: int, pin: bool, distinct: bool
 
 def part_largest(cfg: dict, rec: Recorder) -> None:
     """Doubling the global batch until a step fails or the next would overrun the budget:
-    bigbatch's with the inputs offloaded, from a start chosen so that one step fits the
-    budget; then open_clip_train's accumulation (it runs out of memory early)."""
+    open_clip_train's accumulation first (it runs out of memory early), then bigbatch's
+    with the inputs offloaded, from a start chosen so that one step fits the budget."""
     deadline = time.time() + cfg["budgets"]["largest"] - 10
     results: dict = {}
-    for kind in (BIGBATCH_OFFLOADED, PEER):  # the peer's end (memory) comes fast
+    for kind in (PEER, BIGBATCH_OFFLOADED):  # the peer's end (memory) comes fast
         n, last, result = cfg["largest_start"][kind], None, {"trials": []}
         results[kind] = result
         while True:
@@ -423,6 +425,13 @@ def configure(args: argparse.Namespace) -> dict:
         cfg["bench_ks"] = [int(k) for k in args.bench_ks.split(",")]
     if args.largest_start:
         cfg["largest_start"] = {**cfg["largest_start"], BIGBATCH_OFFLOADED: args.largest_start}
+    if args.peer_largest_start:
+        cfg["largest_start"] = {**cfg["largest_start"], PEER: args.peer_largest_start}
+    for item in filter(None, (args.budgets or "").split(",")):
+        name, _, seconds = item.partition("=")
+        if name not in cfg["budgets"] or not seconds.isdigit():
+            raise SystemExit(f"--budgets takes part=seconds pairs of {','.join(PARTS)}, not {item!r}")
+        cfg["budgets"][name] = int(seconds)
     return cfg
 
 
@@ -574,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--bench-ks", help="accum-freqs of the step benchmark, e.g. 4,16 (default: the settings')")
     parser.add_argument("--largest-start", type=int, help="bigbatch's first global batch in the largest-batch search")
+    parser.add_argument("--peer-largest-start", type=int,
+                        help="open_clip_train's first global batch in the largest-batch search")
+    parser.add_argument("--budgets", help="seconds per part instead of the settings', e.g. largest=260,compile=120")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -584,8 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}: choose from {','.join(PARTS)}")
-    overrides = [f"--{k.replace('_', '-')}={v}" for k, v in (("bench_ks", args.bench_ks),
-                                                              ("largest_start", args.largest_start)) if v]
+    overrides = [f"--{k.replace('_', '-')}={v}" for k, v in (
+        ("bench_ks", args.bench_ks), ("largest_start", args.largest_start),
+        ("peer_largest_start", args.peer_largest_start), ("budgets", args.budgets)) if v]
     report = run_all(parts, args, args.out, overrides)
     print()
     print(markdown(report))

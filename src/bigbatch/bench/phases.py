@@ -21,7 +21,8 @@ from bigbatch.model import parameter_groups
 def phase_times(model, args, batches, repeats: int = 10) -> dict:
     """Medians of the pieces a step is made of, measured interleaved, to explain the ratios.
 
-    f0(n): forward without grad; fb(n): forward + loss + backward into empty .grad;
+    f0(n): forward without grad (f0((K-1)*b): pass 1's cached micro-batches in one forward);
+    fb(n): forward + loss + backward into empty .grad;
     fbK: K x fb(b) accumulating into .grad (what both accumulations back-propagate);
     opt: the AdamW step + zero_grad, the trainer's fused one; peer_opt: torch's default
     AdamW, which open_clip_train builds. Predicted step seconds:
@@ -57,6 +58,7 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
               "forward_backward_micro_s": lambda: forward_backward(b),
               "forward_backward_K_micro_accumulated_s": lambda: forward_backward(b, k),
               "forward_nograd_global_s": lambda: forward_nograd(n),
+              "forward_nograd_K_minus_1_micro_s": lambda: forward_nograd((k - 1) * b),
               "forward_backward_global_s": lambda: forward_backward(n),
               "optimizer_step_s": lambda: optimizer_only(optimizer),
               "optimizer_step_peer_s": lambda: optimizer_only(peer_optimizer)}
@@ -85,20 +87,36 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
     return out
 
 
-def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> None:
-    """One step of each setup under torch.profiler; the top ops by self time, as text."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    sections = []
-    for setup in setups:
-        with profile(activities=activities) as prof:
-            setup.step(round_index)
-        table = None
-        for sort in (["self_device_time_total", "self_cuda_time_total"] if torch.cuda.is_available()
-                     else []) + ["self_cpu_time_total"]:
-            with contextlib.suppress(Exception):
-                table = prof.key_averages().table(sort_by=sort, row_limit=25)
-                break
-        sections.append(f"## {setup.name} ({setup.batch_label})\n{table}")
-    out_path.write_text("\n\n".join(sections) + "\n")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
+
+def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> dict:
+    """One step of each setup under torch.profiler: the top ops by self time, as text; and
+    a summary of each step: its wall seconds, the device's busy seconds (kernels' self
+    time summed: the rest is the device waiting for the host) and the host's blocking
+    calls (a sync stalls the launch queue), to tell a slow kernel from an idle device."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sections, summary = [], {}
+    for setup in setups:
+        device = next(setup.model.parameters()).device
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            setup.step(round_index)
+            synchronize(device)
+            wall = time.perf_counter() - start
+        averages = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e6 if cuda else None
+        syncs = {e.key: e.count for e in averages if e.key.startswith(SYNC_CALLS)}
+        summary[setup.name] = {"wall_s": round(wall, 4), "device_busy_s": busy and round(busy, 4),
+                               "device_busy_share": busy and round(busy / wall, 3), "host_syncs": syncs}
+        table = None
+        for sort in (["self_device_time_total", "self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+            with contextlib.suppress(Exception):
+                table = averages.table(sort_by=sort, row_limit=25)
+                break
+        sections.append(f"## {setup.name} ({setup.batch_label})\n{summary[setup.name]}\n{table}")
+    out_path.write_text("\n\n".join(sections) + "\n")
+    return summary

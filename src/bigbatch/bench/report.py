@@ -96,6 +96,15 @@ def markdown(result: dict) -> str:
                   f"{phases['optimizer_step_s']:.4f} | {phases['optimizer_step_peer_s']:.4f} | "
                   f"{phases['predicted_ratio_accum']:.2f} | "
                   f"{phases['predicted_ratio_peer']:.2f} | {phases['predicted_ratio_accum_without_recompute']:.2f} |"]
+    profiled = result.get("profile")
+    if profiled:
+        lines += ["", "One profiled step each (`--profile`): the device's busy share is its kernels' time "
+                  "over the step's wall time; host syncs stall the launch queue:", "",
+                  "| configuration | step s | device busy s | busy share | host syncs |", "|---|---:|---:|---:|---|"]
+        for name, p in profiled.items():
+            syncs = ", ".join(f"{k} x{v}" for k, v in p["host_syncs"].items()) or "none"
+            lines.append(f"| {name} | {p['wall_s']:.4f} | {fmt(p['device_busy_s'])} | "
+                         f"{fmt(p['device_busy_share'])} | {syncs} |")
     return "\n".join(lines) + "\n"
 
 

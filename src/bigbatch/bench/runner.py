@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         result["phases"] = phase_times(template, args, batches)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        profile_steps(setups, out / f"profile-{device.type}-{Path(args.model).stem}-b{b}x{k}.txt", 0)
+        result["profile"] = profile_steps(setups, out / f"profile-{device.type}-{Path(args.model).stem}-b{b}x{k}.txt", 0)
     del setups
     free_cuda()
 
