@@ -231,11 +231,13 @@ def host_micro_batches(net, b: int, k: int, seed: int, pin: bool, distinct: bool
 
 def part_largest(cfg: dict, rec: Recorder) -> None:
     """Doubling the global batch until a step fails or the next would overrun the budget:
-    open_clip_train's accumulation first (it runs out of memory early), then bigbatch's
-    with the inputs offloaded, from a start chosen so that one step fits the budget."""
-    deadline = time.time() + cfg["budgets"]["largest"] - 10
+    open_clip_train's accumulation first (it runs out of memory early) within a third of
+    the budget, then bigbatch's with the inputs offloaded, from a start chosen so that one
+    step fits the rest."""
+    start, budget = time.time(), cfg["budgets"]["largest"] - 10
     results: dict = {}
-    for kind in (PEER, BIGBATCH_OFFLOADED):  # the peer's end (memory) comes fast
+    for kind in (PEER, BIGBATCH_OFFLOADED):
+        deadline = start + (budget / 3 if kind == PEER else budget)
         n, last, result = cfg["largest_start"][kind], None, {"trials": []}
         results[kind] = result
         while True:
