@@ -21,6 +21,9 @@ expect, or runs out of time leaves what it had measured, and the other parts sti
             offloaded), and where open_clip_train's accumulation stops on the same work
   compile   `--torchcompile`'s speed-up: the accumulated step of ViT-B-32 (256 x 4) eager
             and compiled with inductor, side by side (--smoke: an eager capture, no speed)
+  patchify  ViT-B-32's patch embedding, forward + backward in bf16 at micro-batch and global
+            batch: cuDNN's convolution (its default kernel, and benchmark's pick) against
+            the matrix product bigbatch runs on CUDA (bigbatch.patch_embedding)
   e2e       whole CLI runs of bigbatch (CSV, shards) and open_clip_train on the same PNG/JPEG
             files, model and flags (scripts/bench_e2e.py): ViT-B-32, bf16, 128 x 4, 8 workers
 
@@ -46,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "assets" / "test-clip.json")
 GiB = 1024 ** 3
-PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "compile", "e2e")
+PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "compile", "patchify", "e2e")
 BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
 PEER = "open_clip_train accumulated"
 
@@ -63,8 +66,9 @@ def settings(smoke: bool) -> dict:
                     capped_model=TINY, capped_global=64, capped_gib=1.0,
                     compile_model=TINY, compile_batch=4, compile_k=2, compile_backend="eager",
                     e2e=dict(model=TINY, configs="4x2x1", samples=16, image_size=16, epochs=1),
+                    patchify=dict(model=TINY, batches=[4, 8], repeats=2),
                     budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180,
-                                 compile=180, e2e=180))
+                                 compile=180, patchify=60, e2e=180))
     return dict(device="cuda", precision="amp_bf16", bench_model="ViT-B-32", bench_batch=256,
                 bench_ks=[4, 16], bench_steps=5,
                 # (model, micro-batch, K, grad checkpointing, offload inputs)
@@ -76,8 +80,9 @@ def settings(smoke: bool) -> dict:
                 capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
                 compile_model="ViT-B-32", compile_batch=256, compile_k=4, compile_backend="inductor",
                 e2e=dict(model="ViT-B-32", configs="128x4x8", samples=4096, image_size=224, epochs=2),
+                patchify=dict(model="ViT-B-32", batches=[256, 1024], repeats=20),
                 budgets=dict(env=15, tests=45, bench=70, plan=80, capped=170, largest=130,
-                             compile=150, e2e=170))
+                             compile=150, patchify=30, e2e=170))
 
 
 class Recorder:
@@ -271,6 +276,7 @@ def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
     import torch
     from bigbatch import plan
     from bigbatch.model import create_model
+    from bigbatch.patch_embedding import use_conv_patch_embedding
 
     device = torch.device(cfg["device"])
     b = min(cfg["largest_micro"], n)
@@ -281,6 +287,7 @@ def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
         return seconds, peak if device.type == "cuda" else None
     torch.manual_seed(0)
     net = create_model(cfg["largest_model"], device=device).model
+    use_conv_patch_embedding(net)  # open_clip's own modules
     batches = host_micro_batches(net, b, n // b, seed=n, pin=device.type == "cuda", distinct=False)
     _sync(device)
     if device.type == "cuda":
@@ -355,6 +362,42 @@ def part_compile(cfg: dict, rec: Recorder) -> None:
         backend=cfg["compile_backend"], precision=cfg["precision"], rounds=5 if device.type == "cuda" else 1)
     rec["compile_seconds"] = result.pop("compile_seconds")
     rec["result"] = result
+
+
+def part_patchify(cfg: dict, rec: Recorder) -> None:
+    """Median seconds of the patch embedding's forward + backward, three ways, interleaved."""
+    import copy
+    import statistics
+
+    import torch
+    from bigbatch.device import autocast_factory
+    from bigbatch.model import create_model
+    from bigbatch.patch_embedding import use_conv_patch_embedding, use_matmul_patch_embedding
+
+    device, settings_ = torch.device(cfg["device"]), cfg["patchify"]
+    conv = create_model(settings_["model"], device="cpu").model.visual.conv1.to(device)
+    use_conv_patch_embedding(conv)
+    size = conv.kernel_size[0] * (224 // conv.kernel_size[0] if device.type == "cuda" else 2)
+    autocast = autocast_factory(cfg["precision"], device)
+    matmul = copy.deepcopy(conv)
+    use_matmul_patch_embedding(matmul)
+    ways = {"cudnn default": (conv, False), "cudnn benchmark": (conv, True), "matrix product": (matmul, False)}
+    for batch in settings_["batches"]:
+        images = torch.randn(batch, conv.in_channels, size, size, device=device)
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for r in range(settings_["repeats"] + 2):  # two warm-ups (benchmark times its kernels)
+            for name, (module, benchmark) in ways.items():
+                torch.backends.cudnn.benchmark = benchmark
+                _sync(device)
+                start = time.perf_counter()
+                with autocast():
+                    out = module(images)
+                out.float().sum().backward()
+                _sync(device)
+                if r >= 2:
+                    times[name].append(time.perf_counter() - start)
+        rec.append("results", {"batch": batch, "image_size": size,
+                               **{name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}})
 
 
 def part_e2e(cfg: dict, rec: Recorder) -> None:
@@ -531,6 +574,12 @@ def markdown(report: dict) -> str:
             data_share = f"{r['data_share']:.0%}" if "data_share" in r else "-"
             lines.append(f"| {contender} | {_num(r.get('wall_s'))} | {_num(r.get('wall_ratio_to_peer'))} | "
                          f"{_num(r.get('samples_per_s'))} | {data_share} |")
+    patchify = parts.get("patchify", {}).get("results", [])
+    if patchify:
+        lines += ["", "## Patch embedding, forward + backward (ms, median)", "",
+                  "| batch | cuDNN default | cuDNN benchmark | matrix product |", "|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['cudnn default']} | {r['cudnn benchmark']} | {r['matrix product']} |"
+                  for r in patchify]
     compiled = parts.get("compile", {}).get("result")
     if compiled:
         lines += ["", "## --torchcompile", "",

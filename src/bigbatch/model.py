@@ -22,6 +22,7 @@ from torch import nn
 
 from bigbatch.errors import ConfigError
 from bigbatch.inputs import normalize_on_device, uint8_transform
+from bigbatch.patch_embedding import use_matmul_patch_embedding
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's schemas
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
@@ -71,6 +72,8 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
         init_caption_projection(net)
     if grad_checkpointing:
         net.set_grad_checkpointing(True)
+    if torch.device(device).type == "cuda":  # cuDNN's patchify is slow; CPU keeps the convolution
+        use_matmul_patch_embedding(net)
     preprocess_train, mean, std = uint8_transform(preprocess_train)
     preprocess_val, val_mean, val_std = uint8_transform(preprocess_val)
     if mean is None:  # timm's training transform (use_timm) stays float: the val one says

@@ -10,6 +10,7 @@ import torch
 
 from bigbatch.bench.setups import PEER, Setup
 from bigbatch.model import parameter_groups
+from bigbatch.patch_embedding import use_conv_patch_embedding
 
 
 class PeerLoader(list):
@@ -49,6 +50,7 @@ def peer_setup(model, args, batches) -> Setup:
     from open_clip_train.train import train_one_epoch  # needs pandas (its data.py imports it)
 
     device = torch.device(args.device)
+    use_conv_patch_embedding(model)  # open_clip's own modules
     optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
     loss = open_clip.ClipLoss(cache_labels=True)

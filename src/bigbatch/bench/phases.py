@@ -108,7 +108,8 @@ def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> dict
             synchronize(device)
             wall = time.perf_counter() - start
         averages = prof.key_averages()
-        busy = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e6 if cuda else None
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6 if cuda else None
         syncs = {e.key: e.count for e in averages if e.key.startswith(SYNC_CALLS)}
         summary[setup.name] = {"wall_s": round(wall, 4), "device_busy_s": busy and round(busy, 4),
                                "device_busy_share": busy and round(busy / wall, 3), "host_syncs": syncs}

@@ -29,6 +29,7 @@ from bigbatch.bench.report import markdown, mib, plot, targets
 from bigbatch.bench.setups import ACCUM, PEER, PLAIN, Setup, bigbatch_setup, make_batches, model_shapes
 from bigbatch.bench.step_memory import measure_memory
 from bigbatch.bench.throughput import summarize, time_interleaved
+from bigbatch.device import use_fast_cuda_math
 from bigbatch.model import create_model
 
 
@@ -47,6 +48,8 @@ TIMING_METHOD = ("each round runs one step of every configuration in a rotating 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """The whole benchmark; returns the result dict (also written to args.out)."""
     device = torch.device(args.device)
+    if device.type == "cuda":
+        use_fast_cuda_math()  # as both trainers set CUDA up
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet = wait_for_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet > 0 else None

@@ -1,0 +1,63 @@
+"""The patch embedding as a matrix product: the convolution's outputs and gradients, the
+same parameters, and every eligible convolution of a model switched (and back)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bigbatch.accumulation import cached_backward
+from bigbatch.losses import ClipLoss
+from bigbatch.patch_embedding import (PatchEmbedding, use_conv_patch_embedding,
+                                      use_matmul_patch_embedding)
+from tiny_models import batches, open_clip_vit
+
+
+@pytest.mark.parametrize("channels, out, patch, size, bias", [
+    (3, 48, 8, (32, 32), False),   # open_clip's ViT: no bias
+    (3, 40, 16, (40, 53), True),   # a remainder the convolution drops, and a bias
+    (4, 24, (4, 2), (12, 10), True),  # a rectangular patch
+])
+def test_outputs_and_gradients_are_the_convolutions(channels, out, patch, size, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, out, patch, stride=patch, bias=bias).double()
+    matmul = copy.deepcopy(conv)
+    assert use_matmul_patch_embedding(matmul) == 1 and type(matmul) is PatchEmbedding
+    images = torch.randn(3, channels, *size, dtype=torch.float64)
+    outputs = []
+    for module in (conv, matmul):
+        x = images.clone().requires_grad_()
+        y = module(x)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y))
+        outputs.append((y, x.grad, module.weight.grad, module.bias.grad if bias else None))
+    for expected, actual in zip(*outputs):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_a_vit_switches_its_patchify_only_and_keeps_its_state_dict():
+    torch.manual_seed(0)
+    model = open_clip_vit()
+    keys = list(model.state_dict())
+    overlapping = nn.Conv2d(3, 8, 3, stride=1)  # a convolution that is not a patchify
+    model.extra = overlapping
+    assert use_matmul_patch_embedding(model) == 1
+    assert type(model.visual.conv1) is PatchEmbedding and type(overlapping) is nn.Conv2d
+    del model.extra
+    assert list(model.state_dict()) == keys
+    use_conv_patch_embedding(model)
+    assert type(model.visual.conv1) is nn.Conv2d
+
+
+def test_the_accumulated_gradient_is_unchanged():
+    torch.manual_seed(0)
+    conv_model = open_clip_vit().double()
+    matmul_model = copy.deepcopy(conv_model)
+    use_matmul_patch_embedding(matmul_model)
+    micro = [(images.double(), texts) for images, texts in batches([3, 3, 2])]
+    for model in (conv_model, matmul_model):
+        cached_backward(model, micro, ClipLoss())
+    for (name, a), b in zip(conv_model.named_parameters(), matmul_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
