@@ -34,7 +34,9 @@ def use_fast_cuda_math() -> None:
     the fastest (benchmark), and float32 matrix products run in TF32 (the autocast
     precisions compute in bf16/fp16 anyway; --precision fp32 gets TF32's 10-bit mantissa)."""
     torch.backends.cudnn.benchmark = True
-    torch.set_float32_matmul_precision("high")
+    # open_clip_train's own switch: torch refuses to read a precision set through both
+    # this and torch.set_float32_matmul_precision / fp32_precision
+    torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
