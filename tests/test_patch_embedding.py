@@ -19,7 +19,7 @@ from tiny_models import batches, open_clip_vit
 @pytest.mark.parametrize("channels, out, patch, size, bias", [
     (3, 48, 8, (32, 32), False),   # open_clip's ViT: no bias
     (3, 40, 16, (40, 53), True),   # a remainder the convolution drops, and a bias
-    (4, 24, (4, 2), (12, 10), True),  # a rectangular patch
+    (1, 24, (4, 2), (12, 10), True),  # a rectangular patch, grayscale
 ])
 def test_outputs_and_gradients_are_the_convolutions(channels, out, patch, size, bias):
     torch.manual_seed(0)
@@ -41,10 +41,14 @@ def test_a_vit_switches_its_patchify_only_and_keeps_its_state_dict():
     torch.manual_seed(0)
     model = open_clip_vit()
     keys = list(model.state_dict())
-    overlapping = nn.Conv2d(3, 8, 3, stride=1)  # a convolution that is not a patchify
-    model.extra = overlapping
+    others = nn.ModuleList([nn.Conv2d(3, 8, 3, stride=1),   # overlapping windows
+                            nn.Conv2d(3, 8, 1),             # pointwise
+                            nn.Conv2d(64, 128, 2, stride=2),  # downsampling a feature map
+                            nn.Conv2d(3, 8, 4, stride=4, padding=1)])
+    model.extra = others
     assert use_matmul_patch_embedding(model) == 1
-    assert type(model.visual.conv1) is PatchEmbedding and type(overlapping) is nn.Conv2d
+    assert type(model.visual.conv1) is PatchEmbedding
+    assert all(type(conv) is nn.Conv2d for conv in others)
     del model.extra
     assert list(model.state_dict()) == keys
     use_conv_patch_embedding(model)

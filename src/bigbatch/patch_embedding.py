@@ -9,7 +9,7 @@ the product is well under a millisecond each way.
 
 `PatchEmbedding` is an `nn.Conv2d` (same parameters, same state_dict keys, so checkpoints
 and open_clip export are unchanged) with that forward; `use_matmul_patch_embedding`
-switches a model's eligible convolutions to it, `use_conv_patch_embedding` back.
+switches a model's patchifying stems to it, `use_conv_patch_embedding` back.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ class PatchEmbedding(nn.Conv2d):
 
 
 def is_patchifying(module: nn.Module) -> bool:
+    """A stem that cuts the image itself (at most 4 channels) into patches of 2 pixels or
+    more; not the 1x1 or downsampling convolutions inside ResNets and ConvNeXts, whose
+    speed as a matrix product on feature maps was never measured."""
     return (type(module) is nn.Conv2d and module.kernel_size == module.stride
+            and module.kernel_size[0] * module.kernel_size[1] > 1 and module.in_channels <= 4
             and module.padding in ((0, 0), "valid") and module.dilation == (1, 1)
             and module.groups == 1 and module.padding_mode == "zeros")
 
