@@ -57,6 +57,21 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path, one_thread):
     assert "| bigbatch accumulated | 2 x 2 |" in stem.with_suffix(".md").read_text()
 
 
+def test_profile_at_any_accum_freq(tmp_path, one_thread):
+    """--profile's pieces and one profiled step each, K = 1 included (no cached pass then)."""
+    for k in (1, 2):
+        args = parse_args([
+            "--model", "bigbatch-tiny", "--device", "cpu", "--batch-size", "2", "--accum-freq", str(k),
+            "--steps", "1", "--warmup-steps", "0", "--threads", str(one_thread), "--out", str(tmp_path),
+            "--loss-sizes", "32", "--profile"])
+        result = run(args, log=lambda line: None)
+        assert ("forward_nograd_K_minus_1_micro_s" in result["phases"]) == (k > 1)
+        assert result["phases"]["predicted_accum_s"] > 0
+        for step in result["profile"].values():
+            assert step["wall_s"] > 0 and step["host_async_copies"] == 0
+        assert "| async copies |" in (tmp_path / f"bench-cpu-bigbatch-tiny-b2x{k}.md").read_text()
+
+
 def test_help_runs_as_a_script():
     out = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--help"], capture_output=True,
                          text=True, timeout=60)

@@ -23,6 +23,7 @@ from torch.testing import assert_close
 from bigbatch.accumulation import cached_backward
 from bigbatch.inputs import DeviceCopier, normalize_on_device
 from bigbatch.losses import ClipLoss
+from bigbatch.patch_embedding import use_matmul_patch_embedding
 from test_accumulation import assert_grad_close, grads, reference_backward
 from tiny_models import open_clip_vit, uint8_batches
 
@@ -173,3 +174,24 @@ def test_one_gpu_ddp_step_equals_the_bare_model():
             assert_grad_close(q.grad, p.grad, name, rtol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_the_patch_embedding_is_the_convolution_on_cuda(dtype, tol):
+    """bigbatch.patch_embedding's product against cuDNN's convolution, outputs and gradients,
+    within `tol` of their norm (bf16 rounds the two kernels' sums differently)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 64, 16, stride=16, bias=False).to(CUDA)
+    matmul = copy.deepcopy(conv)
+    use_matmul_patch_embedding(matmul)
+    images = torch.randn(8, 3, 64, 64, device=CUDA)
+    results = []
+    for module in (conv, matmul):
+        x = images.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = module(x)
+        y.float().square().sum().backward()
+        results.append((y.float(), x.grad, module.weight.grad))
+    for expected, actual in zip(*results):
+        assert actual.shape == expected.shape
+        assert (actual - expected).norm() <= tol * expected.norm()

@@ -9,7 +9,15 @@ from bigbatch.device import pick_device, resolve_precision, use_fast_cuda_math
 from bigbatch.errors import ConfigError
 
 
-def test_auto_and_explicit_devices():
+@pytest.fixture
+def cuda_math_flags():
+    """pick_device and use_fast_cuda_math set process-wide flags: restored after the test."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_auto_and_explicit_devices(cuda_math_flags):
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="use 'auto', 'cpu', 'cuda' or 'cuda:N'"):
@@ -24,15 +32,11 @@ def test_precision_spellings():
         resolve_precision("amp", cpu)
 
 
-def test_fast_cuda_math_is_open_clip_trains_and_stays_readable():
+def test_fast_cuda_math_is_open_clip_trains_and_stays_readable(cuda_math_flags):
     """cuDNN benchmark and TF32 through the switch open_clip_train (and our CUDA tests, which
     turn TF32 off) use: torch raises on reading a precision set through two APIs, and
     inductor reads it."""
-    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
-    try:
-        use_fast_cuda_math()
-        assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
-        torch.backends.cuda.matmul.allow_tf32 = False  # as tests/test_cuda.py's fixture does
-        assert torch.get_float32_matmul_precision() == "highest"
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+    use_fast_cuda_math()
+    assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    torch.backends.cuda.matmul.allow_tf32 = False  # as tests/test_cuda.py's fixture does
+    assert torch.get_float32_matmul_precision() == "highest"

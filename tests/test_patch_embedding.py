@@ -4,6 +4,8 @@ same parameters, and every eligible convolution of a model switched (and back)."
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,33 @@ def test_outputs_and_gradients_are_the_convolutions(channels, out, patch, size, 
         torch.testing.assert_close(actual, expected)
 
 
+def test_inputs_the_product_does_not_cover_get_the_convolutions_answer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 4, stride=4)
+    matmul = copy.deepcopy(conv)
+    use_matmul_patch_embedding(matmul)
+    unbatched, empty = torch.randn(3, 8, 8), torch.randn(0, 3, 8, 8)
+    for images in (unbatched, empty):
+        torch.testing.assert_close(matmul(images), conv(images))
+    for images in (torch.randn(2, 1, 8, 8), torch.randn(2, 3, 2, 8)):  # wrong channels, under a patch
+        with pytest.raises(RuntimeError) as theirs:
+            conv(images)
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:40])):
+            matmul(images)
+
+
+def test_under_autocast_the_product_runs_in_its_dtype():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, 8, stride=8, bias=False)
+    matmul = copy.deepcopy(conv)
+    use_matmul_patch_embedding(matmul)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = conv(images), matmul(images)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_a_vit_switches_its_patchify_only_and_keeps_its_state_dict():
     torch.manual_seed(0)
     model = open_clip_vit()
@@ -65,3 +94,26 @@ def test_the_accumulated_gradient_is_unchanged():
         cached_backward(model, micro, ClipLoss())
     for (name, a), b in zip(conv_model.named_parameters(), matmul_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_models_loaded_for_cuda_run_the_matrix_product(monkeypatch):
+    """Training, evaluation and the teacher load through load_model: built for a CUDA device,
+    the stem is switched (open_clip builds on the CPU here, where no GPU is)."""
+    import open_clip
+
+    from bigbatch.model import register_model_config
+    from bigbatch.weights import load_model, resolve_weights
+    build = open_clip.create_model_and_transforms
+    devices = []
+
+    def on_cpu(*args, device, **kwargs):
+        devices.append(torch.device(device).type)
+        return build(*args, device="cpu", **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", on_cpu)
+    config = str(Path(__file__).parent / "assets" / "test-clip.json")
+    weights = resolve_weights(None, register_model_config(config))
+    for device, stem in (("cuda", PatchEmbedding), ("cpu", nn.Conv2d)):
+        model = load_model(config, weights, torch.device(device)).model
+        assert type(model.visual.conv1) is stem
+    assert devices == ["cuda", "cpu"]

@@ -13,7 +13,8 @@ AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
+    """'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' (this rank's GPU) or 'cuda:N'.
+    A CUDA device also switches on use_fast_cuda_math, for the whole process."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -47,7 +47,8 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
     whose transforms end in uint8 images and whose image tower normalises them.
 
     `open_clip_options` go to open_clip.create_model_and_transforms as they are (precision,
-    force_image_size, image_mean, aug_cfg, cache_dir ...: see `open_clip_options`)."""
+    force_image_size, image_mean, aug_cfg, cache_dir ...: see `open_clip_options`). On
+    CUDA, patchifying stems run as one matrix product (bigbatch.patch_embedding)."""
     name = register_model_config(model)
     kwargs = dict(open_clip_options)
     if siglip:

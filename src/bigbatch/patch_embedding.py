@@ -21,12 +21,21 @@ from torch import nn
 
 class PatchEmbedding(nn.Conv2d):
     """A patchifying Conv2d computed as a matrix product; the output is the convolution's
-    (B, O, h, w) in channels-last memory, which ViTs flatten to (B, h*w, O) without a copy."""
+    (B, O, h, w) in channels-last memory, which ViTs flatten to (B, h*w, O) without a copy.
+    Inputs the product does not cover (not a batch of 4-D images with this stem's channels,
+    or smaller than one patch) go to the convolution, which also says what is wrong."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         (p, q), channels = self.kernel_size, self.out_channels
+        if images.dim() != 4 or images.shape[1] != self.in_channels or min(images.shape) == 0:
+            return super().forward(images)
         batch, c, height, width = images.shape
         h, w = height // p, width // q  # as the convolution, drop a remainder
+        if h * w == 0:
+            return super().forward(images)
+        device_type = images.device.type
+        if torch.is_autocast_enabled(device_type):  # rearrange the patches in the product's dtype
+            images = images.to(torch.get_autocast_dtype(device_type))
         patches = (images[:, :, :h * p, :w * q].reshape(batch, c, h, p, w, q)
                    .permute(0, 2, 4, 1, 3, 5).reshape(batch * h * w, c * p * q))
         out = F.linear(patches, self.weight.reshape(channels, c * p * q), self.bias)

@@ -177,7 +177,7 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
     try:
         with hub_offline(), _quiet_random_init():
             siglip = create_kwargs.pop("siglip", False) or weights.siglip
-            bundle = create_model(model, pretrained=pretrained, siglip=siglip, **create_kwargs)
+            bundle = create_model(model, pretrained=pretrained, siglip=siglip, device=device, **create_kwargs)
         if weights.state_dict is not None:  # 1-element scalars take the model's shape
             state = canonical_weights(weights.state_dict, model_shapes(bundle.model))
             bundle.model.load_state_dict(state, strict=True)
@@ -191,7 +191,6 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
                               "pass a local checkpoint file") from None
         raise ConfigError(f"--pretrained {weights.source} does not fit --model {model} "
                           f"({type(error).__name__}: {_first_line(error)}): pass the --model it was trained with") from None
-    bundle.model.to(device)
     return bundle
 
 

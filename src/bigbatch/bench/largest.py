@@ -15,6 +15,7 @@ from bigbatch.bench.setups import ACCUM, PEER, PLAIN, bigbatch_setup, model_shap
 from bigbatch.device import autocast_factory
 from bigbatch.losses import ClipLoss
 from bigbatch.model import parameter_groups
+from bigbatch.patch_embedding import use_conv_patch_embedding
 from bigbatch.step import optimizer_step, unscale_and_clip
 
 
@@ -78,6 +79,7 @@ def _one_big_step(kind, model, n, size, context, vocab, args) -> float:
     if kind == PEER:
         import open_clip
         from open_clip_train.train import train_one_epoch
+        use_conv_patch_embedding(model)  # open_clip's own modules
         optimizer = torch.optim.AdamW(parameter_groups(model, args.wd), lr=args.lr)
         scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" else None
         data = {"train": PeerData(PeerLoader([(as_float(images), texts)] * search_args.accum_freq))}

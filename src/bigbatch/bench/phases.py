@@ -21,7 +21,8 @@ from bigbatch.model import parameter_groups
 def phase_times(model, args, batches, repeats: int = 10) -> dict:
     """Medians of the pieces a step is made of, measured interleaved, to explain the ratios.
 
-    f0(n): forward without grad (f0((K-1)*b): pass 1's cached micro-batches in one forward);
+    f0(n): forward without grad; for K > 1 also f0((K-1)*b), a what-if: pass 1's cached
+      micro-batches as one forward (the engine runs them one by one);
     fb(n): forward + loss + backward into empty .grad;
     fbK: K x fb(b) accumulating into .grad (what both accumulations back-propagate);
     opt: the AdamW step + zero_grad, the trainer's fused one; peer_opt: torch's default
@@ -29,6 +30,8 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
       plain = fb(K*b) + opt
       bigbatch = (K-1) f0(b) + fbK + opt   (its last micro-batch keeps its graph)
       open_clip_train = K f0(b) + fbK + peer_opt (+ K losses over N instead of 1)
+    All pieces run on `model`, bigbatch's (on CUDA its matrix-product patch embedding,
+    which the peer itself does not run).
     """
     device = torch.device(args.device)
     model = copy.deepcopy(model).train()
@@ -58,10 +61,11 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
               "forward_backward_micro_s": lambda: forward_backward(b),
               "forward_backward_K_micro_accumulated_s": lambda: forward_backward(b, k),
               "forward_nograd_global_s": lambda: forward_nograd(n),
-              "forward_nograd_K_minus_1_micro_s": lambda: forward_nograd((k - 1) * b),
               "forward_backward_global_s": lambda: forward_backward(n),
               "optimizer_step_s": lambda: optimizer_only(optimizer),
               "optimizer_step_peer_s": lambda: optimizer_only(peer_optimizer)}
+    if k > 1:
+        pieces["forward_nograd_K_minus_1_micro_s"] = lambda: forward_nograd((k - 1) * b)
     samples: dict[str, list[float]] = {name: [] for name in pieces}
     for r in range(repeats + 1):
         for name, fn in pieces.items():
@@ -87,14 +91,19 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
     return out
 
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# The host calls that block until the device is done (cudaMemcpy: a copy to pageable memory);
+# cudaMemcpyAsync does not block from pinned memory, and is counted apart, as copies.
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+COPY_CALLS = {"cudaMemcpyAsync"}
 
 
 def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> dict:
     """One step of each setup under torch.profiler: the top ops by self time, as text; and
-    a summary of each step: its wall seconds, the device's busy seconds (kernels' self
-    time summed: the rest is the device waiting for the host) and the host's blocking
-    calls (a sync stalls the launch queue), to tell a slow kernel from an idle device."""
+    a summary of each step: its wall seconds, the device's time (its kernels', copies' and
+    memsets' self times summed over all streams: below the wall, the device waited for the
+    host; above it, streams overlapped), the host's blocking calls (a sync stalls the
+    launch queue) and its asynchronous copies, to tell a slow kernel from an idle device.
+    The profiler's own overhead lengthens every step's wall time (more for many small ops)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -109,10 +118,12 @@ def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> dict
             wall = time.perf_counter() - start
         averages = prof.key_averages()
         kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.self_device_time_total for e in kernels) / 1e6 if cuda else None
-        syncs = {e.key: e.count for e in averages if e.key.startswith(SYNC_CALLS)}
-        summary[setup.name] = {"wall_s": round(wall, 4), "device_busy_s": busy and round(busy, 4),
-                               "device_busy_share": busy and round(busy / wall, 3), "host_syncs": syncs}
+        device_time = sum(e.self_device_time_total for e in kernels) / 1e6 if cuda else None
+        summary[setup.name] = {
+            "wall_s": round(wall, 4), "device_time_s": device_time and round(device_time, 4),
+            "device_time_share": device_time and round(device_time / wall, 3),
+            "host_syncs": {e.key: e.count for e in averages if e.key in SYNC_CALLS},
+            "host_async_copies": sum(e.count for e in averages if e.key in COPY_CALLS)}
         table = None
         for sort in (["self_device_time_total", "self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
             with contextlib.suppress(Exception):

@@ -98,13 +98,16 @@ def markdown(result: dict) -> str:
                   f"{phases['predicted_ratio_peer']:.2f} | {phases['predicted_ratio_accum_without_recompute']:.2f} |"]
     profiled = result.get("profile")
     if profiled:
-        lines += ["", "One profiled step each (`--profile`): the device's busy share is its kernels' time "
-                  "over the step's wall time; host syncs stall the launch queue:", "",
-                  "| configuration | step s | device busy s | busy share | host syncs |", "|---|---:|---:|---:|---|"]
+        lines += ["", "One profiled step each (`--profile`, which itself lengthens the step): the device's "
+                  "time is its kernels', copies' and memsets' summed over streams, its share of the step's "
+                  "wall time below 1 where the device waited for the host; host syncs stall the launch "
+                  "queue, asynchronous copies do not:", "",
+                  "| configuration | step s | device s | device / wall | host syncs | async copies |",
+                  "|---|---:|---:|---:|---|---:|"]
         for name, p in profiled.items():
             syncs = ", ".join(f"{k} x{v}" for k, v in p["host_syncs"].items()) or "none"
-            lines.append(f"| {name} | {p['wall_s']:.4f} | {fmt(p['device_busy_s'])} | "
-                         f"{fmt(p['device_busy_share'])} | {syncs} |")
+            lines.append(f"| {name} | {p['wall_s']:.4f} | {fmt(p['device_time_s'])} | "
+                         f"{fmt(p['device_time_share'])} | {syncs} | {p['host_async_copies']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,7 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
     import open_clip
 
     from bigbatch.model import SIGLIP_INIT
+    from bigbatch.patch_embedding import use_matmul_patch_embedding
 
     name, siglip, force_patch_dropout = key
     kwargs: dict = dict(output_dict=True)
@@ -82,6 +83,8 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
         root.setLevel(level)
     preprocess = open_clip.get_model_preprocess_cfg(net)
     normalize_on_device(net.visual, preprocess["mean"], preprocess["std"])  # uint8 inputs
+    if torch.device(device).type == "cuda":
+        use_matmul_patch_embedding(net)
     return net
 
 
