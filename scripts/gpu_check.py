@@ -22,8 +22,8 @@ expect, or runs out of time leaves what it had measured, and the other parts sti
   compile   `--torchcompile`'s speed-up: the accumulated step of ViT-B-32 (256 x 4) eager
             and compiled with inductor, side by side (--smoke: an eager capture, no speed)
   patchify  ViT-B-32's patch embedding, forward + backward in bf16 at micro-batch and global
-            batch: cuDNN's convolution (benchmark on, as training runs it) against the
-            matrix product bigbatch runs on CUDA (bigbatch.patch_embedding)
+            batch: cuDNN's convolution (benchmark on, as open_clip_train runs it) against
+            the matrix product bigbatch runs on CUDA (bigbatch.patch_embedding)
   e2e       whole CLI runs of bigbatch (CSV, shards) and open_clip_train on the same PNG/JPEG
             files, model and flags (scripts/bench_e2e.py): ViT-B-32, bf16, 128 x 4, 8 workers
 
@@ -371,7 +371,7 @@ def part_patchify(cfg: dict, rec: Recorder) -> None:
     """Median milliseconds of the patch embedding's forward + backward, as cuDNN's
     convolution and as the matrix product, interleaved. cuDNN keeps one plan per shape,
     whichever mode found it first, so its benchmark mode is set before the first call,
-    as training sets it (use_fast_cuda_math), and not compared with the heuristic's
+    as open_clip_train sets it (use_fast_cuda_math), and not compared with the heuristic's
     plan in the same process."""
     import copy
     import statistics
@@ -383,11 +383,13 @@ def part_patchify(cfg: dict, rec: Recorder) -> None:
 
     device, settings_ = torch.device(cfg["device"]), cfg["patchify"]
     use_fast_cuda_math()
-    conv = create_model(settings_["model"], device="cpu").model.visual.conv1.to(device)
+    visual = create_model(settings_["model"], device="cpu").model.visual.to(device)
+    conv = visual.conv1
     size = conv.kernel_size[0] * (224 // conv.kernel_size[0] if device.type == "cuda" else 2)
     autocast = autocast_factory(cfg["precision"], device)
-    matmul = copy.deepcopy(conv)
-    use_matmul_patch_embedding(matmul)
+    visual = copy.deepcopy(visual)
+    use_matmul_patch_embedding(visual)
+    matmul = visual.conv1
     ways = {"cudnn": conv, "matrix product": matmul}
     rec["cudnn_benchmark"] = True
     for batch in settings_["batches"]:

@@ -23,7 +23,7 @@ from torch.testing import assert_close
 from bigbatch.accumulation import cached_backward
 from bigbatch.inputs import DeviceCopier, normalize_on_device
 from bigbatch.losses import ClipLoss
-from bigbatch.patch_embedding import use_matmul_patch_embedding
+from bigbatch.patch_embedding import PatchEmbedding
 from test_accumulation import assert_grad_close, grads, reference_backward
 from tiny_models import open_clip_vit, uint8_batches
 
@@ -183,7 +183,7 @@ def test_the_patch_embedding_is_the_convolution_on_cuda(dtype, tol):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 64, 16, stride=16, bias=False).to(CUDA)
     matmul = copy.deepcopy(conv)
-    use_matmul_patch_embedding(matmul)
+    matmul.__class__ = PatchEmbedding
     images = torch.randn(8, 3, 64, 64, device=CUDA)
     results = []
     for module in (conv, matmul):

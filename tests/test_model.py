@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from bigbatch.errors import ConfigError
-from bigbatch.model import create_model, lock_towers, parameter_groups
+from bigbatch.model import create_model, lock_towers, parameter_groups, register_model_config
 from tiny_models import open_clip_vit
 
 
@@ -54,3 +57,24 @@ def test_unknown_model_and_bad_config_file(tmp_path):
     bad.write_text('{"embed_dim": 8}')
     with pytest.raises(ConfigError, match="needs keys"):
         create_model(str(bad))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_a_device_failing_while_loading_is_not_blamed_on_the_weights(tmp_path, monkeypatch, error, pretrained):
+    """Building on the GPU can run out of memory or meet a driver error: that error, as it
+    is, and not '--pretrained does not fit --model'."""
+    import bigbatch.weights as weights_module
+
+    config = str(Path(__file__).parent / "assets" / "test-clip.json")
+    name = register_model_config(config)
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(create_model(config).model.state_dict(), checkpoint)
+    weights = weights_module.resolve_weights(str(checkpoint) if pretrained else None, name)
+
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(weights_module, "create_model", failing)
+    with pytest.raises(type(error), match="CUDA"):
+        weights_module.load_model(config, weights, "cpu")

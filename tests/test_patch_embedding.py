@@ -10,12 +10,34 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigbatch.accumulation import cached_backward
 from bigbatch.losses import ClipLoss
 from bigbatch.patch_embedding import (PatchEmbedding, use_conv_patch_embedding,
                                       use_matmul_patch_embedding)
-from tiny_models import batches, open_clip_vit
+from tiny_models import batches, open_clip_vit, timm_tower
+
+
+def as_product(conv: nn.Conv2d) -> PatchEmbedding:
+    stem = copy.deepcopy(conv)
+    stem.__class__ = PatchEmbedding
+    return stem
+
+
+class DtypesMade(TorchDispatchMode):
+    """(dtype, elements) of every floating tensor the ops under it make, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(t.dtype, t.numel()) for t in pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return out
 
 
 @pytest.mark.parametrize("channels, out, patch, size, bias", [
@@ -26,8 +48,7 @@ from tiny_models import batches, open_clip_vit
 def test_outputs_and_gradients_are_the_convolutions(channels, out, patch, size, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(channels, out, patch, stride=patch, bias=bias).double()
-    matmul = copy.deepcopy(conv)
-    assert use_matmul_patch_embedding(matmul) == 1 and type(matmul) is PatchEmbedding
+    matmul = as_product(conv)
     images = torch.randn(3, channels, *size, dtype=torch.float64)
     outputs = []
     for module in (conv, matmul):
@@ -42,8 +63,7 @@ def test_outputs_and_gradients_are_the_convolutions(channels, out, patch, size, 
 def test_inputs_the_product_does_not_cover_get_the_convolutions_answer():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 4, stride=4)
-    matmul = copy.deepcopy(conv)
-    use_matmul_patch_embedding(matmul)
+    matmul = as_product(conv)
     unbatched, empty = torch.randn(3, 8, 8), torch.randn(0, 3, 8, 8)
     for images in (unbatched, empty):
         torch.testing.assert_close(matmul(images), conv(images))
@@ -57,13 +77,17 @@ def test_inputs_the_product_does_not_cover_get_the_convolutions_answer():
 def test_under_autocast_the_product_runs_in_its_dtype():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 16, 8, stride=8, bias=False)
-    matmul = copy.deepcopy(conv)
-    use_matmul_patch_embedding(matmul)
+    matmul = as_product(conv)
     images = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, actual = conv(images), matmul(images)
+        expected = conv(images)
+        with DtypesMade() as made:
+            actual = matmul(images)
     assert actual.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+    # the image is cast first: its patches are rearranged at half the bytes
+    image_sized = [dtype for dtype, numel in made.made if numel == images.numel()]
+    assert len(image_sized) >= 2 and set(image_sized) == {torch.bfloat16}
 
 
 def test_a_vit_switches_its_patchify_only_and_keeps_its_state_dict():
@@ -73,7 +97,8 @@ def test_a_vit_switches_its_patchify_only_and_keeps_its_state_dict():
     others = nn.ModuleList([nn.Conv2d(3, 8, 3, stride=1),   # overlapping windows
                             nn.Conv2d(3, 8, 1),             # pointwise
                             nn.Conv2d(64, 128, 2, stride=2),  # downsampling a feature map
-                            nn.Conv2d(3, 8, 4, stride=4, padding=1)])
+                            nn.Conv2d(3, 8, 4, stride=4, padding=1),
+                            nn.Conv2d(3, 8, 4, stride=4)])  # patchifying, but no ViT's stem
     model.extra = others
     assert use_matmul_patch_embedding(model) == 1
     assert type(model.visual.conv1) is PatchEmbedding
@@ -82,6 +107,19 @@ def test_a_vit_switches_its_patchify_only_and_keeps_its_state_dict():
     assert list(model.state_dict()) == keys
     use_conv_patch_embedding(model)
     assert type(model.visual.conv1) is nn.Conv2d
+
+
+@pytest.mark.parametrize("trunk, stems, size", [("vit_tiny_patch16_224", 1, 224), ("convnext_atto", 0, 32)])
+def test_timm_towers_switch_their_vit_stem_only(trunk, stems, size):
+    """timm's ViTs flatten their PatchEmbed's output into tokens; ConvNeXt's patchifying
+    stem feeds a convolutional trunk, which stays as cuDNN runs it."""
+    torch.manual_seed(0)
+    model = timm_tower(trunk).eval()
+    images = torch.randn(2, 3, size, size)
+    expected = model.encode_image(images)
+    assert use_matmul_patch_embedding(model) == stems
+    assert sum(type(m) is PatchEmbedding for m in model.modules()) == stems
+    torch.testing.assert_close(model.encode_image(images), expected)
 
 
 def test_the_accumulated_gradient_is_unchanged():

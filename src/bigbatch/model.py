@@ -138,9 +138,11 @@ def is_coca(model: nn.Module) -> bool:
 def init_caption_projection(model: nn.Module) -> None:
     """open_clip's CoCa leaves its caption decoder's output projection as torch.empty
     (whatever memory held: zeros, garbage, NaN); give it the normal init it intends."""
-    if is_coca(model):
+    if is_coca(model):  # drawn on the CPU, as open_clip's own init: the same weights on any device
         projection = model.text_decoder.text_projection
-        nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
+        drawn = nn.init.normal_(torch.empty(projection.shape), std=projection.shape[0] ** -0.5)
+        with torch.no_grad():
+            projection.copy_(drawn)
 
 
 def register_model_config(model: str) -> str:

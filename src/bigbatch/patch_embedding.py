@@ -9,7 +9,7 @@ the product is well under a millisecond each way.
 
 `PatchEmbedding` is an `nn.Conv2d` (same parameters, same state_dict keys, so checkpoints
 and open_clip export are unchanged) with that forward; `use_matmul_patch_embedding`
-switches a model's patchifying stems to it, `use_conv_patch_embedding` back.
+switches the stems of a model's ViTs to it, `use_conv_patch_embedding` back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
 
 class PatchEmbedding(nn.Conv2d):
@@ -33,31 +36,47 @@ class PatchEmbedding(nn.Conv2d):
         h, w = height // p, width // q  # as the convolution, drop a remainder
         if h * w == 0:
             return super().forward(images)
-        device_type = images.device.type
-        if torch.is_autocast_enabled(device_type):  # rearrange the patches in the product's dtype
-            images = images.to(torch.get_autocast_dtype(device_type))
+        if images.dtype in AUTOCAST_CASTS and _autocast_on(images.device.type):
+            images = images.to(torch.get_autocast_dtype(images.device.type))  # rearranged at its size
         patches = (images[:, :, :h * p, :w * q].reshape(batch, c, h, p, w, q)
                    .permute(0, 2, 4, 1, 3, 5).reshape(batch * h * w, c * p * q))
         out = F.linear(patches, self.weight.reshape(channels, c * p * q), self.bias)
         return out.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
 
 
+def _autocast_on(device_type: str) -> bool:
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+
+
+# A ViT's patch embedding: the parent's class name and the attribute holding its stem, whose
+# output the parent flattens into tokens (so the product's channels-last output costs nothing)
+TOKEN_STEMS = {"VisionTransformer": "conv1",  # open_clip's own ViT
+               "PatchEmbed": "proj"}          # timm's ViTs, EVA02, SigLIP towers
+
+
 def is_patchifying(module: nn.Module) -> bool:
-    """A stem that cuts the image itself (at most 4 channels) into patches of 2 pixels or
-    more; not the 1x1 or downsampling convolutions inside ResNets and ConvNeXts, whose
-    speed as a matrix product on feature maps was never measured."""
+    """A convolution that cuts the image itself (at most 4 channels) into non-overlapping
+    patches of 2 pixels or more."""
     return (type(module) is nn.Conv2d and module.kernel_size == module.stride
             and module.kernel_size[0] * module.kernel_size[1] > 1 and module.in_channels <= 4
             and module.padding in ((0, 0), "valid") and module.dilation == (1, 1)
             and module.groups == 1 and module.padding_mode == "zeros")
 
 
+def token_stems(model: nn.Module) -> list[nn.Conv2d]:
+    """The patchifying stems of `model`'s ViTs. Not ConvNeXt's patchifying stem: its
+    channels-last output would carry through the whole trunk, whose convolutions were never
+    timed that way; nor the convolutions inside ResNets and ConvNeXts."""
+    stems = (getattr(parent, TOKEN_STEMS.get(type(parent).__name__, ""), None) for parent in model.modules())
+    return [stem for stem in stems if stem is not None and is_patchifying(stem)]
+
+
 def use_matmul_patch_embedding(model: nn.Module) -> int:
-    """Switch every patchifying Conv2d of `model` to PatchEmbedding, in place; the count."""
-    convs = [m for m in model.modules() if is_patchifying(m)]
-    for conv in convs:
-        conv.__class__ = PatchEmbedding  # a subclass adding no state: parameters stay as they are
-    return len(convs)
+    """Switch the patchifying stems of `model`'s ViTs to PatchEmbedding, in place; the count."""
+    stems = token_stems(model)
+    for stem in stems:
+        stem.__class__ = PatchEmbedding  # a subclass adding no state: parameters stay as they are
+    return len(stems)
 
 
 def use_conv_patch_embedding(model: nn.Module) -> None:

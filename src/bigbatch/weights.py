@@ -185,6 +185,8 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
         raise
     except (RuntimeError, AttributeError, KeyError, ValueError, AssertionError, OSError,
             pickle.UnpicklingError) as error:  # what open_clip's loader raises for a file that does not fit
+        if weights.kind == "random" or _device_error(error):  # the device's, not the weights'
+            raise
         if weights.kind == "open_clip tag":
             raise ConfigError(f"--pretrained {weights.source}: open_clip could not load these weights from "
                               f"the local cache ({_first_line(error)}); the weights are not available offline: "
@@ -192,6 +194,11 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
         raise ConfigError(f"--pretrained {weights.source} does not fit --model {model} "
                           f"({type(error).__name__}: {_first_line(error)}): pass the --model it was trained with") from None
     return bundle
+
+
+def _device_error(error: Exception) -> bool:
+    """Out of memory, or a CUDA driver or kernel error, met while building on the device."""
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA" in str(error)
 
 
 def _first_line(error: Exception) -> str:

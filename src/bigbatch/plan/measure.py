@@ -27,6 +27,7 @@ from torch import nn
 
 from bigbatch.device import AUTOCAST_DTYPES
 from bigbatch.errors import ConfigError
+from bigbatch.patch_embedding import use_matmul_patch_embedding
 from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss
 from bigbatch.memory import MemoryMeter, storage_key, storage_keys
@@ -66,7 +67,6 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
     import open_clip
 
     from bigbatch.model import SIGLIP_INIT
-    from bigbatch.patch_embedding import use_matmul_patch_embedding
 
     name, siglip, force_patch_dropout = key
     kwargs: dict = dict(output_dict=True)
@@ -108,6 +108,8 @@ def fake_model(key: tuple, target: str):
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
     with mode:
         net = net.to_empty(device=target)
+    if target == "cuda":  # as build() on a GPU, and training
+        use_matmul_patch_embedding(net)
     return mode, net
 
 
