@@ -314,6 +314,31 @@ def test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq
     assert planned.peak == pytest.approx(measured, rel=0.10)
 
 
+TEACHER = str(Path(__file__).parent / "assets" / "test-teacher.json")  # wider than the students
+STUDENT = str(Path(__file__).parent / "assets" / "test-student.json")  # narrow, a 1,000-token vocabulary
+
+
+@pytest.mark.parametrize("student, batch_size, accum_freq, phase", [
+    ("bigbatch-tiny", 4, 2, "pass 2"),
+    (STUDENT, 32, 2, "pass 1"),  # the teacher's inference beside the last micro-batch's graph
+    pytest.param("bigbatch-tiny", 8, 1, "pass 2", marks=pytest.mark.slow),
+    pytest.param("bigbatch-tiny", 128, 8, "loss", marks=pytest.mark.slow),
+])
+def test_plan_with_a_teacher_within_10_percent_of_a_measured_step(student, batch_size, accum_freq, phase):
+    """--distill-model: the teacher's weights, its cached features, its inference and the
+    distillation term, each phase where it peaks."""
+    measured, _ = plan.measure_peak(student, batch_size=batch_size, accum_freq=accum_freq,
+                                    distill_model=TEACHER)
+    planned = estimate_memory(student, batch_size=batch_size, accum_freq=accum_freq, precision="fp32",
+                              target="cpu", distill_model=TEACHER)
+    alone = estimate_memory(student, batch_size=batch_size, accum_freq=accum_freq, precision="fp32",
+                            target="cpu")
+    assert planned.peak == pytest.approx(measured, rel=0.10)
+    assert planned.phase == phase
+    assert alone.peak < 0.85 * measured  # what the plan said before it counted the teacher
+    assert planned.teacher_weights > 0 and planned.teacher_features == 2 * 128 * 4 * batch_size * accum_freq
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model, batch_size, accum_freq, checkpointing", [
     ("ViT-B-32", 1, 2, False), ("ViT-B-32", 8, 1, False), ("ViT-B-32", 4, 2, True),
@@ -336,3 +361,11 @@ def test_offload_is_chosen_only_when_the_inputs_alone_do_not_fit():
     assert chosen is not None and not chosen.fits
     assert must_wait(2 * on_device.peak) is None  # fits
     assert must_wait(offloaded.peak // 2) is None  # hopeless
+
+
+def test_plan_command_counts_a_teacher(capsys, monkeypatch):
+    args = ("--model", TINY, "--global-batch-size", "64", "--batch-size", "16", "--gpu-memory", "24GiB")
+    alone = run_plan(capsys, monkeypatch, *args)
+    distilling = run_plan(capsys, monkeypatch, *args, "--distill-model", TEACHER)
+    assert "the teacher's" not in alone
+    assert "weights (+ the teacher's)" in distilling and "+ teacher's)" in distilling.split("cached features")[1]

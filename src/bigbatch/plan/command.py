@@ -17,7 +17,7 @@ from bigbatch.plan.sizes import DEFAULT_RESERVE, parse_memory
 
 SHARED_WITH_TRAIN = ("model", "global_batch_size", "precision", "grad_checkpointing", "local_loss",
                      "gather_with_grad", "offload_inputs", "siglip", "force_patch_dropout",
-                     "loss_tile_size", "ema_decay", "threads")
+                     "loss_tile_size", "ema_decay", "distill_model", "threads")
 PRECISIONS = ["auto", "fp32", "amp", "amp_bf16", "amp_bfloat16"]  # fp32 weights, alone or under autocast
 
 

@@ -32,10 +32,13 @@ The prediction follows the step's phases (docs/design.md section 2); all sizes a
     peak = W + O + I + max(A + F + F_grad + L,  A + F_grad + G + T)
 
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
+A distillation teacher (--distill-model) adds its weights to W, its cached features
+(n rows of its two embeddings, no gradients; freed after the loss) to the loss phase, the
+distillation term to L, and a third phase: pass 1's last micro-batch, whose graph A is
+kept while the teacher embeds it without grad (its inference peak, I_T):
+                                      A + F + F_teacher + I_T
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
 fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
-Nor is a distillation teacher (--distill-model): its weights, one micro-batch's inference
-and its cached features (N x its embed dim, twice) come on top of the plan.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from bigbatch.plan.sizes import DEFAULT_RESERVE
 from bigbatch.tiled import loss_working_set_bytes
 
 FLOAT32 = 4
+# PlanOptions' fields TrainConfig has too
 TRAIN_FIELDS = ("model", "precision", "grad_checkpointing", "local_loss", "loss_tile_size", "siglip",
-                "offload_inputs", "force_patch_dropout", "ema_decay")  # PlanOptions' fields TrainConfig has too
+                "offload_inputs", "force_patch_dropout", "ema_decay", "distill_model")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class PlanOptions:
     offload_inputs: bool = False
     force_patch_dropout: float | None = None
     ema_decay: float | None = None        # an EMA of the weights: a second copy of them
+    distill_model: str | None = None      # a frozen teacher: its weights, features and loss term
     target: str = "cuda"                  # the device type the run trains on ("cpu": CPU
                                           # autocast and CPU attention kernels)
     device: str = "cpu"                   # where to estimate: "cpu"/"meta" on fake tensors,
@@ -108,6 +113,10 @@ class Profile:
     activations: int | None        # saved for backward (probe: peak above the fixed costs)
     checkpointed: int | None       # the same with grad checkpointing (None: not measured)
     checkpoint_kept: int | None = None  # checkpointed: saved outside the blocks + block inputs
+    teacher_bytes: int = 0              # --distill-model's parameters and buffers
+    teacher_feature_bytes_per_sample: int = 0  # its two embeddings, cached for the loss
+    teacher_inference_fixed_bytes: int = 0       # the peak of its forward without grad:
+    teacher_inference_bytes_per_sample: int = 0  # fixed + per sample x the micro-batch
 
 
 @dataclass
@@ -130,7 +139,7 @@ class MemoryPlan:
     cached_features: int       # F + F_grad (0 when K = 1)
     loss_working_set: int      # L
     peak: int
-    phase: str                 # where the peak is: "loss" or "pass 2"
+    phase: str                 # where the peak is: "loss", "pass 2" (or with a teacher "pass 1")
     source: str                # "meta estimate" or "probe on cuda"
     target: str = "cuda"       # the device type modelled
     offload_inputs: bool = False
@@ -140,6 +149,8 @@ class MemoryPlan:
     gpu_memory: int | None = None
     reserve: float = DEFAULT_RESERVE
     ema_weights: int = 0       # --ema-decay's copy of the weights, part of `weights`
+    teacher_weights: int = 0   # --distill-model's, part of `weights`
+    teacher_features: int = 0  # its cached features, part of `cached_features`
 
     @property
     def usable_memory(self) -> int | None:
@@ -155,14 +166,16 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
     W, n = o.world_size, b * K  # n: this rank's samples in the step
     trainable = profile.trainable_params
     ema_weights = profile.param_bytes + profile.buffer_bytes if o.ema_decay else 0
-    weights = profile.param_bytes + profile.buffer_bytes + ema_weights
+    weights = profile.param_bytes + profile.buffer_bytes + ema_weights + profile.teacher_bytes
+    teacher_features = profile.teacher_feature_bytes_per_sample * n
     gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
     optimizer_state = 2 * FLOAT32 * trainable
     inputs = (min(2 * b, n) if o.offload_inputs else n) * profile.input_bytes_per_sample
     row = profile.feature_bytes_per_sample
     feature_grads = row * n if K > 1 else 0
     cached = row * n + feature_grads if K > 1 else 0
-    loss_ws, loss_tile = loss_working_set(n, o, profile.embed_dim, row)
+    loss_ws, loss_tile = loss_working_set(n, o, profile.embed_dim,
+                                          row + profile.teacher_feature_bytes_per_sample)
     if loss_tile is not None and profile.feature_element_size == FLOAT32:
         # the tiled loss's float32 gradient accumulators become the features' gradients
         loss_ws = max(0, loss_ws - feature_grads)
@@ -176,31 +189,36 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         pass_2 = max(activations, gradients + activations // 2)
     else:
         pass_2 = activations + gradients + transient
-    phases = {"loss": activations + cached + loss_ws, "pass 2": pass_2 + feature_grads}
+    phases = {"loss": activations + cached + teacher_features + loss_ws, "pass 2": pass_2 + feature_grads}
+    if profile.teacher_bytes:  # the last micro-batch's graph kept while the teacher embeds it
+        inference = profile.teacher_inference_fixed_bytes + profile.teacher_inference_bytes_per_sample * b
+        phases["pass 1"] = activations + row * n + teacher_features + inference
     phase = max(phases, key=phases.get)
     return MemoryPlan(
         model=o.model, batch_size=b, accum_freq=K, world_size=W, global_batch_size=n * W,
         precision=o.resolved_precision, grad_checkpointing=o.grad_checkpointing, weights=weights,
         gradients=gradients, gradient_transient=transient, optimizer_state=optimizer_state,
         inputs=inputs, activations=activations,
-        cached_features=cached, loss_working_set=loss_ws,
+        cached_features=cached + teacher_features, loss_working_set=loss_ws,
         peak=weights + optimizer_state + inputs + phases[phase], phase=phase,
         source="probe on cuda" if o.probes else "meta estimate",
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
         loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,
-        reserve=o.reserve, ema_weights=ema_weights)
+        reserve=o.reserve, ema_weights=ema_weights, teacher_weights=profile.teacher_bytes,
+        teacher_features=teacher_features)
 
 
 def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int) -> tuple[int, int | None]:
     """The loss's bytes beyond the cached features, and its tile (None: the plain loss).
 
     Rows are this rank's n samples under --local-loss, else all N = n x W. Across ranks
-    the features are all-gathered first: (n, D_i + D_t) concatenated, then (N, D_i + D_t).
+    the features (and a teacher's) are all-gathered first: (n, D_i + D_t) concatenated,
+    then (N, D_i + D_t).
     """
     N = n * o.world_size
     local = o.local_loss and o.world_size > 1
     rows = n if local else N
-    name = "siglip" if o.siglip else "clip"
+    name = "distill" if o.distill_model else "siglip" if o.siglip else "clip"
     loss = create_loss(name, local_loss=local, gather_with_grad=local, world_size=o.world_size,
                        tile_size=o.loss_tile_size)
     block = loss.tile(rows, N)  # the loss's own rule: tile_size, or tile only large batches

@@ -17,6 +17,7 @@ recomputed in backward).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ from torch import nn
 
 from bigbatch.device import AUTOCAST_DTYPES
 from bigbatch.errors import ConfigError
-from bigbatch.patch_embedding import use_matmul_patch_embedding
 from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss
 from bigbatch.memory import MemoryMeter, storage_key, storage_keys
+from bigbatch.patch_embedding import use_matmul_patch_embedding
 from bigbatch.plan.formula import PlanOptions, Profile
 
 
@@ -60,6 +61,54 @@ def meta_profile(options: PlanOptions, batch_size: int) -> Profile:
         raise ConfigError(f"--model {options.model} could not be estimated on fake tensors "
                           f"({type(error).__name__}: {str(error).splitlines()[0]}): probe it "
                           f"on a GPU with --device cuda") from error
+
+
+def with_teacher(profile: Profile, options: PlanOptions) -> Profile:
+    """The profile with --distill-model's costs, from the teacher on fake tensors: its
+    weights as the trainer loads them (fp32, like the student's), its two embeddings per
+    sample at the student's feature element size (both come out of the same autocast), and
+    the peak of its inference (linear in the batch: transformers)."""
+    if options.distill_model is None:
+        return profile
+    key = model_key(options.distill_model, False, None)
+    try:
+        weights, row, fixed, per_sample = teacher_costs(key, options.target, autocast_dtype(options))
+    except (RuntimeError, NotImplementedError) as error:
+        raise ConfigError(f"--distill-model {options.distill_model} could not be estimated on fake "
+                          f"tensors ({type(error).__name__}: {str(error).splitlines()[0]})") from error
+    return dataclasses.replace(profile, teacher_bytes=weights,
+                               teacher_feature_bytes_per_sample=row * profile.feature_element_size,
+                               teacher_inference_fixed_bytes=fixed,
+                               teacher_inference_bytes_per_sample=per_sample)
+
+
+@functools.lru_cache(maxsize=8)
+def teacher_costs(key: tuple, target: str, dtype: torch.dtype | None) -> tuple[int, int, int, int]:
+    """(weight bytes, embedding elements per sample, inference peak: fixed bytes and bytes
+    per sample) of a frozen model: forwards without grad at two batch sizes, every tensor
+    they make counted while alive (autocast's weight casts among them: frozen weights are
+    cast anew for each use, not cached)."""
+    mode, net = fake_model(key, target)
+    (height, width), context = input_shapes(key)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    peaks = {}
+    try:
+        net.requires_grad_(False)  # as the trainer's teacher (the fake model is shared: put back)
+        for batch_size in (8, 16):
+            with mode:
+                images = torch.empty(batch_size, 3, height, width, dtype=torch.uint8, device=target)
+                texts = torch.zeros(batch_size, context, dtype=torch.long, device=target)
+                meter = MemoryMeter(storage_keys(net, (images, texts)))
+                with _fused_attention(target == "cuda"), _autocast(target, dtype), torch.no_grad(), meter:
+                    outputs = net(images, texts)
+            peaks[batch_size] = meter.live.peak
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    per_sample = max(0, (peaks[16] - peaks[8]) // 8)
+    row = sum(outputs[k].shape[-1] for k in ("image_features", "text_features"))
+    weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    return weights, row, max(0, peaks[8] - 8 * per_sample), per_sample
 
 
 def build(key: tuple, device: torch.device | str) -> nn.Module:

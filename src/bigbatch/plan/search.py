@@ -8,7 +8,7 @@ import torch
 
 from bigbatch.errors import ConfigError
 from bigbatch.plan.formula import MemoryPlan, PlanOptions, assemble
-from bigbatch.plan.measure import meta_profile
+from bigbatch.plan.measure import meta_profile, with_teacher
 from bigbatch.plan.probe import cuda_profile
 from bigbatch.plan.report import no_fit_message
 from bigbatch.plan.sizes import derive_accum_freq, divisors, gib
@@ -23,7 +23,7 @@ def estimate_memory(options: PlanOptions, *, batch_size: int, accum_freq: int) -
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
     measure = cuda_profile if options.probes else meta_profile
-    profile = measure(options, batch_size)
+    profile = with_teacher(measure(options, batch_size), options)
     activations = profile.checkpointed if options.grad_checkpointing else profile.activations
     return assemble(profile, activations, batch_size, accum_freq, options)
 
@@ -64,7 +64,7 @@ def find_max_batch_size(options: PlanOptions, *, global_batch_size: int | None =
         return estimate_memory(meta, batch_size=b, accum_freq=accum(b))
 
     field = "checkpointed" if options.grad_checkpointing else "activations"
-    (b1, p1), (b2, p2) = [(b, meta_profile(meta, b)) for b in (8, 16)]
+    (b1, p1), (b2, p2) = [(b, with_teacher(meta_profile(meta, b), meta)) for b in (8, 16)]
     slope = (getattr(p2, field) - getattr(p1, field)) / (b2 - b1)
     intercept = getattr(p1, field) - slope * b1
 

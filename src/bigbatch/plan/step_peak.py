@@ -18,13 +18,15 @@ class _MicroBatch:
 
 def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision: str = "fp32",
                  grad_checkpointing: bool = False, offload_inputs: bool = False,
-                 device: str = "cpu", seed: int = 0, reuse_inputs: bool = False) -> tuple[int, float]:
+                 device: str = "cpu", seed: int = 0, reuse_inputs: bool = False,
+                 distill_model: str | None = None) -> tuple[int, float]:
     """The peak a plan predicts, measured: bytes over one real training step (the trainer's
     inputs, engine, loss and fused AdamW step, on random uint8 images and token ids), after
     a one-micro-batch step that made the optimizer state; and that step's seconds.
     CUDA: max_memory_allocated; CPU: bigbatch.memory's meter (see step_peak_bytes).
     reuse_inputs: one host micro-batch K times (huge K: host memory and time to make them);
-    the device still holds K copies."""
+    the device still holds K copies. distill_model: a frozen teacher (random weights), as
+    --distill-model runs it: once per micro-batch in pass 1, its term in the loss."""
     from bigbatch.accumulation import cached_backward
     from bigbatch.build import adamw
     from bigbatch.device import autocast_factory
@@ -33,13 +35,15 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     from bigbatch.memory import step_peak_bytes
     from bigbatch.model import create_model, parameter_groups
     from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
+    from bigbatch.teacher import Teacher
 
     device = torch.device(device)
     torch.manual_seed(seed)
     net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device).model
+    teacher = Teacher(create_model(distill_model, device=device).model) if distill_model else None
     optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
     autocast = autocast_factory(precision, device)
-    loss_fn = create_loss("clip")
+    loss_fn = create_loss("distill" if teacher else "clip")
     (height, width), context = input_shapes(model_key(model_name, False, None))
     generator = torch.Generator().manual_seed(seed)
 
@@ -51,7 +55,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
 
     def step(batches: list) -> None:
         inputs, to_device = step_inputs(batches, device, offload_inputs)
-        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device)
+        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device, teacher=teacher)
         unscale_and_clip(net, optimizer, None, clip_norm=1.0)
         optimizer_step(net, optimizer, None)
 
@@ -59,7 +63,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     # made before the step: not in its time
     batches = [micro_batch()] * accum_freq if reuse_inputs else [micro_batch() for _ in range(accum_freq)]
     start = time.perf_counter()
-    peak = step_peak_bytes(lambda: step(batches), net, optimizer, device=device)
+    resident = (net, optimizer) + ((teacher.model,) if teacher else ())
+    peak = step_peak_bytes(lambda: step(batches), *resident, device=device)
     seconds = time.perf_counter() - start
     on_host = device.type == "cpu"  # then the inputs are "on the device" all along: count them
     return peak + (input_bytes([(b.images, b.texts) for b in batches]) if on_host else 0), seconds
