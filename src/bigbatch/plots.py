@@ -82,6 +82,8 @@ def _finish(ax: Axes, title: str, ylabel: str, has_data: bool, legend: bool = Tr
     ax.grid(alpha=0.3)
     if not has_data:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
+    elif legend and len(ax.get_legend_handles_labels()[1]) > 4:  # beside the panel: never on a line
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     elif legend:
         ax.legend(fontsize="small")
 

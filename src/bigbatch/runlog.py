@@ -5,6 +5,7 @@ Only the main process (rank 0) writes; other ranks get a RunLog whose methods do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -12,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -63,6 +64,17 @@ class RunLog:
         self.wandb = wandb_run if run_dir else None
         self._window_start = time.perf_counter()
         self._window = Counter()  # samples, data seconds since the last progress line
+        self._session: tuple[float, int] | None = None  # (time, step) of this process's first step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time outside the steps (evaluation, checkpoints) stays out of samples/s and the
+        data share; the ETA, an average over the whole session, keeps it (it recurs)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - start
 
     def count_skipped(self, skipped: dict[str, int]) -> None:
         self.skipped.update(skipped)
@@ -72,19 +84,21 @@ class RunLog:
                    extra: dict[str, float] | None = None) -> None:
         """A tensor loss is read only when the line is printed: a host sync on GPU."""
         self._window.update(samples=samples, data_seconds=data_seconds, steps=1)
+        if self._session is None:  # from the end of the first step: its start-up is not a rate
+            self._session = (time.perf_counter(), step)
         if not print_now:
             return
         loss = float(loss)
-        elapsed = time.perf_counter() - self._window_start
+        now = time.perf_counter()
+        elapsed = now - self._window_start
         rate = self._window["samples"] / elapsed
-        steps_per_second = self._window["steps"] / elapsed
         record = dict(kind="train", step=step, epoch=epoch, loss=loss, lr=lr,
                       samples_per_second=rate, effective_batch=effective_batch,
                       data_fraction=self._window["data_seconds"] / elapsed,
                       peak_memory_gib=peak_memory_gib(self.device), **(extra or {}))
         if self.skipped:  # bad training samples so far, by reason
             record["skipped"] = dict(self.skipped)
-        eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
+        eta = (self.total_steps - step) * self._seconds_per_step(now, step, elapsed)
         skipped = sum(self.skipped.values())
         nonfinite = record.get("nonfinite_steps", 0)
         log.info(
@@ -96,6 +110,13 @@ class RunLog:
         self._write(record, step)
         self._window.clear()
         self._window_start = time.perf_counter()
+
+    def _seconds_per_step(self, now: float, step: int, window_seconds: float) -> float:
+        """Averaged over the session (pauses included): one slow window does not swing it."""
+        start, first_step = self._session
+        if step > first_step:
+            return (now - start) / (step - first_step)
+        return window_seconds / max(self._window["steps"], 1)
 
     def validation(self, *, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         self._write(dict(kind="val", step=step, epoch=epoch, **metrics), step)

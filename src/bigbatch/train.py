@@ -159,18 +159,20 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             batches_done += micro_batches.count
             if stop or (cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0
                         and batches_done < train_data.num_batches):  # the epoch's end saves anyway
-                ckpt.save_run(state, run, cfg, world,
-                              epoch_samples=batches_done * layout.batch_size * world.world_size)
+                with runlog.paused():
+                    ckpt.save_run(state, run, cfg, world,
+                                  epoch_samples=batches_done * layout.batch_size * world.world_size)
             if stop:
                 raise preempted(signals.signum, run, state.step, world)
         runlog.report_skipped()
 
         state.epoch = epoch + 1
-        metrics = evaluation.after_epoch(state, runlog) or metrics
-        if state.epoch == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
-            curves = draw_curves(run.dir, world)
-        if due(state.epoch, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
-            ckpt.save_run(state, run, cfg, world)
+        with runlog.paused():  # the next progress line's samples/s is the steps' alone
+            metrics = evaluation.after_epoch(state, runlog) or metrics
+            if state.epoch == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
+                curves = draw_curves(run.dir, world)
+            if due(state.epoch, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
+                ckpt.save_run(state, run, cfg, world)
 
     curves = curves or draw_curves(run.dir, world)  # a run resumed after its last epoch
     if curves:

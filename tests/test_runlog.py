@@ -1,0 +1,43 @@
+"""The progress line's numbers: samples/s of the steps alone, an ETA that does not swing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from bigbatch import runlog as runlog_module
+from bigbatch.runlog import RunLog
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_evaluation_stays_out_of_the_rate_and_in_the_eta(tmp_path, monkeypatch, caplog):
+    clock = Clock()
+    monkeypatch.setattr(runlog_module.time, "perf_counter", clock)
+    run = RunLog(tmp_path, total_steps=20)
+    caplog.set_level(logging.INFO, logger="bigbatch")
+
+    def steps(first: int, last: int) -> None:
+        for step in range(first, last + 1):
+            clock.now += 1.0  # a step: 1 s, 64 samples
+            run.train_step(step=step, epoch=1, loss=1.0, lr=1e-3, samples=64, data_seconds=0.1,
+                           effective_batch=64, print_now=step % 5 == 0)
+
+    steps(1, 5)
+    with run.paused():  # an evaluation and a checkpoint: 40 s
+        clock.now += 40.0
+    steps(6, 10)
+
+    rates = [r["samples_per_second"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert rates == [64.0, 64.0]  # not 64 * 5 / 45 after the pause
+    etas = re.findall(r"ETA (\d+)m(\d+)s", caplog.text)
+    # the steps left at the session's pace: since step 1 ended, 4 s over 4 steps, then 49 s over 9
+    # (the pause included: evaluations recur)
+    assert [int(m) * 60 + int(s) for m, s in etas] == [15 * 1, int(10 * 49 / 9)]
