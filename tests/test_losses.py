@@ -243,18 +243,21 @@ def test_working_set_estimate_matches_a_measurement(loss, tile):
     assert 0.75 * measured <= estimate <= 1.25 * measured
 
 
-@pytest.mark.parametrize("n, dim, tile", [(768, 128, None), (768, 128, 100), (512, 64, 1000), (1024, 16, 256)])
-def test_distillation_working_set_estimate_matches_a_measurement(n, dim, tile):
+@pytest.mark.parametrize("n, dim, teacher_dim, tile", [
+    (768, 128, 128, None), (768, 128, 128, 100), (512, 64, 64, 1000), (1024, 16, 16, 256),
+    (256, 32, 2048, None), (512, 32, 1024, 128), (256, 128, 32, 64)])  # a wide teacher, a narrow one
+def test_distillation_working_set_estimate_matches_a_measurement(n, dim, teacher_dim, tile):
     """The teacher's features are inputs (made before the loss), like the student's."""
     from bigbatch.losses import DistillClipLoss
     inputs = make_inputs(n, dim, bias=False)
-    teacher = make_inputs(n, dim, bias=False, seed=1)
+    teacher = make_inputs(n, teacher_dim, bias=False, seed=1)
 
     def loss(image_features, text_features, logit_scale, logit_bias=None):
         return DistillClipLoss(tile_size=tile)(image_features, text_features, logit_scale, teacher["image_features"],
                                                teacher["text_features"], torch.tensor(12.0))
     measured, _ = working_set(loss, inputs)
-    estimate = tiled.loss_working_set_bytes(n, n, dim, tile, tiled=tile is not None, loss="distill")
+    estimate = tiled.loss_working_set_bytes(n, n, dim, tile, tiled=tile is not None, loss="distill",
+                                            teacher_dim=teacher_dim)
     assert 0.75 * measured <= estimate <= 1.25 * measured
 
 

@@ -55,6 +55,16 @@ def test_pure_bf16_trains_bf16_weights_without_autocast(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records(run_dir))
 
 
+def test_open_clips_bf16_casts_the_products_weights_and_reads_bf16_images(tmp_path):
+    """--precision bf16: open_clip casts convolutions' and linear layers' weights, keeps the
+    LayerNorms float32; the uint8 images are normalised into bf16 for the first op."""
+    run_dir = run(tmp_path, "--precision", "bf16", "--epochs", "1")
+    state = torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    assert state["visual.conv1.weight"].dtype == torch.bfloat16
+    assert state["visual.ln_pre.weight"].dtype == torch.float32
+    assert all(math.isfinite(r["loss"]) for r in records(run_dir))
+
+
 def test_sgd_momentum_and_checkpoint_flags(tmp_path):
     run_dir = run(tmp_path, "--opt", "sgd", "--momentum", "0.9", "--epochs", "3",
                   "--delete-previous-checkpoint", "--save-most-recent")

@@ -314,29 +314,53 @@ def test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq
     assert planned.peak == pytest.approx(measured, rel=0.10)
 
 
+@pytest.mark.parametrize("precision", ["pure_bf16", "bf16"])
+def test_plan_of_cast_weights_within_10_percent_of_a_measured_step(precision):
+    """pure_bf16: weights, gradients and AdamW's moments in bf16; open_clip's bf16: only the
+    products' weights (LayerNorms and embeddings stay float32). Both without autocast."""
+    measured, _ = plan.measure_peak("bigbatch-tiny", batch_size=4, accum_freq=2, precision=precision)
+    planned = estimate_memory("bigbatch-tiny", batch_size=4, accum_freq=2, precision=precision, target="cpu")
+    fp32 = estimate_memory("bigbatch-tiny", batch_size=4, accum_freq=2, precision="fp32", target="cpu")
+    assert planned.peak == pytest.approx(measured, rel=0.10)
+    assert planned.optimizer_state == 2 * planned.gradients
+    if precision == "pure_bf16":
+        assert planned.weights == pytest.approx(fp32.weights / 2, rel=0.01)
+        assert planned.gradients == pytest.approx(fp32.gradients / 2, rel=0.01)
+
+
 TEACHER = str(Path(__file__).parent / "assets" / "test-teacher.json")  # wider than the students
 STUDENT = str(Path(__file__).parent / "assets" / "test-student.json")  # narrow, a 1,000-token vocabulary
+WIDE_TEACHER = str(Path(__file__).parent / "assets" / "test-wide-teacher.json")  # embeddings 32x the student's
 
 
-@pytest.mark.parametrize("student, batch_size, accum_freq, phase", [
-    ("bigbatch-tiny", 4, 2, "pass 2"),
-    (STUDENT, 32, 2, "pass 1"),  # the teacher's inference beside the last micro-batch's graph
-    pytest.param("bigbatch-tiny", 8, 1, "pass 2", marks=pytest.mark.slow),
-    pytest.param("bigbatch-tiny", 128, 8, "loss", marks=pytest.mark.slow),
+@pytest.mark.parametrize("student, teacher, batch_size, accum_freq, phase", [
+    ("bigbatch-tiny", TEACHER, 4, 2, "pass 2"),
+    (STUDENT, TEACHER, 32, 2, "pass 1"),  # the teacher's inference beside the last micro-batch's graph
+    (STUDENT, WIDE_TEACHER, 32, 8, "loss"),  # its features and the distillation term
+    pytest.param("bigbatch-tiny", TEACHER, 8, 1, "pass 2", marks=pytest.mark.slow),
+    pytest.param("bigbatch-tiny", TEACHER, 128, 8, "loss", marks=pytest.mark.slow),
 ])
-def test_plan_with_a_teacher_within_10_percent_of_a_measured_step(student, batch_size, accum_freq, phase):
+def test_plan_with_a_teacher_within_10_percent_of_a_measured_step(student, teacher, batch_size, accum_freq, phase):
     """--distill-model: the teacher's weights, its cached features, its inference and the
     distillation term, each phase where it peaks."""
     measured, _ = plan.measure_peak(student, batch_size=batch_size, accum_freq=accum_freq,
-                                    distill_model=TEACHER)
+                                    distill_model=teacher)
     planned = estimate_memory(student, batch_size=batch_size, accum_freq=accum_freq, precision="fp32",
-                              target="cpu", distill_model=TEACHER)
+                              target="cpu", distill_model=teacher)
     alone = estimate_memory(student, batch_size=batch_size, accum_freq=accum_freq, precision="fp32",
                             target="cpu")
     assert planned.peak == pytest.approx(measured, rel=0.10)
     assert planned.phase == phase
     assert alone.peak < 0.85 * measured  # what the plan said before it counted the teacher
-    assert planned.teacher_weights > 0 and planned.teacher_features == 2 * 128 * 4 * batch_size * accum_freq
+    width = 1024 if teacher == WIDE_TEACHER else 128
+    assert planned.teacher_weights > 0 and planned.teacher_features == 2 * width * 4 * batch_size * accum_freq
+
+
+def test_plan_refuses_what_training_refuses_with_a_teacher():
+    with pytest.raises(ConfigError, match="not SigLIP's"):
+        estimate_memory(TINY, batch_size=4, accum_freq=2, siglip=True, distill_model=TEACHER)
+    with pytest.raises(ConfigError, match="CoCa student"):
+        estimate_memory("coca_ViT-B-32", batch_size=4, accum_freq=2, distill_model=TEACHER)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from types import SimpleNamespace
 
 from bigbatch import runlog as runlog_module
 from bigbatch.runlog import RunLog
@@ -20,7 +21,7 @@ class Clock:
 
 def test_evaluation_stays_out_of_the_rate_and_in_the_eta(tmp_path, monkeypatch, caplog):
     clock = Clock()
-    monkeypatch.setattr(runlog_module.time, "perf_counter", clock)
+    monkeypatch.setattr(runlog_module, "time", SimpleNamespace(perf_counter=clock))  # this module's clock only
     run = RunLog(tmp_path, total_steps=20)
     caplog.set_level(logging.INFO, logger="bigbatch")
 
@@ -31,8 +32,10 @@ def test_evaluation_stays_out_of_the_rate_and_in_the_eta(tmp_path, monkeypatch, 
                            effective_batch=64, print_now=step % 5 == 0)
 
     steps(1, 5)
-    with run.paused():  # an evaluation and a checkpoint: 40 s
-        clock.now += 40.0
+    with run.paused():  # an evaluation and a checkpoint inside it: 40 s
+        clock.now += 30.0
+        with run.paused():
+            clock.now += 10.0
     steps(6, 10)
 
     rates = [r["samples_per_second"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]

@@ -170,9 +170,13 @@ def cached_backward(
     outputs = cached + [last_out]
     per_sample_keys = [k for k, v in last_out.items() if _is_per_sample(v) and k not in sample_keys]
     sizes = [_batch_size(out, per_sample_keys) for out in outputs]
-    # outputs the kept graph does not reach (a teacher's, a frozen tower's) need no gradient
-    leaves = {k: _leaf(torch.cat([out[k].detach() for out in outputs]), last_out[k].requires_grad)
-              for k in per_sample_keys}
+    # outputs the kept graph does not reach (a teacher's, a frozen tower's) need no gradient;
+    # joined one key at a time, each key's cached pieces freed once joined (never all twice)
+    leaves = {}
+    for k in per_sample_keys:
+        pieces = [out.pop(k) for out in cached] + [last_out[k].detach()]
+        leaves[k] = _leaf(torch.cat(pieces), last_out[k].requires_grad)
+        del pieces
     shared = {k: _leaf(v.detach(), v.requires_grad) if _is_model_level(v) else v
               for k, v in last_out.items() if k not in leaves and k not in sample_keys}
     del outputs, cached  # the concatenated leaves replace the micro-batches' features

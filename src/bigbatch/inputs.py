@@ -70,9 +70,11 @@ def normalize_on_device(tower: nn.Module, mean: Sequence[float], std: Sequence[f
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
-    """The tower's weights' dtype (float32 under autocast; bf16/fp16 for pure low precision)."""
+    """The dtype the tower's first op reads, as open_clip_train casts its inputs: float32
+    under autocast; bf16/fp16 when the weights are cast, wholly (pure_bf16) or only the
+    matrix products' and convolutions' (open_clip's bf16: its LayerNorms stay float32)."""
     for p in module.parameters():
-        if p.is_floating_point():
+        if p.is_floating_point() and p.element_size() < 4:
             return p.dtype
     return torch.float32
 

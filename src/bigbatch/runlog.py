@@ -65,16 +65,20 @@ class RunLog:
         self._window_start = time.perf_counter()
         self._window = Counter()  # samples, data seconds since the last progress line
         self._session: tuple[float, int] | None = None  # (time, step) of this process's first step
+        self._pauses = 0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Time outside the steps (evaluation, checkpoints) stays out of samples/s and the
         data share; the ETA, an average over the whole session, keeps it (it recurs)."""
+        self._pauses += 1
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._window_start += time.perf_counter() - start
+            self._pauses -= 1
+            if not self._pauses:  # nested: the outermost pause alone shifts the window
+                self._window_start += time.perf_counter() - start
 
     def count_skipped(self, skipped: dict[str, int]) -> None:
         self.skipped.update(skipped)

@@ -108,7 +108,7 @@ def soft_cross_entropy(rows: torch.Tensor, columns: torch.Tensor, logit_scale: t
 
 
 def loss_working_set_bytes(n_rows: int, n_cols: int, dim: int, tile: int | None = DEFAULT_TILE,
-                           tiled: bool = True, loss: str = "clip") -> int:
+                           tiled: bool = True, loss: str = "clip", teacher_dim: int | None = None) -> int:
     """Estimated peak bytes the loss allocates beyond its input features, float32 features.
 
     n_rows: rows this rank computes, n (N for the whole-batch loss, its own samples under
@@ -128,12 +128,14 @@ def loss_working_set_bytes(n_rows: int, n_cols: int, dim: int, tile: int | None 
                                        float32 gradients, one row block's P @ C
         clip, local   max(2 B, B + 2 G + h D)   one direction's gradients wait for the other
         siglip  max(2 B, B + G + h D)  forward: the block and its softplus
-        distill max(2.5 G, 5 B + 1.5 G + h D)   the contrastive term's and the teacher's
-                                       blocks, and both terms' gradients (fitted: within
-                                       -14%/+24% of measurements, n = N from 256 to 1024;
-                                       --local-loss's rows assumed alike, not measured)
-    and plain distill: clip's + 5 a + n D (the student's logits again, the teacher's, both
-    softmaxes and log-softmaxes); the teacher's features are inputs, not counted here.
+        distill max(2.5 G, 5 B + 0.5 G + G_t + h D)   the contrastive term's and the
+                                       teacher's blocks, both terms' gradients and the
+                                       teacher's scaled features, G_t = (n + N) D_t
+    and plain distill: clip's + max(5 a + n D, G_t) (the student's logits again, the
+    teacher's, both softmaxes and log-softmaxes; or, for a wide teacher, its scaled
+    features). Fitted to measurements within -11%/+8% (n = N of 256 to 1,024, D 32 to 128,
+    the teacher's D_t 32 to 4,096; --local-loss's rows assumed alike, not measured); the
+    teacher's features are inputs, not counted here.
     The tiled estimate is flat in N but for G, O((n + N) D). bf16/fp16 features add
     their float32 upcasts and the gradients' casts back, O((n + N) D) more.
     """
@@ -141,11 +143,12 @@ def loss_working_set_bytes(n_rows: int, n_cols: int, dim: int, tile: int | None 
         raise ValueError(f"unknown loss {loss!r}: clip, siglip or distill")
     n, N, D = n_rows, n_cols, dim
     local = n < N
+    teacher_grads = (n + N) * (teacher_dim or dim)
     if not tiled:
         if loss == "siglip":
             return FLOAT32 * (5 * n * N + n * D)
         clip = FLOAT32 * (4 * n * N + n * D * (2 if local else 1))
-        return clip + (FLOAT32 * (5 * n * N + n * D) if loss == "distill" else 0)
+        return clip + (FLOAT32 * max(5 * n * N + n * D, teacher_grads) if loss == "distill" else 0)
     if tile is None or tile < 1:
         raise ValueError("a tiled working set needs a tile size >= 1")
     h, w = min(tile, n), min(tile, N)
@@ -153,7 +156,7 @@ def loss_working_set_bytes(n_rows: int, n_cols: int, dim: int, tile: int | None 
     if loss == "siglip":
         return FLOAT32 * max(2 * block, block + grads + h * D)
     if loss == "distill":
-        return int(FLOAT32 * max(2.5 * grads, 5 * block + 1.5 * grads + h * D))
+        return int(FLOAT32 * max(2.5 * grads, 5 * block + 0.5 * grads + teacher_grads + h * D))
     if local:
         return FLOAT32 * max(2 * block, block + 2 * grads + h * D)
     return FLOAT32 * (2 * block + grads + h * D)

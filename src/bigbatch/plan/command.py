@@ -18,7 +18,6 @@ from bigbatch.plan.sizes import DEFAULT_RESERVE, parse_memory
 SHARED_WITH_TRAIN = ("model", "global_batch_size", "precision", "grad_checkpointing", "local_loss",
                      "gather_with_grad", "offload_inputs", "siglip", "force_patch_dropout",
                      "loss_tile_size", "ema_decay", "distill_model", "threads")
-PRECISIONS = ["auto", "fp32", "amp", "amp_bf16", "amp_bfloat16"]  # fp32 weights, alone or under autocast
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accum-freq", type=int,
                         help="micro-batches per step (default: derived from --global-batch-size, else 1)")
     add_options(parser, *SHARED_WITH_TRAIN, precision=dict(
-        choices=PRECISIONS, help="as for bigbatch train: 'auto' = amp on CUDA; amp/amp_bf16 (= "
-                                 "amp_bfloat16): fp32 weights under autocast (default: 'auto')"),
+        help="as for bigbatch train, but 'auto' = amp, the CUDA default (default: 'auto')"),
                 gather_with_grad=dict(help="as for bigbatch train, which needs it with --local-loss "
                                            "(the plan is the same either way)"))
     parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE,

@@ -2,11 +2,13 @@
 
 The prediction follows the step's phases (docs/design.md section 2); all sizes are per rank, in bytes:
 
-    W  weights (parameters and buffers, fp32: autocast keeps fp32 master weights), and
-       with --ema-decay their moving average, a second copy on the device
-    G  gradients, fp32 per trainable parameter (under DDP they are views into its
-       all-reduce buckets: gradient_as_bucket_view, no second copy)
-    O  AdamW state, two fp32 moments per trainable parameter (frozen ones have none)
+    W  weights (parameters and buffers: fp32 under autocast, which keeps fp32 master
+       weights; bf16/fp16 with pure_bf16/pure_fp16; open_clip's bf16/fp16 casts the
+       matrix products' weights only), and with --ema-decay their moving average, a
+       second copy on the device
+    G  gradients, one per trainable parameter in its dtype (under DDP they are views into
+       its all-reduce buckets: gradient_as_bucket_view, no second copy)
+    O  AdamW state, two moments per trainable parameter in its dtype (frozen ones have none)
     I  the step's inputs on the device: all K micro-batches (uint8 images, normalised
        by the image tower's first op; int64 tokens); one micro-batch with --offload-inputs
        (two while the next one's copy overlaps the forward)
@@ -34,9 +36,11 @@ The prediction follows the step's phases (docs/design.md section 2); all sizes a
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 A distillation teacher (--distill-model) adds its weights to W, its cached features
 (n rows of its two embeddings, no gradients; freed after the loss) to the loss phase, the
-distillation term to L, and a third phase: pass 1's last micro-batch, whose graph A is
+distillation term to L (at least half its features: joined one key at a time, the widest
+exists twice for a moment), and a third phase: pass 1's last micro-batch, whose graph A is
 kept while the teacher embeds it without grad (its inference peak, I_T):
                                       A + F + F_teacher + I_T
+Under DDP (W > 1) the gradients G live in its buckets from the start: in every phase.
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
 fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
 """
@@ -89,7 +93,8 @@ class PlanOptions:
 
     @property
     def resolved_precision(self) -> str:
-        """fp32, amp or amp_bf16, as bigbatch.device resolves it for the target."""
+        """As bigbatch.device resolves it for the target: fp32, amp, amp_bf16, or one that
+        casts the weights (pure_bf16, pure_fp16, bf16, fp16)."""
         return resolve_precision(self.precision, torch.device(self.target))
 
     @property
@@ -104,8 +109,8 @@ class Profile:
     batch_size: int
     param_bytes: int
     buffer_bytes: int
-    trainable_params: int
-    largest_trainable_param: int   # elements of the largest trainable tensor (T = its gradient)
+    trainable_bytes: int           # of the trainable parameters (their gradients: as many)
+    largest_trainable_bytes: int   # of the largest trainable tensor (T = its gradient)
     input_bytes_per_sample: int    # uint8 images + int64 tokens
     feature_bytes_per_sample: int  # (D_image + D_text) x the features' element size
     feature_element_size: int      # 4: float32 features (open_clip normalises them in fp32)
@@ -151,6 +156,7 @@ class MemoryPlan:
     ema_weights: int = 0       # --ema-decay's copy of the weights, part of `weights`
     teacher_weights: int = 0   # --distill-model's, part of `weights`
     teacher_features: int = 0  # its cached features, part of `cached_features`
+    teacher_inference: int = 0  # the peak of its forward over one micro-batch (pass 1)
 
     @property
     def usable_memory(self) -> int | None:
@@ -164,18 +170,18 @@ class MemoryPlan:
 def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions) -> MemoryPlan:
     """The peak formula of the module docstring, term by term."""
     W, n = o.world_size, b * K  # n: this rank's samples in the step
-    trainable = profile.trainable_params
     ema_weights = profile.param_bytes + profile.buffer_bytes if o.ema_decay else 0
     weights = profile.param_bytes + profile.buffer_bytes + ema_weights + profile.teacher_bytes
     teacher_features = profile.teacher_feature_bytes_per_sample * n
-    gradients = FLOAT32 * trainable  # DDP: views into its buckets (gradient_as_bucket_view)
-    optimizer_state = 2 * FLOAT32 * trainable
+    gradients = profile.trainable_bytes  # DDP: views into its buckets (gradient_as_bucket_view)
+    optimizer_state = 2 * profile.trainable_bytes  # AdamW's moments take the parameters' dtype
     inputs = (min(2 * b, n) if o.offload_inputs else n) * profile.input_bytes_per_sample
     row = profile.feature_bytes_per_sample
     feature_grads = row * n if K > 1 else 0
     cached = row * n + feature_grads if K > 1 else 0
+    teacher_dim = profile.teacher_feature_bytes_per_sample // (2 * profile.feature_element_size)
     loss_ws, loss_tile = loss_working_set(n, o, profile.embed_dim,
-                                          row + profile.teacher_feature_bytes_per_sample)
+                                          row + profile.teacher_feature_bytes_per_sample, teacher_dim)
     if loss_tile is not None and profile.feature_element_size == FLOAT32:
         # the tiled loss's float32 gradient accumulators become the features' gradients
         loss_ws = max(0, loss_ws - feature_grads)
@@ -184,15 +190,21 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
     # is added to .grad (the largest: T); DDP's buckets exist from the start. A plain step on
     # one process: the towers run backward one after the other, so about one tower's
     # activations can outlive the other's gradients
-    transient = 0 if K == 1 and W == 1 else FLOAT32 * profile.largest_trainable_param
+    transient = 0 if K == 1 and W == 1 else profile.largest_trainable_bytes
     if K == 1 and W == 1:
         pass_2 = max(activations, gradients + activations // 2)
     else:
         pass_2 = activations + gradients + transient
-    phases = {"loss": activations + cached + teacher_features + loss_ws, "pass 2": pass_2 + feature_grads}
+    # DDP's gradient buckets are allocated once, for the whole run: in every phase
+    resident = gradients if W > 1 else 0
+    # the teacher's features are joined one key at a time: its widest key twice, briefly
+    joining = teacher_features // 2 if K > 1 else 0
+    phases = {"loss": activations + cached + teacher_features + max(loss_ws, joining) + resident,
+              "pass 2": pass_2 + feature_grads}
+    inference = 0
     if profile.teacher_bytes:  # the last micro-batch's graph kept while the teacher embeds it
         inference = profile.teacher_inference_fixed_bytes + profile.teacher_inference_bytes_per_sample * b
-        phases["pass 1"] = activations + row * n + teacher_features + inference
+        phases["pass 1"] = activations + row * n + teacher_features + inference + resident
     phase = max(phases, key=phases.get)
     return MemoryPlan(
         model=o.model, batch_size=b, accum_freq=K, world_size=W, global_batch_size=n * W,
@@ -205,10 +217,11 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
         loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,
         reserve=o.reserve, ema_weights=ema_weights, teacher_weights=profile.teacher_bytes,
-        teacher_features=teacher_features)
+        teacher_features=teacher_features, teacher_inference=inference)
 
 
-def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int) -> tuple[int, int | None]:
+def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int,
+                     teacher_dim: int | None = None) -> tuple[int, int | None]:
     """The loss's bytes beyond the cached features, and its tile (None: the plain loss).
 
     Rows are this rank's n samples under --local-loss, else all N = n x W. Across ranks
@@ -222,6 +235,7 @@ def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int) -> tuple[
     loss = create_loss(name, local_loss=local, gather_with_grad=local, world_size=o.world_size,
                        tile_size=o.loss_tile_size)
     block = loss.tile(rows, N)  # the loss's own rule: tile_size, or tile only large batches
-    working = loss_working_set_bytes(rows, N, dim, tile=block, tiled=block is not None, loss=name)
+    working = loss_working_set_bytes(rows, N, dim, tile=block, tiled=block is not None, loss=name,
+                                     teacher_dim=teacher_dim)
     gathered = row_bytes * (n + N) if o.world_size > 1 else 0
     return working + gathered, block

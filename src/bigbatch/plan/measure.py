@@ -36,25 +36,32 @@ from bigbatch.plan.formula import PlanOptions, Profile
 
 
 def autocast_dtype(options: PlanOptions) -> torch.dtype | None:
-    """The autocast dtype of the run (bigbatch.device's table); None for fp32."""
+    """The autocast dtype of the run (bigbatch.device's table); None for fp32 and for the
+    precisions that cast the weights instead (weights_precision)."""
+    return AUTOCAST_DTYPES.get(options.resolved_precision)
+
+
+def weights_precision(options: PlanOptions) -> str:
+    """How open_clip builds the weights: fp32, or cast (pure_bf16, pure_fp16, bf16, fp16)."""
+    from bigbatch.model import LOW_PRECISIONS
+
     precision = options.resolved_precision
-    if precision != "fp32" and precision not in AUTOCAST_DTYPES:
-        raise ConfigError(f"--precision {options.precision}: the planner models fp32 weights, alone "
-                          f"or under autocast: use fp32, amp or amp_bf16")
-    return AUTOCAST_DTYPES.get(precision)
+    return precision if precision in LOW_PRECISIONS else "fp32"
 
 
 @functools.lru_cache(maxsize=None)
-def model_key(model_name: str, siglip: bool, force_patch_dropout: float | None) -> tuple:
-    """What builds the model: (open_clip config name, siglip, force_patch_dropout)."""
+def model_key(model_name: str, siglip: bool, force_patch_dropout: float | None,
+              precision: str = "fp32") -> tuple:
+    """What builds the model: (open_clip config name, siglip, force_patch_dropout, the
+    weights' precision as open_clip takes it)."""
     from bigbatch.model import register_model_config  # open_clip is slow to import
 
-    return register_model_config(model_name), siglip, force_patch_dropout
+    return register_model_config(model_name), siglip, force_patch_dropout, precision
 
 
 def meta_profile(options: PlanOptions, batch_size: int) -> Profile:
     """The profile of one micro-batch, from a forward on fake tensors of the target's type."""
-    key = model_key(options.model, options.siglip, options.force_patch_dropout)
+    key = model_key(options.model, options.siglip, options.force_patch_dropout, weights_precision(options))
     try:
         return fake_profile(key, options.target, autocast_dtype(options), batch_size)
     except (RuntimeError, NotImplementedError) as error:  # an op that fake tensors cannot run
@@ -70,7 +77,8 @@ def with_teacher(profile: Profile, options: PlanOptions) -> Profile:
     the peak of its inference (linear in the batch: transformers)."""
     if options.distill_model is None:
         return profile
-    key = model_key(options.distill_model, False, None)
+    check_distillation(options)
+    key = model_key(options.distill_model, False, None, weights_precision(options))
     try:
         weights, row, fixed, per_sample = teacher_costs(key, options.target, autocast_dtype(options))
     except (RuntimeError, NotImplementedError) as error:
@@ -80,6 +88,19 @@ def with_teacher(profile: Profile, options: PlanOptions) -> Profile:
                                teacher_feature_bytes_per_sample=row * profile.feature_element_size,
                                teacher_inference_fixed_bytes=fixed,
                                teacher_inference_bytes_per_sample=per_sample)
+
+
+def check_distillation(options: PlanOptions) -> None:
+    """What training refuses with a teacher, refused here too (the same messages)."""
+    import open_clip
+
+    if options.siglip:
+        raise ConfigError("--distill-model distils with CLIP's softmax loss (open_clip's DistillClipLoss), "
+                          "not SigLIP's: drop --siglip or the distillation")
+    name = model_key(options.model, False, None)[0]
+    if "multimodal_cfg" in (open_clip.get_model_config(name) or {}):
+        raise ConfigError("--distill-model with a CoCa student is not supported (nor in open_clip_train): "
+                          "distil into a CLIP model, or drop --distill-model")
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,7 +114,7 @@ def teacher_costs(key: tuple, target: str, dtype: torch.dtype | None) -> tuple[i
     trainable = [p for p in net.parameters() if p.requires_grad]
     peaks = {}
     try:
-        net.requires_grad_(False)  # as the trainer's teacher (the fake model is shared: put back)
+        net.eval().requires_grad_(False)  # as the trainer's teacher (the fake model is shared: put back)
         for batch_size in (8, 16):
             with mode:
                 images = torch.empty(batch_size, 3, height, width, dtype=torch.uint8, device=target)
@@ -103,6 +124,7 @@ def teacher_costs(key: tuple, target: str, dtype: torch.dtype | None) -> tuple[i
                     outputs = net(images, texts)
             peaks[batch_size] = meter.live.peak
     finally:
+        net.train()
         for p in trainable:
             p.requires_grad_(True)
     per_sample = max(0, (peaks[16] - peaks[8]) // 8)
@@ -117,8 +139,8 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
 
     from bigbatch.model import SIGLIP_INIT
 
-    name, siglip, force_patch_dropout = key
-    kwargs: dict = dict(output_dict=True)
+    name, siglip, force_patch_dropout, precision = key
+    kwargs: dict = dict(output_dict=True, precision=precision)
     if force_patch_dropout is not None:
         kwargs["force_patch_dropout"] = force_patch_dropout
     if siglip:
@@ -183,8 +205,9 @@ def profile(net: nn.Module, batch_size: int, inputs, outputs: dict, **measured) 
         batch_size=batch_size,
         param_bytes=sum(p.numel() * p.element_size() for p in net.parameters()),
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
-        trainable_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
-        largest_trainable_param=max((p.numel() for p in net.parameters() if p.requires_grad), default=0),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad),
+        largest_trainable_bytes=max((p.numel() * p.element_size() for p in net.parameters() if p.requires_grad),
+                                    default=0),
         input_bytes_per_sample=sum(t[0].numel() * t.element_size() for t in inputs),
         feature_bytes_per_sample=sum(f.shape[-1] * f.element_size() for f in features),
         feature_element_size=max(f.element_size() for f in features),

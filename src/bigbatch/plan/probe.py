@@ -10,7 +10,7 @@ import torch
 
 from bigbatch.errors import ConfigError
 from bigbatch.plan.formula import PlanOptions, Profile
-from bigbatch.plan.measure import autocast_dtype, build, input_shapes, model_key, profile
+from bigbatch.plan.measure import autocast_dtype, build, input_shapes, model_key, profile, weights_precision
 
 
 def cuda_profile(options: PlanOptions, batch_size: int) -> Profile:
@@ -18,7 +18,7 @@ def cuda_profile(options: PlanOptions, batch_size: int) -> Profile:
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {options.device}: no CUDA device here; use --device cpu for a "
                           f"meta estimate (it needs no GPU)")
-    key = model_key(options.model, options.siglip, options.force_patch_dropout)
+    key = model_key(options.model, options.siglip, options.force_patch_dropout, weights_precision(options))
     try:
         return _probe(key, batch_size, autocast_dtype(options), options.grad_checkpointing,
                       torch.device(options.device))

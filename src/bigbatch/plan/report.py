@@ -23,21 +23,25 @@ def format_plan(plan: MemoryPlan) -> str:
     rows = [
         ("weights" + (" (+ their EMA copy)" if plan.ema_weights else "")
          + (" (+ the teacher's)" if plan.teacher_weights else ""), plan.weights),
-        ("gradients (fp32)", plan.gradients),
+        ("gradients", plan.gradients),
         ("a new gradient before it joins .grad (the largest)", plan.gradient_transient),
-        ("optimizer state (AdamW, 2 fp32 moments)", plan.optimizer_state),
+        ("optimizer state (AdamW, 2 moments)", plan.optimizer_state),
         (f"inputs ({inputs})", plan.inputs),
         (f"activations (1 micro-batch of {plan.batch_size})", plan.activations),
-        (f"cached features ({plan.batch_size * K} rows, + grads"
+        (f"cached features ({plan.batch_size * K} rows" + (", + grads" if K > 1 else "")
          + (", + teacher's" if plan.teacher_features else "") + ")", plan.cached_features),
         (f"loss working set ({loss})", plan.loss_working_set),
     ]
+    if plan.teacher_weights:
+        rows.append(("teacher inference (1 micro-batch, pass 1)", plan.teacher_inference))
     lines += [f"  {name:<52}{gib(size):>8}" for name, size in rows]
     lines.append("-" * 62)
     lines.append(f"{'peak (' + plan.phase + ' phase)':<54}{gib(plan.peak):>8}")
     lines.append("  = weights + optimizer + inputs + max(activations + cached + loss,")
     lines.append("    activations + feature grads + gradients"
-                 + (",\n    activations + cached + the teacher's inference)" if plan.teacher_weights else ")"))
+                 + (",\n    activations + features + teacher inference)" if plan.teacher_weights else ")"))
+    if plan.world_size > 1:
+        lines.append("    (DDP: the gradients in every phase, in its buckets)")
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"{verdict} in {gib(plan.gpu_memory)} GiB ({gib(plan.usable_memory)} GiB usable, "
