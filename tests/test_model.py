@@ -78,3 +78,21 @@ def test_a_device_failing_while_loading_is_not_blamed_on_the_weights(tmp_path, m
     monkeypatch.setattr(weights_module, "create_model", failing)
     with pytest.raises(type(error), match="CUDA"):
         weights_module.load_model(config, weights, "cpu")
+
+
+@pytest.mark.parametrize("conv_dtype, other_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_uint8_images_are_normalised_into_the_first_convolutions_dtype(conv_dtype, other_dtype):
+    """float32 under autocast even beside a low-precision layer; bf16 where open_clip's bf16
+    cast the convolutions but left a LayerNorm (listed first) in float32."""
+    from torch import nn
+
+    from bigbatch.inputs import normalize_on_device
+    tower = nn.Module()
+    tower.norm = nn.LayerNorm(4).to(other_dtype)  # registered before the convolution
+    tower.conv = nn.Conv2d(3, 4, 2, stride=2).to(conv_dtype)
+    tower.forward = lambda images: tower.conv(images)
+    seen = []
+    tower.conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    normalize_on_device(tower, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    tower(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))
+    assert seen == [conv_dtype]

@@ -188,11 +188,15 @@ def test_terms_follow_the_step():
     # offloaded: the micro-batch computing and the next one, its copy overlapping
     assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == 2 * one.inputs
     ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4, local_loss=True)
-    assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024  # bucket views
-    assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
+    assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024
+    # DDP's buckets (G) from the start; in pass 2 beside the unsynchronised backwards' gradients
+    assert ddp.ddp_buckets == ddp.gradients
+    assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + ddp.ddp_buckets + max(
         ddp.activations + ddp.cached_features + ddp.loss_working_set,
         ddp.activations + 256 * per_sample + ddp.gradients + ddp.gradient_transient)
     assert ddp.gradient_transient == 4 * 49408 * 32  # the token embedding's gradient
+    fsdp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4, local_loss=True, fsdp=True)
+    assert fsdp.ddp_buckets == 0 and fsdp.peak == ddp.peak - ddp.gradients
 
 
 def test_large_global_batches_use_a_tiled_loss():

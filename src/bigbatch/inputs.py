@@ -70,11 +70,14 @@ def normalize_on_device(tower: nn.Module, mean: Sequence[float], std: Sequence[f
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the tower's first op reads, as open_clip_train casts its inputs: float32
-    under autocast; bf16/fp16 when the weights are cast, wholly (pure_bf16) or only the
-    matrix products' and convolutions' (open_clip's bf16: its LayerNorms stay float32)."""
+    """The dtype of the tower's first convolution, which reads the images: float32 under
+    autocast, bf16/fp16 where the weights are cast (pure_bf16, or open_clip's bf16, which
+    casts the convolutions and linear layers only); without one, its first float parameter."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.is_floating_point():
+            return m.weight.dtype
     for p in module.parameters():
-        if p.is_floating_point() and p.element_size() < 4:
+        if p.is_floating_point():
             return p.dtype
     return torch.float32
 

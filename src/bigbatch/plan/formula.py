@@ -6,8 +6,7 @@ The prediction follows the step's phases (docs/design.md section 2); all sizes a
        weights; bf16/fp16 with pure_bf16/pure_fp16; open_clip's bf16/fp16 casts the
        matrix products' weights only), and with --ema-decay their moving average, a
        second copy on the device
-    G  gradients, one per trainable parameter in its dtype (under DDP they are views into
-       its all-reduce buckets: gradient_as_bucket_view, no second copy)
+    G  gradients, one per trainable parameter in its dtype
     O  AdamW state, two moments per trainable parameter in its dtype (frozen ones have none)
     I  the step's inputs on the device: all K micro-batches (uint8 images, normalised
        by the image tower's first op; int64 tokens); one micro-batch with --offload-inputs
@@ -36,11 +35,11 @@ The prediction follows the step's phases (docs/design.md section 2); all sizes a
 With K = 1 nothing is cached (F = 0) and the loss runs on the graph's own outputs.
 A distillation teacher (--distill-model) adds its weights to W, its cached features
 (n rows of its two embeddings, no gradients; freed after the loss) to the loss phase, the
-distillation term to L (at least half its features: joined one key at a time, the widest
-exists twice for a moment), and a third phase: pass 1's last micro-batch, whose graph A is
+distillation term to L, and a third phase: pass 1's last micro-batch, whose graph A is
 kept while the teacher embeds it without grad (its inference peak, I_T):
                                       A + F + F_teacher + I_T
-Under DDP (W > 1) the gradients G live in its buckets from the start: in every phase.
+Under DDP (W > 1, not --fsdp) its gradient buckets, G, are allocated from the start: in
+every phase, pass 2's G + T beside them. --fsdp is planned unsharded (an upper bound).
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
 fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
 """
@@ -59,7 +58,7 @@ from bigbatch.tiled import loss_working_set_bytes
 FLOAT32 = 4
 # PlanOptions' fields TrainConfig has too
 TRAIN_FIELDS = ("model", "precision", "grad_checkpointing", "local_loss", "loss_tile_size", "siglip",
-                "offload_inputs", "force_patch_dropout", "ema_decay", "distill_model")
+                "offload_inputs", "force_patch_dropout", "ema_decay", "distill_model", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,7 @@ class PlanOptions:
     force_patch_dropout: float | None = None
     ema_decay: float | None = None        # an EMA of the weights: a second copy of them
     distill_model: str | None = None      # a frozen teacher: its weights, features and loss term
+    fsdp: bool = False                    # FSDP2 across the ranks: no DDP buckets
     target: str = "cuda"                  # the device type the run trains on ("cpu": CPU
                                           # autocast and CPU attention kernels)
     device: str = "cpu"                   # where to estimate: "cpu"/"meta" on fake tensors,
@@ -89,7 +89,8 @@ class PlanOptions:
     def from_config(cls, config, **rest) -> PlanOptions:
         """The options of a training run (a TrainConfig, or a command's parsed flags): the
         fields named alike (TRAIN_FIELDS) from `config`, `rest` for the others."""
-        return cls(**{name: getattr(config, name) for name in TRAIN_FIELDS if name not in rest}, **rest)
+        return cls(**{name: getattr(config, name) for name in TRAIN_FIELDS
+                      if name not in rest and hasattr(config, name)}, **rest)
 
     @property
     def resolved_precision(self) -> str:
@@ -157,6 +158,7 @@ class MemoryPlan:
     teacher_weights: int = 0   # --distill-model's, part of `weights`
     teacher_features: int = 0  # its cached features, part of `cached_features`
     teacher_inference: int = 0  # the peak of its forward over one micro-batch (pass 1)
+    ddp_buckets: int = 0        # DDP's gradient buckets (= gradients), in every phase
 
     @property
     def usable_memory(self) -> int | None:
@@ -195,12 +197,12 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         pass_2 = max(activations, gradients + activations // 2)
     else:
         pass_2 = activations + gradients + transient
-    # DDP's gradient buckets are allocated once, for the whole run: in every phase
-    resident = gradients if W > 1 else 0
-    # the teacher's features are joined one key at a time: its widest key twice, briefly
-    joining = teacher_features // 2 if K > 1 else 0
-    phases = {"loss": activations + cached + teacher_features + max(loss_ws, joining) + resident,
-              "pass 2": pass_2 + feature_grads}
+    # DDP's gradient buckets are allocated once, for the whole run: in every phase, and in
+    # pass 2 beside the gradients its unsynchronised backwards make (zero_grad set them to
+    # None, so they become views of the buckets only at the step's synchronising backward)
+    resident = gradients if W > 1 and not o.fsdp else 0
+    phases = {"loss": activations + cached + teacher_features + loss_ws + resident,
+              "pass 2": pass_2 + feature_grads + (resident if K > 1 else 0)}  # K = 1: synced at once
     inference = 0
     if profile.teacher_bytes:  # the last micro-batch's graph kept while the teacher embeds it
         inference = profile.teacher_inference_fixed_bytes + profile.teacher_inference_bytes_per_sample * b
@@ -217,7 +219,7 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
         loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,
         reserve=o.reserve, ema_weights=ema_weights, teacher_weights=profile.teacher_bytes,
-        teacher_features=teacher_features, teacher_inference=inference)
+        teacher_features=teacher_features, teacher_inference=inference, ddp_buckets=resident)
 
 
 def loss_working_set(n: int, o: PlanOptions, dim: int, row_bytes: int,

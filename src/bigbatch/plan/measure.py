@@ -72,7 +72,7 @@ def meta_profile(options: PlanOptions, batch_size: int) -> Profile:
 
 def with_teacher(profile: Profile, options: PlanOptions) -> Profile:
     """The profile with --distill-model's costs, from the teacher on fake tensors: its
-    weights as the trainer loads them (fp32, like the student's), its two embeddings per
+    weights as the trainer loads them (in the run's weight precision), its two embeddings per
     sample at the student's feature element size (both come out of the same autocast), and
     the peak of its inference (linear in the batch: transformers)."""
     if options.distill_model is None:

@@ -40,8 +40,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append("  = weights + optimizer + inputs + max(activations + cached + loss,")
     lines.append("    activations + feature grads + gradients"
                  + (",\n    activations + features + teacher inference)" if plan.teacher_weights else ")"))
-    if plan.world_size > 1:
-        lines.append("    (DDP: the gradients in every phase, in its buckets)")
+    if plan.ddp_buckets:
+        lines.append("    + DDP's gradient buckets in every phase")
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"{verdict} in {gib(plan.gpu_memory)} GiB ({gib(plan.usable_memory)} GiB usable, "
