@@ -360,6 +360,12 @@ def test_plan_with_a_teacher_within_10_percent_of_a_measured_step(student, teach
     assert planned.teacher_weights > 0 and planned.teacher_features == 2 * width * 4 * batch_size * accum_freq
 
 
+def test_a_plan_that_does_not_fit_names_the_teacher():
+    distilling = estimate_memory(STUDENT, batch_size=32, accum_freq=2, distill_model=TEACHER, gpu_memory=1 << 20)
+    assert not distilling.fits
+    assert any("a smaller --distill-model" in text for text in plan.suggestions(distilling))
+
+
 def test_plan_refuses_what_training_refuses_with_a_teacher():
     with pytest.raises(ConfigError, match="not SigLIP's"):
         estimate_memory(TINY, batch_size=4, accum_freq=2, siglip=True, distill_model=TEACHER)

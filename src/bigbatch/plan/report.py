@@ -83,6 +83,10 @@ def suggestions(plan: MemoryPlan) -> list[str]:
     found.append(((plan.inputs + plan.cached_features) // 2, "more GPUs (--world-size): the global batch, "
                                                       "its inputs and cached features are split "
                                                       "over them"))
+    if plan.teacher_weights:
+        found.append((plan.teacher_weights + plan.teacher_inference,
+                      f"a smaller --distill-model (the teacher's weights take {gib(plan.teacher_weights)} GiB, "
+                      f"its inference over a micro-batch {gib(plan.teacher_inference)} GiB)"))
     if fixed > (plan.usable_memory or fixed):
         found.append((fixed, f"weights, gradients and AdamW state alone take {gib(fixed)} GiB: "
                              f"shard them over GPUs with --fsdp, or lock a tower"))
