@@ -22,7 +22,7 @@ from torch import nn
 
 from bigbatch.errors import ConfigError
 from bigbatch.inputs import normalize_on_device, uint8_transform
-from bigbatch.patch_embedding import use_matmul_patch_embedding
+from bigbatch.patch_embedding import use_matmul_patch_embedding_on
 
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's schemas
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
@@ -73,8 +73,7 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
         init_caption_projection(net)
     if grad_checkpointing:
         net.set_grad_checkpointing(True)
-    if torch.device(device).type == "cuda":  # cuDNN's patchify is slow; CPU keeps the convolution
-        use_matmul_patch_embedding(net)
+    use_matmul_patch_embedding_on(net, device)
     preprocess_train, mean, std = uint8_transform(preprocess_train)
     preprocess_val, val_mean, val_std = uint8_transform(preprocess_val)
     if mean is None:  # timm's training transform (use_timm) stays float: the val one says
@@ -104,11 +103,17 @@ def hub_offline() -> Iterator[None]:
 LOW_PRECISIONS = ("bf16", "fp16", "pure_bf16", "pure_fp16")  # open_clip casts the weights
 
 
+def weights_precision(precision: str) -> str:
+    """The precision open_clip builds the weights in: a low one it casts them to, else fp32
+    (autocast's master weights)."""
+    return precision if precision in LOW_PRECISIONS else "fp32"
+
+
 def open_clip_options(cfg) -> dict:
     """TrainConfig's options that open_clip.create_model_and_transforms takes as they are."""
     size = cfg.force_image_size
     return dict(
-        precision=cfg.precision if cfg.precision in LOW_PRECISIONS else "fp32",
+        precision=weights_precision(cfg.precision),
         force_image_size=size[0] if size and len(size) == 1 else tuple(size) if size else None,
         force_context_length=cfg.force_context_length, force_quick_gelu=cfg.force_quick_gelu,
         force_custom_text=cfg.force_custom_text, pretrained_image=cfg.pretrained_image,

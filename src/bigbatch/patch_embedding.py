@@ -79,6 +79,12 @@ def use_matmul_patch_embedding(model: nn.Module) -> int:
     return len(stems)
 
 
+def use_matmul_patch_embedding_on(model: nn.Module, device: torch.device | str) -> None:
+    """The product on CUDA, where cuDNN's patchify is slow; elsewhere the convolution stays."""
+    if torch.device(device).type == "cuda":
+        use_matmul_patch_embedding(model)
+
+
 def use_conv_patch_embedding(model: nn.Module) -> None:
     """Back to plain convolutions (what open_clip itself runs)."""
     for module in model.modules():

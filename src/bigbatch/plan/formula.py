@@ -175,7 +175,7 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
     ema_weights = profile.param_bytes + profile.buffer_bytes if o.ema_decay else 0
     weights = profile.param_bytes + profile.buffer_bytes + ema_weights + profile.teacher_bytes
     teacher_features = profile.teacher_feature_bytes_per_sample * n
-    gradients = profile.trainable_bytes  # DDP: views into its buckets (gradient_as_bucket_view)
+    gradients = profile.trainable_bytes  # under DDP also its buckets: `resident` below
     optimizer_state = 2 * profile.trainable_bytes  # AdamW's moments take the parameters' dtype
     inputs = (min(2 * b, n) if o.offload_inputs else n) * profile.input_bytes_per_sample
     row = profile.feature_bytes_per_sample

@@ -31,7 +31,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss
 from bigbatch.memory import MemoryMeter, storage_key, storage_keys
-from bigbatch.patch_embedding import use_matmul_patch_embedding
+from bigbatch.patch_embedding import use_matmul_patch_embedding_on
 from bigbatch.plan.formula import PlanOptions, Profile
 
 
@@ -43,10 +43,9 @@ def autocast_dtype(options: PlanOptions) -> torch.dtype | None:
 
 def weights_precision(options: PlanOptions) -> str:
     """How open_clip builds the weights: fp32, or cast (pure_bf16, pure_fp16, bf16, fp16)."""
-    from bigbatch.model import LOW_PRECISIONS
+    from bigbatch import model
 
-    precision = options.resolved_precision
-    return precision if precision in LOW_PRECISIONS else "fp32"
+    return model.weights_precision(options.resolved_precision)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,18 +109,16 @@ def teacher_costs(key: tuple, target: str, dtype: torch.dtype | None) -> tuple[i
     they make counted while alive (autocast's weight casts among them: frozen weights are
     cast anew for each use, not cached)."""
     mode, net = fake_model(key, target)
-    (height, width), context = input_shapes(key)
     trainable = [p for p in net.parameters() if p.requires_grad]
     peaks = {}
     try:
         net.eval().requires_grad_(False)  # as the trainer's teacher (the fake model is shared: put back)
         for batch_size in (8, 16):
             with mode:
-                images = torch.empty(batch_size, 3, height, width, dtype=torch.uint8, device=target)
-                texts = torch.zeros(batch_size, context, dtype=torch.long, device=target)
-                meter = MemoryMeter(storage_keys(net, (images, texts)))
+                inputs = fake_inputs(key, target, batch_size)
+                meter = MemoryMeter(storage_keys(net, inputs))
                 with _fused_attention(target == "cuda"), _autocast(target, dtype), torch.no_grad(), meter:
-                    outputs = net(images, texts)
+                    outputs = net(*inputs)
             peaks[batch_size] = meter.live.peak
     finally:
         net.train()
@@ -154,8 +151,7 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
         root.setLevel(level)
     preprocess = open_clip.get_model_preprocess_cfg(net)
     normalize_on_device(net.visual, preprocess["mean"], preprocess["std"])  # uint8 inputs
-    if torch.device(device).type == "cuda":
-        use_matmul_patch_embedding(net)
+    use_matmul_patch_embedding_on(net, device)
     return net
 
 
@@ -179,8 +175,7 @@ def fake_model(key: tuple, target: str):
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
     with mode:
         net = net.to_empty(device=target)
-    if target == "cuda":  # as build() on a GPU, and training
-        use_matmul_patch_embedding(net)
+    use_matmul_patch_embedding_on(net, target)  # as build() on a GPU, and training
     return mode, net
 
 
@@ -188,14 +183,19 @@ def fake_model(key: tuple, target: str):
 def fake_profile(key: tuple, target: str, dtype: torch.dtype | None, batch_size: int) -> Profile:
     """One forward of `batch_size` samples on fake tensors: what it saves for backward."""
     mode, net = fake_model(key, target)
-    (height, width), context = input_shapes(key)
     with mode:
-        images = torch.empty(batch_size, 3, height, width, dtype=torch.uint8, device=target)
-        texts = torch.zeros(batch_size, context, dtype=torch.long, device=target)
+        inputs = fake_inputs(key, target, batch_size)
         with _fused_attention(target == "cuda"), _autocast(target, dtype):
-            saved = _saved_for_backward(net, (images, texts))
-        return profile(net, batch_size, (images, texts), saved.outputs, activations=saved.full,
+            saved = _saved_for_backward(net, inputs)
+        return profile(net, batch_size, inputs, saved.outputs, activations=saved.full,
                        checkpointed=saved.checkpointed, checkpoint_kept=saved.kept)
+
+
+def fake_inputs(key: tuple, target: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch as the loader gives it, uint8 images and token ids (under a fake mode)."""
+    (height, width), context = input_shapes(key)
+    images = torch.empty(batch_size, 3, height, width, dtype=torch.uint8, device=target)
+    return images, torch.zeros(batch_size, context, dtype=torch.long, device=target)
 
 
 def profile(net: nn.Module, batch_size: int, inputs, outputs: dict, **measured) -> Profile:

@@ -33,13 +33,13 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     from bigbatch.inputs import input_bytes
     from bigbatch.losses import create_loss
     from bigbatch.memory import step_peak_bytes
-    from bigbatch.model import LOW_PRECISIONS, create_model, parameter_groups
+    from bigbatch.model import create_model, parameter_groups, weights_precision
     from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
     from bigbatch.teacher import Teacher
 
     device = torch.device(device)
     torch.manual_seed(seed)
-    weights = dict(precision=precision if precision in LOW_PRECISIONS else "fp32")  # open_clip casts them
+    weights = dict(precision=weights_precision(precision))  # open_clip casts them
     net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device, **weights).model
     teacher = Teacher(create_model(distill_model, device=device, **weights).model) if distill_model else None
     optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
