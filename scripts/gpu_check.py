@@ -1,31 +1,39 @@
 #!/usr/bin/env python
 """The one GPU check: the figures bigbatch claims for a GPU, measured in one short run.
 
-    bash scripts/gpu_check.sh OUT_DIR            # one H100/H200, about 15 minutes (--parts: fewer)
-    bash scripts/gpu_check.sh OUT_DIR --smoke    # CPU, a tiny model, well under a minute
+    bash scripts/gpu_check.sh OUT_DIR            # one H100/H200, at most 8 minutes (--total)
+    bash scripts/gpu_check.sh OUT_DIR --smoke    # CPU, a tiny model, about a minute
 
 Each part runs in a process of its own under its own time budget, and writes its JSON
 after every measurement: a part that fails, runs out of memory in a way it did not
 expect, or runs out of time leaves what it had measured, and the other parts still run.
+The timed parts (a) have the device to themselves (env and bench first, the others after the
+shared ones: under --total the targets come first); the others (s) run side by side, in
+groups whose peaks fit the card, so that their host work hides under each other's kernels
+(scripts/gpu_schedule.py; --serial: one after the other). At --total seconds (480) what
+still runs is stopped with what it has, and the summary says so.
 
-  env       the device and the versions
-  tests     `pytest -m cuda`: the engine's exactness on CUDA (bf16 autocast, fp16 scaling,
-            dropout), fused attention kernels, pinned offload, a one-GPU DDP step
-  bench     bigbatch plain / accumulated / open_clip_train accumulated, side by side
-            (samples/s, max_memory_allocated): ViT-B-32, bf16, micro-batch 256 x K = 4, 16
-  plan      `bigbatch plan`'s predicted peak (meta estimate and CUDA probe) against the
-            peak measured over a real training step, for five configurations
-  capped    ViT-L-14 at a global batch of 32,768 under a 24 GiB cap
-            (`torch.cuda.set_per_process_memory_fraction`), micro-batch from the planner
-  largest   the largest global batch one step completes for ViT-B-32 (doubling; inputs
-            offloaded), and where open_clip_train's accumulation stops on the same work
-  compile   `--torchcompile`'s speed-up: the accumulated step of ViT-B-32 (256 x 4) eager
-            and compiled with inductor, side by side (--smoke: an eager capture, no speed)
-  patchify  ViT-B-32's patch embedding, forward + backward in bf16 at micro-batch and global
-            batch: cuDNN's convolution (benchmark on, as open_clip_train runs it) against
-            the matrix product bigbatch runs on CUDA (bigbatch.patch_embedding)
-  e2e       whole CLI runs of bigbatch (CSV, shards) and open_clip_train on the same PNG/JPEG
-            files, model and flags (scripts/bench_e2e.py): ViT-B-32, bf16, 128 x 4, 8 workers
+  env          (a) the device and the versions
+  tests        (s) `pytest -m cuda`: the engine's exactness on CUDA (bf16 autocast, fp16
+               scaling, dropout), fused attention kernels, pinned offload, a one-GPU DDP step
+  bench        (a) bigbatch plain / accumulated / open_clip_train accumulated, side by side
+               (samples/s, max_memory_allocated): ViT-B-32, bf16, micro-batch 256 x K = 4, 16
+  plan         (s) `bigbatch plan`'s predicted peak (meta estimate and CUDA probe) against the
+               peak measured over a real training step, for five configurations
+  capped       (s) ViT-L-14 at a global batch of 32,768 under a 24 GiB cap
+               (`torch.cuda.set_per_process_memory_fraction`), micro-batch from the planner
+  largest      (s) the largest global batch one step completes for ViT-B-32 (doubling from
+               524,288; inputs offloaded)
+  peer_largest (a) where open_clip_train's accumulation runs out of memory on the same work
+  compile      (s, timed alone) `--torchcompile`'s speed-up: the accumulated step of ViT-B-32
+               (256 x 4) eager and compiled with inductor, side by side (--smoke: an eager
+               capture, no speed)
+  patchify     (a) ViT-B-32's patch embedding, forward + backward in bf16 at micro-batch and
+               global batch: cuDNN's convolution (benchmark on, as open_clip_train runs it)
+               against the matrix product bigbatch runs on CUDA (bigbatch.patch_embedding)
+  e2e          (a, not by default: --parts e2e) whole CLI runs of bigbatch (CSV, shards) and
+               open_clip_train on the same PNG/JPEG files, model and flags
+               (scripts/bench_e2e.py): ViT-B-32, bf16, 128 x 4, 8 workers
 
 Writes OUT_DIR/gpu-check.{json,md,png} (plus the benchmark's own files) and prints the
 summary. --smoke runs every line on CPU with a tiny model: the test suite does so.
@@ -46,10 +54,17 @@ import time
 import traceback
 from pathlib import Path
 
+import gpu_schedule  # beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "assets" / "test-clip.json")
 GiB = 1024 ** 3
-PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "compile", "patchify", "e2e")
+PARTS = ("env", "tests", "bench", "plan", "capped", "largest", "peer_largest", "compile", "patchify", "e2e")
+DEFAULT_PARTS = PARTS[:-1]  # e2e's whole runs take minutes more: --parts e2e
+# timed (or searching where the card's memory ends): the device to themselves; the others
+# may share it (scripts/gpu_schedule.py)
+ALONE = {"env", "bench", "patchify", "peer_largest", "e2e"}
+FIRST = ("env", "bench")  # before the shared parts: env tells the card's memory, bench has two targets
 BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
 PEER = "open_clip_train accumulated"
 
@@ -57,7 +72,10 @@ PEER = "open_clip_train accumulated"
 # --------------------------------------------------------------------------- settings
 
 def settings(smoke: bool) -> dict:
-    """Everything a part needs to know; --smoke shrinks models, batches and budgets."""
+    """Everything a part needs to know; --smoke shrinks models, batches and budgets.
+    peaks: GiB each shared part may take at most, for packing them beside each other
+    (on the H200: tests 2, plan 23, capped under its 24 cap, largest 39, compile 11);
+    device_gib (smoke): the memory the packing assumes, small enough to make two groups."""
     if smoke:
         return dict(device="cpu", precision="fp32", bench_model=TINY, bench_batch=4, bench_ks=[2],
                     bench_steps=1, plan_configs=[(TINY, 4, 2, False, False), (TINY, 4, 3, True, True)],
@@ -67,8 +85,9 @@ def settings(smoke: bool) -> dict:
                     compile_model=TINY, compile_batch=4, compile_k=2, compile_backend="eager",
                     e2e=dict(model=TINY, configs="4x2x1", samples=16, image_size=16, epochs=1),
                     patchify=dict(model=TINY, batches=[4, 8], repeats=2),
-                    budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, capped=180,
-                                 compile=180, patchify=60, e2e=180))
+                    peaks=dict(tests=0.1, plan=0.3, capped=0.3, largest=0.5, compile=0.2), device_gib=1.0,
+                    budgets=dict(env=60, tests=240, bench=240, plan=180, largest=180, peer_largest=180,
+                                 capped=180, compile=180, patchify=60, e2e=180), total=900)
     return dict(device="cuda", precision="amp_bf16", bench_model="ViT-B-32", bench_batch=256,
                 bench_ks=[4, 16], bench_steps=5,
                 # (model, micro-batch, K, grad checkpointing, offload inputs)
@@ -76,22 +95,25 @@ def settings(smoke: bool) -> dict:
                               ("ViT-B-32", 256, 16, False, True), ("ViT-L-14", 64, 4, False, False),
                               ("ViT-L-14", 64, 8, True, True)],
                 largest_model="ViT-B-32", largest_micro=1024,
-                largest_start={PEER: 8192, BIGBATCH_OFFLOADED: 524288}, largest_cap=1 << 20,
+                # open_clip_train completed 16,384 and ran out of memory at 65,536 on the H200
+                largest_start={PEER: 32768, BIGBATCH_OFFLOADED: 524288}, largest_cap=1 << 20,
                 capped_model="ViT-L-14", capped_global=32768, capped_gib=24.0,
                 compile_model="ViT-B-32", compile_batch=256, compile_k=4, compile_backend="inductor",
                 e2e=dict(model="ViT-B-32", configs="128x4x8", samples=4096, image_size=224, epochs=2),
                 patchify=dict(model="ViT-B-32", batches=[256, 1024], repeats=20),
-                # seconds; on an H200: env 6, tests 33, bench 94, plan 67, capped 110, largest 220,
-                # compile 108, patchify 15 (bench/gpu)
-                budgets=dict(env=15, tests=45, bench=120, plan=80, capped=150, largest=280,
-                             compile=130, patchify=30, e2e=170))
+                peaks=dict(tests=6, plan=26, capped=25, largest=44, compile=14), device_gib=None,
+                # seconds, each part alone; on an H200: env 6, tests 33, bench 94, plan 67, capped 110,
+                # largest 220 (bigbatch's 524,288 step 189 of it), compile 108, patchify 15 (bench/gpu)
+                budgets=dict(env=15, tests=45, bench=120, plan=80, capped=150, largest=240, peer_largest=60,
+                             compile=130, patchify=30, e2e=170), total=480)
 
 
 class Recorder:
     """A part's results, rewritten to its JSON file after every measurement."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, alone=lambda: 0.0):
         self.path, self.data = path, {"started": time.time()}
+        self.alone = alone  # waits until the part has the device to itself; the seconds waited
 
     def __setitem__(self, key, value):
         self.data[key] = value
@@ -237,39 +259,45 @@ def host_micro_batches(net, b: int, k: int, seed: int, pin: bool, distinct: bool
 
 
 def part_largest(cfg: dict, rec: Recorder) -> None:
-    """Doubling the global batch until a step fails or the next would overrun the budget:
-    open_clip_train's accumulation first (it runs out of memory early) within a third of
-    the budget, then bigbatch's with the inputs offloaded, each from its fixed start
-    (cfg["largest_start"]). A doubled step takes a little over twice the last one: the
-    next is tried only if 2.5 times the last still fits."""
-    start, budget = time.time(), cfg["budgets"]["largest"] - 10
-    results: dict = {}
-    for kind in (PEER, BIGBATCH_OFFLOADED):
-        deadline = start + (budget / 3 if kind == PEER else budget)
-        n, last, result = cfg["largest_start"][kind], None, {"trials": []}
-        results[kind] = result
-        while True:
-            if n > cfg["largest_cap"]:
-                result["stopped"] = f"reached the cap {cfg['largest_cap']}"
-                break
-            if last is not None and time.time() + 2.5 * last > deadline:
-                result["stopped"] = f"time budget (the next step would take about {2.5 * last:.0f}s)"
-                break
-            try:
-                last, peak = one_big_step(cfg, kind, n)
-                result["trials"].append({"global_batch": n, "seconds": round(last, 2), "peak_bytes": peak})
-                result["largest_global_batch"] = n
-            except Exception as error:  # running out of memory is the expected end
-                oom = "out of memory" in str(error).lower()
-                result["trials"].append({"global_batch": n, "error": "out of memory" if oom
-                                         else f"{type(error).__name__}: {str(error)[:200]}"})
-                result["stopped"] = f"{'out of memory' if oom else 'error'} at {n}"
-                break
-            finally:
-                _free()
-                rec["results"] = results
-            n *= 2
-        rec["results"] = results
+    """bigbatch's largest global batch in one step, the inputs offloaded (a shared part: its
+    figure is its own peak; its seconds are longer beside other parts)."""
+    largest_batch(cfg, rec, BIGBATCH_OFFLOADED, cfg["budgets"]["largest"])
+
+
+def part_peer_largest(cfg: dict, rec: Recorder) -> None:
+    """Where open_clip_train's accumulation runs out of memory on the same work (alone: it
+    takes the card's memory until it fails)."""
+    largest_batch(cfg, rec, PEER, cfg["budgets"]["peer_largest"])
+
+
+def largest_batch(cfg: dict, rec: Recorder, kind: str, budget: float) -> None:
+    """Doubling the global batch from cfg["largest_start"][kind] until a step fails, passes
+    the cap, or the next would overrun the budget: a doubled step takes a little over twice
+    the last one, so the next is tried only if 2.5 times the last still fits."""
+    deadline = time.time() + budget - 10
+    n, last, result = cfg["largest_start"][kind], None, {"trials": []}
+    while True:
+        if n > cfg["largest_cap"]:
+            result["stopped"] = f"reached the cap {cfg['largest_cap']}"
+            break
+        if last is not None and time.time() + 2.5 * last > deadline:
+            result["stopped"] = f"time budget (the next step would take about {2.5 * last:.0f}s)"
+            break
+        try:
+            last, peak = one_big_step(cfg, kind, n)
+            result["trials"].append({"global_batch": n, "seconds": round(last, 2), "peak_bytes": peak})
+            result["largest_global_batch"] = n
+        except Exception as error:  # running out of memory is the expected end
+            oom = "out of memory" in str(error).lower()
+            result["trials"].append({"global_batch": n, "error": "out of memory" if oom
+                                     else f"{type(error).__name__}: {str(error)[:200]}"})
+            result["stopped"] = f"{'out of memory' if oom else 'error'} at {n}"
+            break
+        finally:
+            _free()
+            rec["results"] = {kind: result}
+        n *= 2
+    rec["results"] = {kind: result}
 
 
 def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
@@ -354,15 +382,20 @@ def part_capped(cfg: dict, rec: Recorder) -> None:
 
 def part_compile(cfg: dict, rec: Recorder) -> None:
     """Seconds per accumulated step, eager and compiled, interleaved after the compile:
-    bigbatch.bench.compile_speed's measurement, on this device."""
+    bigbatch.bench.compile_speed's measurement, on this device. It compiles beside other
+    parts (host work) and times with the device to itself."""
     import torch
 
     device = torch.device(cfg["device"])
     from bigbatch.bench.compile_speed import measure
 
+    def alone():  # compiled beside other parts; timed with the device to itself
+        rec["waited_for_device_s"] = round(rec.alone(), 1)
+
     result = measure(
         cfg["compile_model"], cfg["compile_batch"], cfg["compile_k"], device=device,
-        backend=cfg["compile_backend"], precision=cfg["precision"], rounds=5 if device.type == "cuda" else 1)
+        backend=cfg["compile_backend"], precision=cfg["precision"], rounds=5 if device.type == "cuda" else 1,
+        before_timing=alone)
     rec["compile_seconds"] = result.pop("compile_seconds")
     rec["result"] = result
 
@@ -462,14 +495,20 @@ def _free() -> None:
 # --------------------------------------------------------------------------- driver and report
 
 def run_part(name: str, cfg: dict, out: Path) -> None:
-    """In this process: one part, its JSON rewritten as it goes; a failure is recorded."""
-    rec = Recorder(out / f"part-{name}.json")
-    try:
-        globals()[f"part_{name}"](cfg, rec)
-        rec["status"] = "done"
-    except Exception as error:
-        rec["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-        rec["traceback"] = traceback.format_exc(limit=8)
+    """In this process: one part, its JSON rewritten as it goes; a failure is recorded.
+    CUDA math as both trainers set it (TF32, cuDNN benchmark); the device held alone or
+    shared, as the part's figures need (scripts/gpu_schedule.py)."""
+    if cfg["device"] == "cuda":
+        from bigbatch.device import use_fast_cuda_math
+        use_fast_cuda_math()
+    with gpu_schedule.device_lock(out, exclusive=name in ALONE) as lock:
+        rec = Recorder(out / f"part-{name}.json", alone=lock.make_exclusive)
+        try:
+            globals()[f"part_{name}"](cfg, rec)
+            rec["status"] = "done"
+        except Exception as error:
+            rec["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            rec["traceback"] = traceback.format_exc(limit=8)
 
 
 def configure(args: argparse.Namespace) -> dict:
@@ -486,33 +525,70 @@ def configure(args: argparse.Namespace) -> dict:
         if name not in cfg["budgets"] or not seconds.isdigit():
             raise SystemExit(f"--budgets takes part=seconds pairs of {','.join(PARTS)}, not {item!r}")
         cfg["budgets"][name] = int(seconds)
+    if args.total:
+        cfg["total"] = args.total
     return cfg
 
 
 def run_all(parts: list[str], args: argparse.Namespace, out: Path, overrides: list[str]) -> dict:
-    """Each part in a child process under its budget; then one report of all of them."""
+    """The parts in child processes, alone or side by side (scripts/gpu_schedule.py), each
+    under its budget and all under --total; the report rewritten after every group."""
     smoke, cfg = args.smoke, configure(args)
-    results = {}
-    for name in parts:
-        budget = cfg["budgets"][name]
-        print(f"== {name} (budget {budget}s)", flush=True)
-        command = [sys.executable, __file__, str(out), "--part", name, *overrides] + (["--smoke"] if smoke else [])
-        start = time.time()
-        try:
-            subprocess.run(command, timeout=budget, cwd=ROOT)
-            status = None
-        except subprocess.TimeoutExpired:
-            status = f"stopped at its {budget}s budget"
-        path = out / f"part-{name}.json"
-        results[name] = json.loads(path.read_text()) if path.is_file() else {}
-        if status or "status" not in results[name]:
-            results[name]["status"] = status or "died without a word (see the output above)"
-        results[name]["wall_seconds"] = round(time.time() - start, 1)
-        print(f"   {name}: {results[name]['status']} in {results[name]['wall_seconds']}s", flush=True)
-        report = {"smoke": smoke, "settings": {k: v for k, v in cfg.items() if k != "budgets"},
-                  "budgets": cfg["budgets"], "parts": results}
-        write_report(report, out)  # after every part: a run cut short still leaves one
+    started = time.time()
+    deadline = started + cfg["total"]
+    # env and bench alone; then the shared parts, packed once env has told the card's memory;
+    # then the other timed parts: under --total, the figures the targets need come first
+    queue = [[p] for p in parts if p in FIRST or args.serial]
+    rest = [] if args.serial else [p for p in parts if p not in FIRST]
+    report = {"smoke": smoke, "settings": {k: v for k, v in cfg.items() if k != "budgets"},
+              "budgets": cfg["budgets"], "total_limit_s": cfg["total"], "parts": {}}
+    while queue or rest:
+        if not queue:
+            queue = share_the_device(rest, cfg, report)
+            rest = []
+        group = queue.pop(0)
+        if time.time() > deadline:
+            report["parts"].update({n: {"status": "not run: the check's time limit (--total) was spent"} for n in group})
+            continue
+        # kernels of parts side by side take turns: a group gets the sum of their budgets
+        budget = {n: sum(cfg["budgets"][g] for g in group) for n in group}
+        print(f"== {' + '.join(group)} ({'side by side, ' if len(group) > 1 else ''}budget "
+              f"{budget[group[0]]}s)", flush=True)
+        for n in group:
+            (out / f"part-{n}.json").unlink(missing_ok=True)
+        commands = {n: [sys.executable, __file__, str(out), "--part", n, *overrides] + (["--smoke"] if smoke else [])
+                    for n in group}
+        ran = gpu_schedule.run_group(commands, budget, deadline, ROOT)
+        busy = [n for n in group if record(n, ran[n], group, started, out, report) and len(group) > 1]
+        if busy:  # the card takes one process at a time: those again, one after the other
+            print(f"   the device is busy beside another process: {', '.join(busy)} again, alone", flush=True)
+            queue[0:0] = [[n] for n in busy]
+        report["wall_seconds"] = round(time.time() - started, 1)
+        write_report(report, out)  # after every group: a run cut short still leaves one
     return report
+
+
+def record(name: str, times: dict, group: list[str], started: float, out: Path, report: dict) -> bool:
+    """A part's JSON into the report, with when it ran and beside what; whether it failed
+    because the card would not take a second process."""
+    path = out / f"part-{name}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if times["stopped"] or "status" not in result:
+        result["status"] = times["stopped"] or "died without a word (see the output above)"
+    result.update(start_s=round(times["start"] - started, 1), wall_seconds=round(times["end"] - times["start"], 1),
+                  beside=[g for g in group if g != name])
+    report["parts"][name] = result
+    print(f"   {name}: {result['status']} in {result['wall_seconds']}s", flush=True)
+    return gpu_schedule.said_busy(result)
+
+
+def share_the_device(rest: list[str], cfg: dict, report: dict) -> list[list[str]]:
+    """The groups the shared parts run in, packed into the card's memory, then the timed
+    parts one by one; noted in the report."""
+    known = report["parts"].get("env", {}).get("device_memory_gib")
+    report["device_gib"] = gib = cfg["device_gib"] or gpu_schedule.sharing_memory_gib(known, sys.executable)
+    report["side_by_side"] = gpu_schedule.pack([p for p in rest if p not in ALONE], cfg["peaks"], gib)
+    return report["side_by_side"] + [[p] for p in rest if p in ALONE]
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -534,8 +610,12 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU check{' (smoke, CPU)' if report['smoke'] else ''}", "",
              f"Device: {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
              f"CUDA {env.get('cuda', '-')}, open_clip {env.get('open_clip_torch', '?')}; {env.get('date', '')}",
-             "", "| part | status | seconds |", "|---|---|---|"]
-    lines += [f"| {name} | {p.get('status', '?')} | {p.get('wall_seconds', '-')} |" for name, p in parts.items()]
+             "", f"The whole check: {report.get('wall_seconds', '-')} s (limit {report.get('total_limit_s', '-')} s). "
+             + ("Parts whose figures are their own peaks or pass/fail ran side by side, the timed ones alone."
+                if any(p.get("beside") for p in parts.values()) else "One part at a time."),
+             "", "| part | status | started at s | seconds | beside |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {p.get('status', '?')} | {p.get('start_s', '-')} | {p.get('wall_seconds', '-')} | "
+              f"{', '.join(p.get('beside', [])) or '-'} |" for name, p in parts.items()]
     tests = parts.get("tests", {})
     if tests:
         lines += ["", f"CUDA tests: `{tests.get('summary', '-')}`"]
@@ -559,7 +639,7 @@ def markdown(report: dict) -> str:
                          f"{_gib(r.get('meta_estimate_bytes'))} ({r.get('meta_error_percent', '-')}) | "
                          f"{_gib(r.get('probe_bytes'))} ({r.get('probe_error_percent', '-')}) | "
                          f"{r.get('step_seconds', r.get('error', '-'))} |")
-    largest = parts.get("largest", {}).get("results", {})
+    largest = {**parts.get("peer_largest", {}).get("results", {}), **parts.get("largest", {}).get("results", {})}
     if largest:
         lines += ["", "## Largest global batch in one step", "", "| configuration | largest | stopped | trials |",
                   "|---|---|---|---|"]
@@ -603,14 +683,16 @@ def _num(value) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Samples/s and peak memory of the three configurations; planner against measured."""
+    """Samples/s and peak memory of the three configurations; planner against measured;
+    when each part ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = report["parts"].get("bench", {}).get("runs", [])
     plans = [r for r in report["parts"].get("plan", {}).get("configs", []) if "measured_bytes" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, grid = plt.subplots(2, 2, figsize=(14, 8.4))
+    axes = grid.ravel()
     width = 0.25
     for i, run in enumerate(runs):
         for j, (name, c) in enumerate(run["configs"].items()):
@@ -620,7 +702,8 @@ def plot(report: dict, path: Path) -> None:
     for ax, title in ((axes[0], "samples/s"), (axes[1], "peak memory (GiB)")):
         ax.set_xticks(range(len(runs)), [f"{r['batch_size']} x {r['accum_freq']}" for r in runs])
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        if runs:
+            ax.legend(fontsize=7)
     labels = [f"{r['model']}\n{r['batch_size']}x{r['accum_freq']}{' gc' if r['grad_checkpointing'] else ''}"
               f"{' off' if r['offload_inputs'] else ''}" for r in plans]
     axes[2].bar([i - 0.2 for i in range(len(plans))], [r["measured_bytes"] / GiB for r in plans], 0.4, label="measured")
@@ -629,6 +712,7 @@ def plot(report: dict, path: Path) -> None:
     axes[2].set_xticks(range(len(plans)), labels, fontsize=7)
     axes[2].set_title("planned vs measured peak (GiB)")
     axes[2].legend(fontsize=7)
+    timeline(report, axes[3])
     device = report["parts"].get("env", {}).get("device_name", "?")
     fig.suptitle(f"bigbatch GPU check on {device}{' (smoke)' if report['smoke'] else ''}")
     fig.tight_layout()
@@ -636,11 +720,30 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def timeline(report: dict, ax) -> None:
+    """One bar per part, from its start to its end: which ran side by side."""
+    ran = [(name, p) for name, p in report["parts"].items() if "start_s" in p]
+    for i, (name, p) in enumerate(ran):
+        ax.barh(i, p["wall_seconds"], left=p["start_s"], color="C1" if p.get("beside") else "C0")
+    ax.set_yticks(range(len(ran)), [name for name, _ in ran], fontsize=8)
+    ax.invert_yaxis()
+    limit = report.get("total_limit_s")
+    if limit:
+        ax.axvline(limit, color="red", linestyle="--", linewidth=1)
+    ax.set_xlabel("seconds since the start (dashed: --total)")
+    ax.set_title(f"timeline: {report.get('wall_seconds', '-')} s in all (orange: side by side)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bigbatch's one GPU check (see the module docstring).")
     parser.add_argument("out", type=Path, help="folder for gpu-check.{json,md,png}")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: every line runs in seconds")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (default: all but e2e)")
+    parser.add_argument("--total", type=int, help="seconds for the whole check (default 480; --smoke 900): "
+                                                  "a part still running then is stopped, with what it has")
+    parser.add_argument("--serial", action="store_true",
+                        help="every part alone, one after the other (no parts side by side)")
     parser.add_argument("--bench-ks", help="accum-freqs of the step benchmark, e.g. 4,16 (default: the settings')")
     parser.add_argument("--largest-start", type=int, help="bigbatch's first global batch in the largest-batch search")
     parser.add_argument("--peer-largest-start", type=int,
@@ -658,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part(s) {sorted(unknown)}: choose from {','.join(PARTS)}")
     overrides = [f"--{k.replace('_', '-')}={v}" for k, v in (
         ("bench_ks", args.bench_ks), ("largest_start", args.largest_start),
-        ("peer_largest_start", args.peer_largest_start), ("budgets", args.budgets)) if v]
+        ("peer_largest_start", args.peer_largest_start), ("budgets", args.budgets), ("total", args.total)) if v]
     report = run_all(parts, args, args.out, overrides)
     print()
     print(markdown(report))

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,15 +35,20 @@ from bigbatch.bench.environment import device_name, load_average
 
 
 def measure(model: str, batch: int, accum: int, *, device: str | torch.device = "cpu",
-            backend: str = "inductor", precision: str = "fp32", rounds: int = 7) -> dict:
-    """Seconds per accumulated step (batch x accum), eager and compiled, paired by round."""
+            backend: str = "inductor", precision: str = "fp32", rounds: int = 7,
+            before_timing: Callable[[], object] | None = None) -> dict:
+    """Seconds per accumulated step (batch x accum), eager and compiled, paired by round.
+    before_timing is called once compiled, before the timed steps (gpu_check waits there
+    for the device to itself)."""
     from bigbatch.accumulation import cached_backward
     from bigbatch.compiled import compile_model
-    from bigbatch.device import autocast_factory
+    from bigbatch.device import autocast_factory, use_fast_cuda_math
     from bigbatch.losses import create_loss
     from bigbatch.model import create_model
 
     device = torch.device(device)
+    if device.type == "cuda":
+        use_fast_cuda_math()  # as a --torchcompile run on CUDA computes
     nets = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
@@ -64,6 +70,8 @@ def measure(model: str, batch: int, accum: int, *, device: str | torch.device = 
         return time.perf_counter() - start
 
     compile_seconds = step("compiled")  # pass 1's no-grad graph and pass 2's training graph
+    if before_timing is not None:
+        before_timing()
     step("eager")  # warm-up: allocator, thread pools
     times = {"eager": [], "compiled": []}
     for r in range(rounds):

@@ -29,7 +29,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     --distill-model runs it: once per micro-batch in pass 1, its term in the loss."""
     from bigbatch.accumulation import cached_backward
     from bigbatch.build import adamw
-    from bigbatch.device import autocast_factory
+    from bigbatch.device import autocast_factory, use_fast_cuda_math
     from bigbatch.inputs import input_bytes
     from bigbatch.losses import create_loss
     from bigbatch.memory import step_peak_bytes
@@ -38,6 +38,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     from bigbatch.teacher import Teacher
 
     device = torch.device(device)
+    if device.type == "cuda":
+        use_fast_cuda_math()  # the trainer's math: TF32 in the float32 loss, cuDNN benchmark
     torch.manual_seed(seed)
     weights = dict(precision=weights_precision(precision))  # open_clip casts them
     net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device, **weights).model
