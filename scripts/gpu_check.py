@@ -7,11 +7,12 @@
 Each part runs in a process of its own under its own time budget, and writes its JSON
 after every measurement: a part that fails, runs out of memory in a way it did not
 expect, or runs out of time leaves what it had measured, and the other parts still run.
-The timed parts (a) have the device to themselves (env and bench first, the others after the
-shared ones: under --total the targets come first); the others (s) run side by side, in
+The timed parts (a) have the device to themselves (env, bench and peer_largest first,
+patchify and e2e after the shared ones: under --total the targets come first); the others
+(s) run side by side, in
 groups whose peaks fit the card, so that their host work hides under each other's kernels
-(scripts/gpu_schedule.py; --serial: one after the other). At --total seconds (480) what
-still runs is stopped with what it has, and the summary says so.
+(scripts/gpu_schedule.py; --serial: one after the other, give it --total 900). At --total
+seconds (480) what still runs is stopped with what it has, and the summary says so.
 
   env          (a) the device and the versions
   tests        (s) `pytest -m cuda`: the engine's exactness on CUDA (bf16 autocast, fp16
@@ -48,6 +49,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -64,7 +66,9 @@ DEFAULT_PARTS = PARTS[:-1]  # e2e's whole runs take minutes more: --parts e2e
 # timed (or searching where the card's memory ends): the device to themselves; the others
 # may share it (scripts/gpu_schedule.py)
 ALONE = {"env", "bench", "patchify", "peer_largest", "e2e"}
-FIRST = ("env", "bench")  # before the shared parts: env tells the card's memory, bench has two targets
+# before the shared parts: env tells the card's memory, bench has two targets, peer_largest one;
+# after them patchify (not a target) and e2e, cut first by --total
+FIRST = ("env", "bench", "peer_largest")
 BIGBATCH_OFFLOADED = "bigbatch accumulated, inputs offloaded"
 PEER = "open_clip_train accumulated"
 
@@ -123,9 +127,11 @@ class Recorder:
         self.data.setdefault(key, []).append(value)
         self.save()
 
-    def save(self):
+    def save(self):  # whole or not at all: a part may be killed at any moment
         self.data["seconds"] = round(time.time() - self.data["started"], 1)
-        self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        partial = self.path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        os.replace(partial, self.path)
 
 
 # --------------------------------------------------------------------------- parts
@@ -273,30 +279,37 @@ def part_peer_largest(cfg: dict, rec: Recorder) -> None:
 def largest_batch(cfg: dict, rec: Recorder, kind: str, budget: float) -> None:
     """Doubling the global batch from cfg["largest_start"][kind] until a step fails, passes
     the cap, or the next would overrun the budget: a doubled step takes a little over twice
-    the last one, so the next is tried only if 2.5 times the last still fits."""
+    the last one, so the next is tried only if 2.5 times the last still fits. A start that
+    already fails is halved until a step completes, so that both sides of the limit show.
+    Beside other parts, running out of memory may be theirs: said so, not a limit."""
     deadline = time.time() + budget - 10
-    n, last, result = cfg["largest_start"][kind], None, {"trials": []}
-    while True:
-        if n > cfg["largest_cap"]:
-            result["stopped"] = f"reached the cap {cfg['largest_cap']}"
-            break
+    n, last, failed_at, result = cfg["largest_start"][kind], None, None, {"trials": []}
+    while n <= cfg["largest_cap"] and (failed_at is None or n < failed_at):
         if last is not None and time.time() + 2.5 * last > deadline:
             result["stopped"] = f"time budget (the next step would take about {2.5 * last:.0f}s)"
             break
         try:
             last, peak = one_big_step(cfg, kind, n)
             result["trials"].append({"global_batch": n, "seconds": round(last, 2), "peak_bytes": peak})
-            result["largest_global_batch"] = n
+            result["largest_global_batch"] = max(n, result.get("largest_global_batch", 0))
         except Exception as error:  # running out of memory is the expected end
             oom = "out of memory" in str(error).lower()
             result["trials"].append({"global_batch": n, "error": "out of memory" if oom
                                      else f"{type(error).__name__}: {str(error)[:200]}"})
-            result["stopped"] = f"{'out of memory' if oom else 'error'} at {n}"
-            break
+            beside = f" beside {', '.join(cfg['beside'])} (theirs, maybe: not the card's limit)" if cfg["beside"] else ""
+            result["stopped"] = f"{'out of memory' if oom else 'error'} at {n}{beside}"
+            failed_at = n
+            if not (oom and "largest_global_batch" not in result and n > 1):
+                break
+            n //= 2
+            continue
         finally:
             _free()
             rec["results"] = {kind: result}
         n *= 2
+    else:
+        if failed_at is None:
+            result["stopped"] = f"reached the cap {cfg['largest_cap']}"
     rec["results"] = {kind: result}
 
 
@@ -503,12 +516,16 @@ def run_part(name: str, cfg: dict, out: Path) -> None:
         use_fast_cuda_math()
     with gpu_schedule.device_lock(out, exclusive=name in ALONE) as lock:
         rec = Recorder(out / f"part-{name}.json", alone=lock.make_exclusive)
+        rec.data["beside"] = cfg["beside"]
         try:
             globals()[f"part_{name}"](cfg, rec)
-            rec["status"] = "done"
+            rec.data["status"] = "done"
         except Exception as error:
-            rec["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-            rec["traceback"] = traceback.format_exc(limit=8)
+            rec.data["status"] = f"failed: {type(error).__name__}: " + (str(error).splitlines() or [""])[0][:300]
+            rec.data["traceback"] = traceback.format_exc(limit=8)
+    # when it had the device alone (from, if it did) and when it let go: the schedule, checked
+    rec.data.update(exclusive_since=lock.exclusive_since, released_at=lock.releasing_at)
+    rec.save()
 
 
 def configure(args: argparse.Namespace) -> dict:
@@ -527,6 +544,9 @@ def configure(args: argparse.Namespace) -> dict:
         cfg["budgets"][name] = int(seconds)
     if args.total:
         cfg["total"] = args.total
+    if args.part and args.part_budget:  # what the driver gives this part (a group: their sum)
+        cfg["budgets"][args.part] = args.part_budget
+    cfg["beside"] = [p for p in (args.beside or "").split(",") if p]
     return cfg
 
 
@@ -536,12 +556,12 @@ def run_all(parts: list[str], args: argparse.Namespace, out: Path, overrides: li
     smoke, cfg = args.smoke, configure(args)
     started = time.time()
     deadline = started + cfg["total"]
-    # env and bench alone; then the shared parts, packed once env has told the card's memory;
-    # then the other timed parts: under --total, the figures the targets need come first
+    # the FIRST timed parts alone; then the shared parts, packed once env has told the card's
+    # memory; then the other timed parts: under --total, the figures the targets need come first
     queue = [[p] for p in parts if p in FIRST or args.serial]
     rest = [] if args.serial else [p for p in parts if p not in FIRST]
     report = {"smoke": smoke, "settings": {k: v for k, v in cfg.items() if k != "budgets"},
-              "budgets": cfg["budgets"], "total_limit_s": cfg["total"], "parts": {}}
+              "budgets": cfg["budgets"], "total_limit_s": cfg["total"], "started_at": started, "parts": {}}
     while queue or rest:
         if not queue:
             queue = share_the_device(rest, cfg, report)
@@ -556,7 +576,8 @@ def run_all(parts: list[str], args: argparse.Namespace, out: Path, overrides: li
               f"{budget[group[0]]}s)", flush=True)
         for n in group:
             (out / f"part-{n}.json").unlink(missing_ok=True)
-        commands = {n: [sys.executable, __file__, str(out), "--part", n, *overrides] + (["--smoke"] if smoke else [])
+        commands = {n: [sys.executable, __file__, str(out), "--part", n, f"--part-budget={budget[n]}",
+                        f"--beside={','.join(g for g in group if g != n)}", *overrides] + (["--smoke"] if smoke else [])
                     for n in group}
         ran = gpu_schedule.run_group(commands, budget, deadline, ROOT)
         busy = [n for n in group if record(n, ran[n], group, started, out, report) and len(group) > 1]
@@ -572,8 +593,8 @@ def record(name: str, times: dict, group: list[str], started: float, out: Path, 
     """A part's JSON into the report, with when it ran and beside what; whether it failed
     because the card would not take a second process."""
     path = out / f"part-{name}.json"
-    result = json.loads(path.read_text()) if path.is_file() else {}
-    if times["stopped"] or "status" not in result:
+    result = json.loads(path.read_text()) if path.is_file() else {}  # written whole (Recorder.save)
+    if "status" not in result:  # a part that finished keeps its word, even if stopped in its teardown
         result["status"] = times["stopped"] or "died without a word (see the output above)"
     result.update(start_s=round(times["start"] - started, 1), wall_seconds=round(times["end"] - times["start"], 1),
                   beside=[g for g in group if g != name])
@@ -630,7 +651,7 @@ def markdown(report: dict) -> str:
                          + (f" {c['error'][:80]}" if c.get("error") else ""))
     plans = parts.get("plan", {}).get("configs", [])
     if plans:
-        lines += ["", "## Planner against measured peak", "",
+        lines += ["", "## Planner against measured peak", "", *_shared(parts["plan"]),
                   "| model | b x K | grad ckpt | offload | measured GiB | meta GiB (err %) | probe GiB (err %) | step s |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in plans:
@@ -641,7 +662,8 @@ def markdown(report: dict) -> str:
                          f"{r.get('step_seconds', r.get('error', '-'))} |")
     largest = {**parts.get("peer_largest", {}).get("results", {}), **parts.get("largest", {}).get("results", {})}
     if largest:
-        lines += ["", "## Largest global batch in one step", "", "| configuration | largest | stopped | trials |",
+        lines += ["", "## Largest global batch in one step", "", *_shared(parts.get("largest", {})),
+                  "| configuration | largest | stopped | trials |",
                   "|---|---|---|---|"]
         for kind, r in largest.items():
             trials = ", ".join(f"{t['global_batch']}: " + (f"{t['seconds']} s, {_gib(t.get('peak_bytes'))} GiB"
@@ -650,7 +672,7 @@ def markdown(report: dict) -> str:
     capped = parts.get("capped", {})
     if capped.get("result") or capped.get("failures"):
         r = capped.get("result", {})
-        lines += ["", "## Under a memory cap", "",
+        lines += ["", "## Under a memory cap", "", *_shared(capped),
                   f"Cap {_gib(capped.get('cap_bytes'))} GiB; planner's micro-batch {capped.get('planned_batch_size')}; "
                   + (f"ran {r['batch_size']} x {r['accum_freq']} = {r['global_batch']} with grad checkpointing, "
                      f"peak {_gib(r['peak_bytes'])} GiB (under the cap: {r['under_cap']}), step {r['step_seconds']} s"
@@ -671,11 +693,17 @@ def markdown(report: dict) -> str:
                   for r in patchify]
     compiled = parts.get("compile", {}).get("result")
     if compiled:
-        lines += ["", "## --torchcompile", "",
+        lines += ["", "## --torchcompile", "", *_shared(parts["compile"], "its compiling (timed with the device alone)"),
                   f"{compiled['batch']} accumulated step, {compiled['backend']}: eager "
                   f"{compiled['eager_samples_per_s']} samples/s, compiled {compiled['compiled_samples_per_s']} "
                   f"samples/s ({compiled['speedup']}x), compile {parts['compile'].get('compile_seconds')} s"]
     return "\n".join(lines) + "\n"
+
+
+def _shared(part: dict, what: str = "its seconds") -> list[str]:
+    """A note for a part that ran beside others: their kernels took turns with its own."""
+    beside = part.get("beside")
+    return [f"Ran beside {', '.join(beside)}: {what} include their turns on the device.", ""] if beside else []
 
 
 def _num(value) -> str:
@@ -749,12 +777,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-largest-start", type=int,
                         help="open_clip_train's first global batch in the largest-batch search")
     parser.add_argument("--budgets", help="seconds per part instead of the settings', e.g. largest=260,compile=120")
-    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process,
+    parser.add_argument("--part-budget", type=int, help=argparse.SUPPRESS)  # under this budget,
+    parser.add_argument("--beside", help=argparse.SUPPRESS)  # beside these parts
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part:
         run_part(args.part, configure(args), args.out)
         return 0
+    # a stopped driver stops its parts (gpu_schedule.run_group's cleanup runs on the exception)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("gpu_check: stopped (SIGTERM)"))
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:

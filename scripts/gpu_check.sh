@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU check: bash scripts/gpu_check.sh OUT_DIR [--smoke] [--parts env,tests,...]
-# On one H100/H200 about 15 minutes (--parts picks fewer); --smoke runs every line on CPU with a tiny model.
+# On one H100/H200 at most 8 minutes (--total; --parts picks fewer); --smoke runs every line on CPU with a tiny model.
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    echo "usage: bash scripts/gpu_check.sh OUT_DIR [--smoke] [--parts env,tests,bench,plan,capped,largest,compile,patchify,e2e] [--budgets part=s,...]" >&2
+    echo "usage: bash scripts/gpu_check.sh OUT_DIR [--smoke] [--parts env,tests,bench,plan,capped,largest,peer_largest,compile,patchify,e2e] [--budgets part=s,...] [--total s] [--serial]" >&2
     exit 2
 fi
 here="$(cd "$(dirname "$0")" && pwd)"

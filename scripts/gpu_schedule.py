@@ -34,13 +34,15 @@ class DeviceLock:
 
     def __init__(self, handle, exclusive: bool):
         self.handle, self.exclusive = handle, exclusive
+        self.exclusive_since: float | None = time.time() if exclusive else None
+        self.releasing_at: float | None = None
 
     def make_exclusive(self) -> float:
         """Wait until no other part holds the device; the seconds waited."""
         start = time.time()
         if not self.exclusive:
             fcntl.flock(self.handle, fcntl.LOCK_EX)  # drops the shared hold first, then waits
-            self.exclusive = True
+            self.exclusive, self.exclusive_since = True, time.time()
         return time.time() - start
 
 
@@ -48,9 +50,11 @@ class DeviceLock:
 def device_lock(out: Path, exclusive: bool):
     with open(out / ".device-lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        lock = DeviceLock(handle, exclusive)
         try:
-            yield DeviceLock(handle, exclusive)
+            yield lock
         finally:
+            lock.releasing_at = time.time()  # before the release: no other hold starts earlier
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -92,40 +96,43 @@ def sharing_memory_gib(known_gib: float | None, python: str) -> float | None:
 def run_group(commands: dict[str, list[str]], timeouts: dict[str, float], deadline: float,
               cwd: Path) -> dict[str, dict]:
     """Start every command at once, each in a session of its own; stop one (and its children)
-    at its timeout or the deadline. Per part: start and end times and why it was stopped."""
+    at its timeout or the deadline. Per part: start and end times and why it was stopped.
+    However this returns (an error, the driver stopped), no part outlives it."""
     running, done = {}, {}
-    for name, command in commands.items():
-        running[name] = (subprocess.Popen(command, cwd=cwd, start_new_session=True), time.time())
-    while running:
-        time.sleep(0.2)
-        for name, (proc, start) in list(running.items()):
-            now = time.time()
-            stopped = None
-            if proc.poll() is None:
-                if now - start > timeouts[name]:
-                    stopped = f"stopped at its {timeouts[name]:.0f}s budget"
-                elif now > deadline:
-                    stopped = "stopped at the check's time limit (--total)"
-                else:
-                    continue
-                _kill(proc)
-            done[name] = {"start": start, "end": time.time(), "stopped": stopped}
-            del running[name]
+    try:
+        for name, command in commands.items():
+            running[name] = (subprocess.Popen(command, cwd=cwd, start_new_session=True), time.time())
+        while running:
+            time.sleep(0.2)
+            for name, (proc, start) in list(running.items()):
+                stopped = None
+                if proc.poll() is None:
+                    if time.time() - start > timeouts[name]:
+                        stopped = f"stopped at its {timeouts[name]:.0f}s budget"
+                    elif time.time() > deadline:
+                        stopped = "stopped at the check's time limit (--total)"
+                    else:
+                        continue
+                    kill(proc)
+                done[name] = {"start": start, "end": time.time(), "stopped": stopped}
+                del running[name]
+    finally:
+        for proc, _ in running.values():
+            kill(proc)
     return done
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """The part and whatever it started (pytest, bench_e2e.py, inductor's compile workers)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def kill(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """The part and whatever it started (pytest, bench_e2e.py, inductor's compile workers):
+    SIGTERM, a grace period, then SIGKILL to the whole group (children that ignore SIGTERM,
+    or outlive their parent); the part reaped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def said_busy(result: dict) -> bool:

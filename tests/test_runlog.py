@@ -44,3 +44,17 @@ def test_evaluation_stays_out_of_the_rate_and_in_the_eta(tmp_path, monkeypatch, 
     # the steps left at the session's pace: since step 1 ended, 4 s over 4 steps, then 49 s over 9
     # (the pause included: evaluations recur)
     assert [int(m) * 60 + int(s) for m, s in etas] == [15 * 1, int(10 * 49 / 9)]
+
+
+def test_the_first_line_leaves_the_start_up_out(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(runlog_module, "time", SimpleNamespace(perf_counter=clock))
+    run = RunLog(tmp_path, total_steps=10)
+    clock.now += 60.0  # loaders spawning, a compile, cuDNN's first plans: the first step's 60 s
+    for step in range(1, 6):
+        clock.now += 1.0
+        run.train_step(step=step, epoch=1, loss=1.0, lr=1e-3, samples=64, data_seconds=0.5,
+                       effective_batch=64, print_now=step == 5)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["samples_per_second"] == 64.0  # steps 2-5, not 5 * 64 / 65
+    assert record["data_fraction"] == 0.5

@@ -90,6 +90,9 @@ class RunLog:
         self._window.update(samples=samples, data_seconds=data_seconds, steps=1)
         if self._session is None:  # from the end of the first step: its start-up is not a rate
             self._session = (time.perf_counter(), step)
+            if not print_now:  # the first line's samples/s: the steps after it
+                self._window.clear()
+                self._window_start = self._session[0]
         if not print_now:
             return
         loss = float(loss)

@@ -37,11 +37,7 @@ def format_plan(plan: MemoryPlan) -> str:
     lines += [f"  {name:<52}{gib(size):>8}" for name, size in rows]
     lines.append("-" * 62)
     lines.append(f"{'peak (' + plan.phase + ' phase)':<54}{gib(plan.peak):>8}")
-    lines.append("  = weights + optimizer + inputs + max(activations + cached + loss,")
-    lines.append("    activations + feature grads + gradients"
-                 + (",\n    activations + features + teacher inference)" if plan.teacher_weights else ")"))
-    if plan.ddp_buckets:
-        lines.append("    + DDP's gradient buckets in every phase")
+    lines += formula_lines(plan)
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"{verdict} in {gib(plan.gpu_memory)} GiB ({gib(plan.usable_memory)} GiB usable, "
@@ -50,6 +46,20 @@ def format_plan(plan: MemoryPlan) -> str:
             lines.append("to fit, try:")
             lines += [f"  - {text}" for text in suggestions(plan)]
     return "\n".join(lines)
+
+
+def formula_lines(plan: MemoryPlan) -> list[str]:
+    """How the table's terms make the peak, in this plan's case."""
+    one_pass = plan.accum_freq == 1 and plan.world_size == 1  # the towers' backward one after the other
+    lines = ["  = weights + optimizer + inputs + max(loss, pass 2" + (", pass 1)" if plan.teacher_weights else ")"),
+             "    loss:   activations + cached features + loss working set",
+             "    pass 2: " + ("max(activations, gradients + activations / 2)" if one_pass else
+                             "activations + feature grads + gradients + a new gradient")]
+    if plan.teacher_weights:
+        lines.append("    pass 1: activations + features + teacher inference")
+    if plan.ddp_buckets:
+        lines.append("    + DDP's gradient buckets in every phase")
+    return lines
 
 
 def no_fit_message(plan: MemoryPlan) -> str:

@@ -26,7 +26,9 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     CUDA: max_memory_allocated; CPU: bigbatch.memory's meter (see step_peak_bytes).
     reuse_inputs: one host micro-batch K times (huge K: host memory and time to make them);
     the device still holds K copies. distill_model: a frozen teacher (random weights), as
-    --distill-model runs it: once per micro-batch in pass 1, its term in the loss."""
+    --distill-model runs it: once per micro-batch in pass 1, its term in the loss.
+    On CUDA it switches on the trainer's math for the process, as training does
+    (bigbatch.device.use_fast_cuda_math: TF32, cuDNN benchmark)."""
     from bigbatch.accumulation import cached_backward
     from bigbatch.build import adamw
     from bigbatch.device import autocast_factory, use_fast_cuda_math
