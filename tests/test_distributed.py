@@ -153,6 +153,38 @@ def count_syncs(case: Case, world: World) -> dict:
     return {"plain": step(1), "cached": step(3)}
 
 
+ASSETS = Path(__file__).parent / "assets"
+# (model, micro-batch, K): activations above the gradients, and below them (the bucket rebuild peaks)
+DDP_PEAKS = [(str(ASSETS / "test-clip.json"), 8, 3), ("bigbatch-tiny", 2, 2)]
+
+
+def ddp_step_peaks(case: Case, world: World) -> dict:
+    """bigbatch.plan.measure_peak on this rank under DDP: the trainer's step, measured."""
+    from bigbatch.plan import measure_peak
+    return {config: measure_peak(config[0], batch_size=config[1], accum_freq=config[2], world=world)[0]
+            for config in DDP_PEAKS}
+
+
+def kept_gradients(case: Case, world: World) -> dict:
+    """The trainer's DDP over three steps: whether .grad stays in DDP's buckets."""
+    from bigbatch.distributed import wrap_model
+    from bigbatch.step import optimizer_step
+
+    model = make_model(case)
+    wrapped = wrap_model(model, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = []
+    for _ in range(3):
+        cached_backward(wrapped, rank_batches(case, world.rank), make_loss(case, world))
+        optimizer_step(wrapped, optimizer, None)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads if g is not None}
+        steps.append({"dropped": sum(g is None for g in grads), "storages": set(storages),
+                      "bytes": sum(storages.values()), "zero": all(not g.any() for g in grads if g is not None)})
+    return {"steps": steps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()
+                                                  if p.requires_grad)}
+
+
 def validation_metrics(case: Case, world: World) -> dict:
     """Each rank evaluates its share of a synthetic validation set (37 samples: the ranks'
     shares differ); evaluate gathers them. One process: world None, the whole set."""
@@ -334,7 +366,8 @@ THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),)
          for w in ("ddp", "average")]
 
 two_ranks = spawned([(step_grads, c) for c in [*LOSS_MODES, UNEVEN, *DDP, FSDP2, *TILED, *COCA, *DISTILL]]
-                    + [(count_syncs, SYNCS), (validation_metrics, Case()), (validation_failure, Case())],
+                    + [(count_syncs, SYNCS), (validation_metrics, Case()), (validation_failure, Case()),
+                       (ddp_step_peaks, Case()), (kept_gradients, SYNCS)],
                     world_size=2)
 three_ranks = spawned([(step_grads, c) for c in THREE], world_size=3)
 
@@ -402,6 +435,28 @@ def test_ddp_all_reduces_once_per_optimizer_step(two_ranks):
     for counts in two_ranks(count_syncs, SYNCS):
         assert counts["plain"] >= 2, "the test needs several buckets"
         assert counts["cached"] == counts["plain"]  # K=3, yet one backward's worth of buckets
+
+
+def test_ddp_keeps_one_copy_of_the_gradients_its_buckets(two_ranks):
+    for result in two_ranks(kept_gradients, SYNCS):
+        first, *later = result["steps"]
+        for step in result["steps"]:  # zeroed after each step, never dropped: the buckets' views
+            assert step["dropped"] == 0 and step["zero"] and step["bytes"] == result["gradient_bytes"]
+        assert first["storages"] != later[0]["storages"]  # rebuilt once, at step 2 (the plan's phase)
+        assert later[0]["storages"] == later[1]["storages"]  # then the same
+
+
+@pytest.mark.parametrize("config", DDP_PEAKS, ids=lambda c: f"{Path(c[0]).stem}-b{c[1]}x{c[2]}")
+def test_plan_within_10_percent_of_a_measured_ddp_step(two_ranks, config):
+    """The plan's DDP term (buckets holding the gradients) against the peak each of two ranks
+    measured over the trainer's step once the buckets were rebuilt (gloo, bigbatch's meter)."""
+    from bigbatch import plan
+    model, batch_size, accum_freq = config
+    options = plan.PlanOptions(model, world_size=2, local_loss=True, precision="fp32", target="cpu")
+    planned = plan.estimate_memory(options, batch_size=batch_size, accum_freq=accum_freq)
+    steady = max(size for phase, size in planned.phase_peaks.items() if phase != "bucket rebuild")
+    for result in two_ranks(ddp_step_peaks, Case()):
+        assert steady == pytest.approx(result[config], rel=0.10)
 
 
 # --- flags and launch environment, in process

@@ -189,14 +189,16 @@ def test_terms_follow_the_step():
     assert estimate_memory(TINY, batch_size=32, accum_freq=8, offload_inputs=True).inputs == 2 * one.inputs
     ddp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4, local_loss=True)
     assert ddp.gradients == eight.gradients and ddp.global_batch_size == 1024
-    # DDP's buckets (G) from the start; in pass 2 beside the unsynchronised backwards' gradients
+    # DDP's buckets (G) from the start, and .grad views of them: G in every phase, once
     assert ddp.ddp_buckets == ddp.gradients
-    assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + ddp.ddp_buckets + max(
-        ddp.activations + ddp.cached_features + ddp.loss_working_set,
+    assert ddp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
+        ddp.activations + ddp.cached_features + ddp.loss_working_set + ddp.ddp_buckets,
         ddp.activations + 256 * per_sample + ddp.gradients + ddp.gradient_transient)
     assert ddp.gradient_transient == 4 * 49408 * 32  # the token embedding's gradient
     fsdp = estimate_memory(TINY, batch_size=32, accum_freq=8, world_size=4, local_loss=True, fsdp=True)
-    assert fsdp.ddp_buckets == 0 and fsdp.peak == ddp.peak - ddp.gradients
+    assert fsdp.ddp_buckets == 0 and fsdp.peak == ddp.weights + ddp.optimizer_state + ddp.inputs + max(
+        ddp.activations + ddp.cached_features + ddp.loss_working_set,
+        ddp.activations + 256 * per_sample + ddp.gradients + ddp.gradient_transient)
 
 
 def test_large_global_batches_use_a_tiled_loss():

@@ -203,9 +203,20 @@ def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False,
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
     ids = [world.device.index] if world.device.type == "cuda" else None
-    # gradients as views into the all-reduce buckets: one copy of the gradients, not two
+    # gradients as views into the all-reduce buckets: made before DDP, which adopts them, and
+    # zeroed between steps, never dropped (keeps_gradients): one copy of the gradients in every
+    # phase. Dropped, every step's unsynchronised backwards would make a second beside the buckets.
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
     return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                    static_graph=static_graph)
+
+
+def keeps_gradients(model: torch.nn.Module) -> bool:
+    """Whether a step zeroes .grad rather than dropping it: DDP's are views of its buckets."""
+    from torch.nn.parallel import DistributedDataParallel
+    return isinstance(model, DistributedDataParallel)
 
 
 def _scalars_to_vectors(model: torch.nn.Module) -> None:
@@ -236,8 +247,23 @@ def load_full_model_state(model: torch.nn.Module, model_state: dict) -> None:
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                               optimizer_state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    _make_optimizer_state(optimizer)
     set_optimizer_state_dict(model, optimizer, optimizer_state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """The state torch's loader fills in: it makes it itself (a step at lr 0 on zero
+    gradients) only where no gradient exists yet, and DDP's kept gradients (zeros) do."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if optimizer.state or not any(p.grad is not None for p in params):
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+    optimizer.step()
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
 
 
 def gather_objects(obj) -> list:

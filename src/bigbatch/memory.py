@@ -177,11 +177,15 @@ def storage_keys(*objects) -> set[int]:
 
 
 def tensor_bytes(*objects) -> int:
-    """Bytes of the distinct storages of parameters / optimizer state (for the CUDA peak)."""
+    """Bytes of the distinct storages of parameters, the gradients they hold (DDP's, views of
+    its buckets, live between steps), buffers / optimizer state (for the CUDA peak)."""
     seen, total = set(), 0
     for obj in objects:
-        tensors = (list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module)
-                   else [v for s in obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
+        if isinstance(obj, torch.nn.Module):
+            params = list(obj.parameters())
+            tensors = params + [p.grad for p in params if p.grad is not None] + list(obj.buffers())
+        else:
+            tensors = [v for s in obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         for t in tensors:
             key, nbytes = storage_key(t)
             if key is not None and key not in seen:

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 
 from bigbatch.config import TrainConfig
-from bigbatch.distributed import as_local
+from bigbatch.distributed import as_local, keeps_gradients
 from bigbatch.inputs import DeviceCopier
 from bigbatch.model import unwrap
 
@@ -129,7 +129,8 @@ def optimizer_step(model, optimizer, scaler, apply: bool = True) -> None:
         scaler.update()
     elif apply:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # dropped (no memory between steps), except DDP's, which are views of its buckets
+    optimizer.zero_grad(set_to_none=not keeps_gradients(model))
     with torch.no_grad():
         unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 

@@ -22,7 +22,7 @@ The prediction follows the step's phases (docs/design.md section 2); all sizes a
 1. Pass 1 embeds K - 1 micro-batches without grad (a few layers' outputs at a time) and
    the last one with grad: its graph, A, stays alive through the loss.
 2. The loss runs once over the cached features. `optimizer.zero_grad(set_to_none=True)`
-   left no gradients yet:            W + O + I + A + F + F_grad + L
+   left no gradients yet (DDP's zeroed buckets: below):   W + O + I + A + F + F_grad + L
 3. Pass 2 back-propagates the kept graph, then recomputes each micro-batch; the logits
    are gone, the gradients have arrived:   W + O + I + A + F_grad + G + T
    where T is the largest parameter's gradient, made apart before it is added to .grad
@@ -38,15 +38,19 @@ A distillation teacher (--distill-model) adds its weights to W, its cached featu
 distillation term to L, and a third phase: pass 1's last micro-batch, whose graph A is
 kept while the teacher embeds it without grad (its inference peak, I_T):
                                       A + F + F_teacher + I_T
-Under DDP (W > 1, not --fsdp) its gradient buckets, G, are allocated from the start: in
-every phase, pass 2's G + T beside them. --fsdp is planned unsharded (an upper bound).
+Under DDP (W > 1, not --fsdp) its gradient buckets, G, are allocated from the start and
+.grad are views of them (zeroed between steps, never dropped): G in every phase, once.
+Once, at the second step's first forward with grad, DDP rebuilds its buckets in the order
+the gradients came, the new beside the old, with pass 1's other features cached:
+                                      F x (K - 1) / K + 2 G
+--fsdp is planned unsharded (an upper bound).
 Backward's transients (a layer's input gradients), the CUDA context and the allocator's
 fragmentation are not in the formula: a plan must fit `gpu_memory x (1 - reserve)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -145,7 +149,8 @@ class MemoryPlan:
     cached_features: int       # F + F_grad (0 when K = 1)
     loss_working_set: int      # L
     peak: int
-    phase: str                 # where the peak is: "loss", "pass 2" (or with a teacher "pass 1")
+    phase: str                 # where the peak is: "loss", "pass 2" (with a teacher "pass 1",
+                               # under DDP "bucket rebuild")
     source: str                # "meta estimate" or "probe on cuda"
     target: str = "cuda"       # the device type modelled
     offload_inputs: bool = False
@@ -159,6 +164,7 @@ class MemoryPlan:
     teacher_features: int = 0  # its cached features, part of `cached_features`
     teacher_inference: int = 0  # the peak of its forward over one micro-batch (pass 1)
     ddp_buckets: int = 0        # DDP's gradient buckets (= gradients), in every phase
+    phase_peaks: dict = field(default_factory=dict)  # each phase's peak (bytes)
 
     @property
     def usable_memory(self) -> int | None:
@@ -197,12 +203,14 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         pass_2 = max(activations, gradients + activations // 2)
     else:
         pass_2 = activations + gradients + transient
-    # DDP's gradient buckets are allocated once, for the whole run: in every phase, and in
-    # pass 2 beside the gradients its unsynchronised backwards make (zero_grad set them to
-    # None, so they become views of the buckets only at the step's synchronising backward)
+    # DDP's gradient buckets are allocated once, for the whole run, and .grad are views of
+    # them (zeroed between steps, not dropped): G in every phase, pass 2's G among them
     resident = gradients if W > 1 and not o.fsdp else 0
     phases = {"loss": activations + cached + teacher_features + loss_ws + resident,
-              "pass 2": pass_2 + feature_grads + (resident if K > 1 else 0)}  # K = 1: synced at once
+              "pass 2": pass_2 + feature_grads}
+    if resident:  # once, at step 2's first forward with grad (pass 1's last micro-batch), DDP
+        # rebuilds its buckets in the order the gradients came: the new beside the old
+        phases["bucket rebuild"] = (row * n + teacher_features) * (K - 1) // K + 2 * resident
     inference = 0
     if profile.teacher_bytes:  # the last micro-batch's graph kept while the teacher embeds it
         inference = profile.teacher_inference_fixed_bytes + profile.teacher_inference_bytes_per_sample * b
@@ -215,6 +223,7 @@ def assemble(profile: Profile, activations: int, b: int, K: int, o: PlanOptions)
         inputs=inputs, activations=activations,
         cached_features=cached + teacher_features, loss_working_set=loss_ws,
         peak=weights + optimizer_state + inputs + phases[phase], phase=phase,
+        phase_peaks={name: weights + optimizer_state + inputs + size for name, size in phases.items()},
         source="probe on cuda" if o.probes else "meta estimate",
         target=o.target, offload_inputs=o.offload_inputs, local_loss=o.local_loss,
         loss_tile=loss_tile, activations_checkpointed=profile.checkpointed, gpu_memory=o.gpu_memory,

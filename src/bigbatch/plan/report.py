@@ -51,14 +51,16 @@ def format_plan(plan: MemoryPlan) -> str:
 def formula_lines(plan: MemoryPlan) -> list[str]:
     """How the table's terms make the peak, in this plan's case."""
     one_pass = plan.accum_freq == 1 and plan.world_size == 1  # the towers' backward one after the other
-    lines = ["  = weights + optimizer + inputs + max(loss, pass 2" + (", pass 1)" if plan.teacher_weights else ")"),
-             "    loss:   activations + cached features + loss working set",
+    phases = ["loss", "pass 2"] + ["pass 1"] * bool(plan.teacher_weights) + ["bucket rebuild"] * bool(plan.ddp_buckets)
+    lines = [f"  = weights + optimizer + inputs + max({', '.join(phases)})",
+             "    loss:   activations + cached features + loss working set"
+             + (" + gradients (DDP's buckets, zeroed)" if plan.ddp_buckets else ""),
              "    pass 2: " + ("max(activations, gradients + activations / 2)" if one_pass else
                              "activations + feature grads + gradients + a new gradient")]
     if plan.teacher_weights:
         lines.append("    pass 1: activations + features + teacher inference")
     if plan.ddp_buckets:
-        lines.append("    + DDP's gradient buckets in every phase")
+        lines.append("    bucket rebuild (DDP, once, step 2): pass 1's other cached features + 2 x gradients")
     return lines
 
 
@@ -100,4 +102,9 @@ def suggestions(plan: MemoryPlan) -> list[str]:
     if fixed > (plan.usable_memory or fixed):
         found.append((fixed, f"weights, gradients and AdamW state alone take {gib(fixed)} GiB: "
                              f"shard them over GPUs with --fsdp, or lock a tower"))
+    elif plan.ddp_buckets:
+        W = plan.world_size
+        found.append((plan.ddp_buckets + fixed * (W - 1) // W,
+                      f"--fsdp (weights, gradients and AdamW state sharded over the {W} GPUs; no DDP "
+                      f"buckets, which take {gib(plan.ddp_buckets)} GiB)"))
     return [text for _, text in sorted(found, key=lambda item: -item[0])]

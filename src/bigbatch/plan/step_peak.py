@@ -19,7 +19,7 @@ class _MicroBatch:
 def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision: str = "fp32",
                  grad_checkpointing: bool = False, offload_inputs: bool = False,
                  device: str = "cpu", seed: int = 0, reuse_inputs: bool = False,
-                 distill_model: str | None = None) -> tuple[int, float]:
+                 distill_model: str | None = None, world=None) -> tuple[int, float]:
     """The peak a plan predicts, measured: bytes over one real training step (the trainer's
     inputs, engine, loss and fused AdamW step, on random uint8 images and token ids), after
     a one-micro-batch step that made the optimizer state; and that step's seconds.
@@ -27,11 +27,15 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     reuse_inputs: one host micro-batch K times (huge K: host memory and time to make them);
     the device still holds K copies. distill_model: a frozen teacher (random weights), as
     --distill-model runs it: once per micro-batch in pass 1, its term in the loss.
-    On CUDA it switches on the trainer's math for the process, as training does
+    world (a bigbatch.distributed.World of several ranks): this rank's share under DDP, as
+    the trainer wraps it, with --local-loss --gather-with-grad; the measured step is the
+    third, after DDP rebuilt its buckets (its once-only "bucket rebuild" phase is not
+    measured here). On CUDA it switches on the trainer's math for the process, as training does
     (bigbatch.device.use_fast_cuda_math: TF32, cuDNN benchmark)."""
     from bigbatch.accumulation import cached_backward
     from bigbatch.build import adamw
     from bigbatch.device import autocast_factory, use_fast_cuda_math
+    from bigbatch.distributed import wrap_model
     from bigbatch.inputs import input_bytes
     from bigbatch.losses import create_loss
     from bigbatch.memory import step_peak_bytes
@@ -48,7 +52,11 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     teacher = Teacher(create_model(distill_model, device=device, **weights).model) if distill_model else None
     optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
     autocast = autocast_factory(precision, device)
-    loss_fn = create_loss("distill" if teacher else "clip")
+    ranks = {}
+    if world is not None and world.world_size > 1:
+        net = wrap_model(net, world)
+        ranks = dict(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world_size)
+    loss_fn = create_loss("distill" if teacher else "clip", **ranks)
     (height, width), context = input_shapes(model_key(model_name, False, None))
     generator = torch.Generator().manual_seed(seed)
 
@@ -65,6 +73,10 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         optimizer_step(net, optimizer, None)
 
     step([micro_batch()])
+    if world is not None and world.world_size > 1:
+        # DDP's second step rebuilds its buckets, freeing the old ones mid-step, which the CPU
+        # meter (counting what was resident as resident) would not see: measured is the third
+        step([micro_batch()])
     # made before the step: not in its time
     batches = [micro_batch()] * accum_freq if reuse_inputs else [micro_batch() for _ in range(accum_freq)]
     start = time.perf_counter()
