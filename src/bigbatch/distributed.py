@@ -206,17 +206,21 @@ def wrap_model(model: torch.nn.Module, world: World, fsdp: bool = False,
     # gradients as views into the all-reduce buckets: made before DDP, which adopts them, and
     # zeroed between steps, never dropped (keeps_gradients): one copy of the gradients in every
     # phase. Dropped, every step's unsynchronised backwards would make a second beside the buckets.
-    for param in model.parameters():
-        if param.requires_grad and param.grad is None:
-            param.grad = torch.zeros_like(param)
+    # Not with a static graph (K = 1 only: no unsynchronised backward), which leaves the
+    # gradient of a parameter no rank used untouched: None, for AdamW to skip, not a zero to decay.
+    if not static_graph:
+        for param in model.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
     return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                    static_graph=static_graph)
 
 
 def keeps_gradients(model: torch.nn.Module) -> bool:
-    """Whether a step zeroes .grad rather than dropping it: DDP's are views of its buckets."""
+    """Whether a step zeroes .grad rather than dropping it: DDP's are views of its buckets
+    (wrap_model)."""
     from torch.nn.parallel import DistributedDataParallel
-    return isinstance(model, DistributedDataParallel)
+    return isinstance(model, DistributedDataParallel) and not model.static_graph
 
 
 def _scalars_to_vectors(model: torch.nn.Module) -> None:
@@ -233,8 +237,13 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    made = _make_optimizer_state(optimizer)  # saved before any step was applied: still every parameter's
+    try:
+        return (get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options))
+    finally:
+        if made:  # as it was: the first real step makes its own (AdamW counts its steps)
+            optimizer.state.clear()
 
 
 def load_full_model_state(model: torch.nn.Module, model_state: dict) -> None:
@@ -252,18 +261,21 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """The state torch's loader fills in: it makes it itself (a step at lr 0 on zero
-    gradients) only where no gradient exists yet, and DDP's kept gradients (zeros) do."""
+def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
+    """The state torch's state-dict functions read: they make it themselves (a step at lr 0
+    on zero gradients) only where no gradient exists yet, and DDP's kept gradients (zeros)
+    do. Whether it was made here."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if optimizer.state or not any(p.grad is not None for p in params):
-        return
+        return False
     rates = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
     optimizer.step()
     for group, rate in zip(optimizer.param_groups, rates):
         group["lr"] = rate
+    optimizer.zero_grad(set_to_none=False)  # what a step may have left in the kept gradients
+    return True
 
 
 def gather_objects(obj) -> list:

@@ -176,14 +176,15 @@ def storage_keys(*objects) -> set[int]:
     return keys
 
 
-def tensor_bytes(*objects) -> int:
+def tensor_bytes(*objects, gradients: bool = True) -> int:
     """Bytes of the distinct storages of parameters, the gradients they hold (DDP's, views of
     its buckets, live between steps), buffers / optimizer state (for the CUDA peak)."""
     seen, total = set(), 0
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
             params = list(obj.parameters())
-            tensors = params + [p.grad for p in params if p.grad is not None] + list(obj.buffers())
+            grads = [p.grad for p in params if p.grad is not None] if gradients else []
+            tensors = params + grads + list(obj.buffers())
         else:
             tensors = [v for s in obj.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         for t in tensors:
@@ -210,5 +211,18 @@ def step_peak_bytes(step: Callable[[], object], *resident, device: torch.device)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     with MemoryMeter(storage_keys(*resident)) as meter:
+        _count_gradients_while_alive(meter, resident)
         step()
-    return tensor_bytes(*resident) + meter.live.peak
+    return tensor_bytes(*resident, gradients=False) + meter.live.peak
+
+
+def _count_gradients_while_alive(meter: MemoryMeter, resident: tuple) -> None:
+    """Resident gradients (DDP's, views of its buckets) in the meter's live bytes until they
+    die: DDP frees its old buckets when it rebuilds them, mid-step. No reference kept here."""
+    for module in resident:
+        if isinstance(module, torch.nn.Module):
+            for param in module.parameters():
+                if param.grad is not None:
+                    key, nbytes = storage_key(param.grad)
+                    if key is not None:
+                        meter.live.add(key, nbytes, param.grad)

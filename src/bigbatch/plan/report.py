@@ -104,7 +104,7 @@ def suggestions(plan: MemoryPlan) -> list[str]:
                              f"shard them over GPUs with --fsdp, or lock a tower"))
     elif plan.ddp_buckets:
         W = plan.world_size
-        found.append((plan.ddp_buckets + fixed * (W - 1) // W,
-                      f"--fsdp (weights, gradients and AdamW state sharded over the {W} GPUs; no DDP "
-                      f"buckets, which take {gib(plan.ddp_buckets)} GiB)"))
+        found.append((fixed * (W - 1) // W,
+                      f"--fsdp (weights, gradients and AdamW state, {gib(fixed)} GiB, sharded over the "
+                      f"{W} GPUs; no DDP buckets to rebuild)"))
     return [text for _, text in sorted(found, key=lambda item: -item[0])]

@@ -28,9 +28,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     the device still holds K copies. distill_model: a frozen teacher (random weights), as
     --distill-model runs it: once per micro-batch in pass 1, its term in the loss.
     world (a bigbatch.distributed.World of several ranks): this rank's share under DDP, as
-    the trainer wraps it, with --local-loss --gather-with-grad; the measured step is the
-    third, after DDP rebuilt its buckets (its once-only "bucket rebuild" phase is not
-    measured here). On CUDA it switches on the trainer's math for the process, as training does
+    the trainer wraps it, with --local-loss --gather-with-grad; the measured step is DDP's
+    second, where it rebuilds its buckets (the plan's "bucket rebuild" phase). On CUDA it switches on the trainer's math for the process, as training does
     (bigbatch.device.use_fast_cuda_math: TF32, cuDNN benchmark)."""
     from bigbatch.accumulation import cached_backward
     from bigbatch.build import adamw
@@ -73,10 +72,6 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         optimizer_step(net, optimizer, None)
 
     step([micro_batch()])
-    if world is not None and world.world_size > 1:
-        # DDP's second step rebuilds its buckets, freeing the old ones mid-step, which the CPU
-        # meter (counting what was resident as resident) would not see: measured is the third
-        step([micro_batch()])
     # made before the step: not in its time
     batches = [micro_batch()] * accum_freq if reuse_inputs else [micro_batch() for _ in range(accum_freq)]
     start = time.perf_counter()
