@@ -337,3 +337,14 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert out.count("bigbatch: stopped by SIGUSR1 after step") == 1, out[-3000:]
     state = torch.load(tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert state["epoch_samples"] == state["step"] * 4 * 2
+
+
+def test_resume_with_a_stateless_optimizer_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """SGD without momentum keeps no state per parameter: only its groups to restore."""
+    sgd = [*SYNTH, "--opt", "sgd", "--lr", "0.05"]
+    assert main(train_args(tmp_path, *sgd, name="whole")) == 0
+    with monkeypatch.context() as patch:
+        send_after_step(patch, signal.SIGTERM, at_step=2)
+        assert main(train_args(tmp_path, *sgd)) == 143
+    assert main(train_args(tmp_path, *sgd, "--resume", "latest")) == 0
+    assert_same_weights(checkpoint(tmp_path, "whole"), checkpoint(tmp_path))

@@ -256,6 +256,13 @@ def load_full_model_state(model: torch.nn.Module, model_state: dict) -> None:
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                               optimizer_state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if not any(isinstance(v, torch.Tensor) for state in optimizer_state.get("state", {}).values()
+               for v in state.values()):
+        # a stateless optimizer (SGD without momentum): torch's loader finds no tensor to
+        # place and refuses; there are only the groups' hyperparameters to restore
+        for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"], strict=True):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        return
     _make_optimizer_state(optimizer)
     set_optimizer_state_dict(model, optimizer, optimizer_state,
                              options=StateDictOptions(full_state_dict=True))
