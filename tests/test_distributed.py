@@ -378,7 +378,8 @@ COCA = [Case("coca", local_loss=True, gather_with_grad=True),
 # Distillation: the teacher's features gathered with the student's, its term over the global batch
 DISTILL = [Case("distill", wrap="average"), Case("distill", local_loss=True, gather_with_grad=True),
            Case("distill", gather_with_grad=True, wrap="average", sizes=((4, 4, 4), (4, 4, 2))),
-           Case("distill", local_loss=True, gather_with_grad=True, tile_size=5, wrap="average")]
+           Case("distill", local_loss=True, gather_with_grad=True, tile_size=5, wrap="average"),
+           Case("distill", local_loss=True, gather_with_grad=True, wrap="fsdp2")]  # the student sharded
 THREE = [Case(local_loss=True, gather_with_grad=True, wrap=w, sizes=((4, 4, 4),) * 3)
          for w in ("ddp", "average")]
 
