@@ -252,12 +252,9 @@ def _saved_for_backward(model: nn.Module, inputs: tuple) -> _Saved:
     try:
         with torch.enable_grad(), meter:
             outputs = model(*inputs)
-            caption = CaptionLoss()
-            alive = []  # until counted: what pass 2 keeps for backward
-            if set(caption.keys) <= outputs.keys():  # CoCa: its caption logits (B, T, vocab) live
-                alive += [meter.hold(outputs["logits"]),  # until their loss's backward, which
-                          caption(outputs, caption.count(outputs))]  # saves log-probs too
+            alive = caption_backward(outputs, meter)
             owner = meter.saved.storages()  # storage -> (bytes, block index or None)
+            del alive  # held until counted
     finally:
         for handle in handles:
             handle.remove()
@@ -270,6 +267,20 @@ def _saved_for_backward(model: nn.Module, inputs: tuple) -> _Saved:
                 for i in range(len(blocks)) if i in block_inputs]
     kept = sum({**outside, **kept_inputs}.values())
     return _Saved(full, kept + max(in_block, default=0), kept, dict(outputs))
+
+
+def caption_backward(outputs: dict, meter: MemoryMeter) -> list:
+    """CoCa's caption loss, as the engine runs it: it saves the float32 log-probs of the
+    logits (B, T, vocab); the logits themselves are dropped before backward, which then
+    makes two gradients of the log-probs' size at once (theirs, then the logits'). The
+    term and those two, held by the meter; nothing for a model without captions."""
+    caption = CaptionLoss()
+    if not set(caption.keys) <= outputs.keys():
+        return []
+    term = caption(outputs, caption.count(outputs))
+    logits = outputs["logits"]
+    gradients = [torch.empty(logits.shape, dtype=torch.float32, device=logits.device) for _ in range(2)]
+    return [term] + [meter.hold(g) for g in gradients]
 
 
 @contextlib.contextmanager

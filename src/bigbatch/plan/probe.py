@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from bigbatch.errors import ConfigError
+from bigbatch.losses import CaptionLoss
 from bigbatch.plan.formula import PlanOptions, Profile
 from bigbatch.plan.measure import autocast_dtype, build, input_shapes, model_key, profile, weights_precision
 
@@ -56,16 +57,20 @@ def _probe(key: tuple, batch_size: int, dtype: torch.dtype | None, grad_checkpoi
         autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             outputs = net(images, texts)
-        shapes = {k: v.detach() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
-        loss = sum(v.float().sum() for k, v in outputs.items() if k.endswith("_features"))
+            loss = sum(v.float().sum() for k, v in outputs.items() if k.endswith("_features"))
+            caption = CaptionLoss()
+            if set(caption.keys) <= outputs.keys():  # CoCa: as the engine runs it
+                loss = loss + caption(outputs, caption.count(outputs))
+        features = {k: outputs[k].detach() for k in ("image_features", "text_features") if k in outputs}
+        del outputs  # the engine drops CoCa's caption logits before backward too
         loss.backward()
-        del outputs, loss
+        del loss
         torch.cuda.synchronize(device)
         activations = torch.cuda.max_memory_allocated(device) - baseline
         measured = {"checkpointed" if grad_checkpointing else "activations": activations}
         measured.setdefault("activations", None)
         measured.setdefault("checkpointed", None)
-        found = profile(net, batch_size, (images, texts), shapes, **measured)
+        found = profile(net, batch_size, (images, texts), features, **measured)
         return dataclasses.replace(found, param_bytes=weights - found.buffer_bytes)
     finally:
         del net

@@ -36,9 +36,9 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     from bigbatch.device import autocast_factory, use_fast_cuda_math
     from bigbatch.distributed import wrap_model
     from bigbatch.inputs import input_bytes
-    from bigbatch.losses import create_loss
+    from bigbatch.losses import CaptionLoss, create_loss
     from bigbatch.memory import step_peak_bytes
-    from bigbatch.model import create_model, parameter_groups, weights_precision
+    from bigbatch.model import create_model, is_coca, parameter_groups, unwrap, weights_precision
     from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
     from bigbatch.teacher import Teacher
 
@@ -56,6 +56,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         net = wrap_model(net, world)
         ranks = dict(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world_size)
     loss_fn = create_loss("distill" if teacher else "clip", **ranks)
+    # CoCa: its caption loss, in pass 2 one micro-batch at a time, as the trainer takes it
+    caption = CaptionLoss(pad_id=getattr(net, "pad_id", 0)) if is_coca(unwrap(net)) else None
     (height, width), context = input_shapes(model_key(model_name, False, None))
     generator = torch.Generator().manual_seed(seed)
 
@@ -67,7 +69,8 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
 
     def step(batches: list) -> None:
         inputs, to_device = step_inputs(batches, device, offload_inputs)
-        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device, teacher=teacher)
+        cached_backward(net, inputs, loss_fn, autocast=autocast, to_device=to_device, teacher=teacher,
+                        sample_loss=caption)
         unscale_and_clip(net, optimizer, None, clip_norm=1.0)
         optimizer_step(net, optimizer, None)
 
