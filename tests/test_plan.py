@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -399,3 +400,14 @@ def test_plan_command_counts_a_teacher(capsys, monkeypatch):
     distilling = run_plan(capsys, monkeypatch, *args, "--distill-model", TEACHER)
     assert "the teacher's" not in alone
     assert "weights (+ the teacher's)" in distilling and "+ teacher's)" in distilling.split("cached features")[1]
+
+
+def test_plan_check_script_smoke(tmp_path):
+    """scripts/plan_check.py (the planner against measured steps on models the tests never
+    build, bench/plan-vs-measured-cpu.*) runs, here on the test models."""
+    from script_loader import load_script
+    plan_check = load_script("plan_check", "plan_check")
+    assert plan_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "plan-vs-measured-cpu-smoke.json").read_text())
+    assert [abs(r["error_percent"]) < 10 for r in report["rows"]] == [True, True]
+    assert (tmp_path / "plan-vs-measured-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"

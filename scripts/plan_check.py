@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""`bigbatch plan` against measured steps, on CPU, for open_clip models the tests never build.
+
+    python scripts/plan_check.py              # 10 configurations, about 6 minutes on 2 cores
+    python scripts/plan_check.py --smoke      # the test models, seconds (the test suite runs it)
+
+For each configuration: the plan's peak (meta estimate on fake tensors, for the CPU) and the
+peak measured over one real training step (bigbatch.plan.measure_peak: the trainer's
+inputs, engine, loss and fused AdamW, under bigbatch's meter), side by side, and the error.
+Writes OUT/plan-vs-measured-cpu.{json,md,png} (default OUT: bench/) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+MiB = 2 ** 20
+
+# (model, micro-batch, K, grad checkpointing, precision): ViTs, ResNets, ConvNeXt, MobileCLIP,
+# CoCa; weights dominate the small batches, activations the larger ones
+CONFIGS = [("RN50", 2, 2, False, "fp32"), ("RN50", 8, 2, False, "fp32"), ("RN50", 2, 1, True, "fp32"),
+           ("ViT-S-32", 4, 2, False, "fp32"), ("ViT-S-32", 32, 2, False, "fp32"),
+           ("ViT-S-16", 2, 2, True, "fp32"), ("ViT-S-16", 8, 2, False, "amp_bf16"),
+           ("convnext_tiny", 8, 2, True, "fp32"), ("MobileCLIP-S1", 2, 2, False, "fp32"),
+           ("coca_ViT-B-32", 4, 2, False, "amp_bf16")]
+SMOKE = [(str(ASSETS / "test-clip.json"), 4, 2, False, "fp32"), (str(ASSETS / "test-coca.json"), 4, 2, True, "fp32")]
+
+
+def check(model: str, batch_size: int, accum_freq: int, checkpointing: bool, precision: str) -> dict:
+    from bigbatch import plan
+
+    start = time.time()
+    measured, _ = plan.measure_peak(model, batch_size=batch_size, accum_freq=accum_freq,
+                                    grad_checkpointing=checkpointing, precision=precision)
+    options = plan.PlanOptions(model, precision=precision, grad_checkpointing=checkpointing, target="cpu")
+    planned = plan.estimate_memory(options, batch_size=batch_size, accum_freq=accum_freq)
+    return {"model": Path(model).stem, "batch_size": batch_size, "accum_freq": accum_freq,
+            "grad_checkpointing": checkpointing, "precision": precision, "measured_bytes": measured,
+            "planned_bytes": planned.peak, "phase": planned.phase, "activations_bytes": planned.activations,
+            "error_percent": round(100 * (planned.peak - measured) / measured, 1),
+            "seconds": round(time.time() - start, 1)}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# `bigbatch plan` against measured CPU steps ({report['device']})", "",
+             f"{report['date']}; torch {report['torch']}; `{report['command']}`. Measured: the peak of one "
+             "real training step (bigbatch.plan.measure_peak, the CPU meter); planned: the meta estimate "
+             "for the CPU." + (" The test models (--smoke)." if report["command"].endswith("--smoke")
+                               else " Models the test suite never builds."), "",
+             "| model | b x K | grad ckpt | precision | measured MiB | planned MiB | error | peak phase |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['model']} | {r['batch_size']} x {r['accum_freq']} | {'yes' if r['grad_checkpointing'] else ''} | "
+                     f"{r['precision']} | {r['measured_bytes'] / MiB:,.1f} | {r['planned_bytes'] / MiB:,.1f} | "
+                     f"{r['error_percent']:+.1f}% | {r['phase']} |")
+    errors = [abs(r["error_percent"]) for r in report["rows"]]
+    lines += ["", f"Largest error {max(errors):.1f}% over {len(errors)} configurations."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = [f"{r['model']}\n{r['batch_size']}x{r['accum_freq']}{' gc' if r['grad_checkpointing'] else ''}"
+              f"{' bf16' if r['precision'] != 'fp32' else ''}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.2))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["measured_bytes"] / MiB for r in rows], 0.4, label="measured step")
+    ax.bar([i + 0.2 for i in x], [r["planned_bytes"] / MiB for r in rows], 0.4, label="bigbatch plan")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['error_percent']:+.1f}%", (i + 0.2, r["planned_bytes"] / MiB), ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("peak MiB")
+    ax.set_title(f"bigbatch plan against measured CPU steps ({report['device']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="the test models only (seconds)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench", help="folder for the report")
+    args = parser.parse_args(argv)
+    import torch
+
+    rows = []
+    for config in SMOKE if args.smoke else CONFIGS:
+        rows.append(check(*config))
+        r = rows[-1]
+        print(f"{r['model']} {r['batch_size']}x{r['accum_freq']} gc={r['grad_checkpointing']} {r['precision']}: "
+              f"measured {r['measured_bytes'] / MiB:.1f} MiB, planned {r['planned_bytes'] / MiB:.1f} MiB, "
+              f"{r['error_percent']:+.1f}% ({r['phase']}) [{r['seconds']} s]", flush=True)
+    report = {"device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+              "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": "python scripts/plan_check.py" + (" --smoke" if args.smoke else ""), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("plan-vs-measured-cpu" + ("-smoke" if args.smoke else ""))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
