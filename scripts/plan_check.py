@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -104,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']} {r['batch_size']}x{r['accum_freq']} gc={r['grad_checkpointing']} {r['precision']}: "
               f"measured {r['measured_bytes'] / MiB:.1f} MiB, planned {r['planned_bytes'] / MiB:.1f} MiB, "
               f"{r['error_percent']:+.1f}% ({r['phase']}) [{r['seconds']} s]", flush=True)
-    report = {"device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+    from bigbatch.bench.environment import device_name
+    report = {"device": device_name(torch.device("cpu")), "torch": torch.__version__,
               "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": "python scripts/plan_check.py" + (" --smoke" if args.smoke else ""), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
