@@ -7,6 +7,9 @@
 For each configuration: the plan's peak (meta estimate on fake tensors, for the CPU) and the
 peak measured over one real training step (bigbatch.plan.measure_peak: the trainer's
 inputs, engine, loss and fused AdamW, under bigbatch's meter), side by side, and the error.
+The meter counts every tensor the step makes while it lives; scratch memory inside a
+kernel is not a tensor, so it is not counted (on a GPU, max_memory_allocated sees it:
+scripts/gpu_check.sh's plan part).
 Writes OUT/plan-vs-measured-cpu.{json,md,png} (default OUT: bench/) and prints the table.
 """
 
@@ -51,8 +54,8 @@ def check(model: str, batch_size: int, accum_freq: int, checkpointing: bool, pre
 def markdown(report: dict) -> str:
     lines = [f"# `bigbatch plan` against measured CPU steps ({report['device']})", "",
              f"{report['date']}; torch {report['torch']}; `{report['command']}`. Measured: the peak of one "
-             "real training step (bigbatch.plan.measure_peak, the CPU meter); planned: the meta estimate "
-             "for the CPU." + (" The test models (--smoke)." if report["command"].endswith("--smoke")
+             "real training step (bigbatch.plan.measure_peak; bigbatch's meter: every tensor the step makes "
+             "while it lives, not scratch memory inside kernels); planned: the meta estimate for the CPU." + (" The test models (--smoke)." if report["command"].endswith("--smoke")
                                else " Models the test suite never builds."), "",
              "| model | b x K | grad ckpt | precision | measured MiB | planned MiB | error | peak phase |",
              "|---|---|---|---|---:|---:|---:|---|"]

@@ -288,7 +288,8 @@ class CaptionLoss(nn.Module):
 
     def forward(self, outputs: dict, total: torch.Tensor) -> torch.Tensor:
         logits, labels = outputs["logits"], outputs["labels"]  # (B, T, vocab), (B, T)
-        tokens = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id,
+        # as (B T, vocab) rows: log-softmax over contiguous rows, no copy of the logits
+        tokens = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=self.pad_id,
                                  reduction="sum")
         return self.weight * tokens / total.clamp_min(1)
 

@@ -262,25 +262,37 @@ def _saved_for_backward(model: nn.Module, inputs: tuple) -> _Saved:
     if not blocks:  # nothing we know to be checkpointed
         return _Saved(full, full, full, dict(outputs))
     outside = {k: size for k, (size, block) in owner.items() if block is None}
+    caption = sum(size for size, block in owner.values() if block == CAPTION)
     kept_inputs = {k: size for per_block in block_inputs.values() for k, size in per_block.items()}
     in_block = [sum(size for k, (size, block) in owner.items() if block == i and k not in block_inputs[i])
                 for i in range(len(blocks)) if i in block_inputs]
     kept = sum({**outside, **kept_inputs}.values())
-    return _Saved(full, kept + max(in_block, default=0), kept, dict(outputs))
+    # backward takes the caption loss first, then recomputes one block at a time: never both
+    return _Saved(full, kept + max(in_block + [caption]), kept, dict(outputs))
+
+
+CAPTION = "caption loss"  # the meter's region of CoCa's caption loss
 
 
 def caption_backward(outputs: dict, meter: MemoryMeter) -> list:
-    """CoCa's caption loss, as the engine runs it: it saves the float32 log-probs of the
-    logits (B, T, vocab); the logits themselves are dropped before backward, which then
-    makes two gradients of the log-probs' size at once (theirs, then the logits'). The
-    term and those two, held by the meter; nothing for a model without captions."""
+    """CoCa's caption loss, as the engine runs it: it saves the log-probs of the logits
+    (B, T, vocab), float32 under autocast; the logits themselves are dropped before backward,
+    which then makes two gradients of the log-probs' size at once (theirs, then the logits').
+    The term and those two, held by the meter in the region CAPTION; nothing for a model
+    without captions."""
     caption = CaptionLoss()
     if not set(caption.keys) <= outputs.keys():
         return []
-    term = caption(outputs, caption.count(outputs))
     logits = outputs["logits"]
-    gradients = [torch.empty(logits.shape, dtype=torch.float32, device=logits.device) for _ in range(2)]
-    return [term] + [meter.hold(g) for g in gradients]
+    # autocast runs cross-entropy in float32; without it (pure_bf16/pure_fp16), the logits' dtype
+    dtype = torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+    meter.region = CAPTION  # its storages apart: with checkpointing, they never meet a block's
+    try:
+        term = caption(outputs, caption.count(outputs))
+        return [term] + [meter.hold(torch.empty(logits.shape, dtype=dtype, device=logits.device))
+                         for _ in range(2)]
+    finally:
+        meter.region = None
 
 
 @contextlib.contextmanager

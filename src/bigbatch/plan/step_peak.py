@@ -57,7 +57,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         ranks = dict(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world_size)
     loss_fn = create_loss("distill" if teacher else "clip", **ranks)
     # CoCa: its caption loss, in pass 2 one micro-batch at a time, as the trainer takes it
-    caption = CaptionLoss(pad_id=getattr(net, "pad_id", 0)) if is_coca(unwrap(net)) else None
+    caption = CaptionLoss(pad_id=getattr(unwrap(net), "pad_id", 0)) if is_coca(unwrap(net)) else None
     (height, width), context = input_shapes(model_key(model_name, False, None))
     generator = torch.Generator().manual_seed(seed)
 
