@@ -22,7 +22,7 @@ from bigbatch.distributed import World, cleanup, gather_objects, init_distribute
 from bigbatch.errors import ConfigError
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
-                            register_model_config, use_bnb_linear)
+                            register_model_config, unwrap, use_bnb_linear)
 from bigbatch.runlog import log
 from bigbatch.teacher import Teacher, load_teacher
 from bigbatch.weights import load_model, resolve_weights
@@ -98,11 +98,17 @@ def build_losses(cfg: TrainConfig, world: World, loss_name: str, model: torch.nn
         loss_name = "distill"
     contrastive = create_loss(loss_name, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                               rank=world.rank, world_size=world.world_size, tile_size=cfg.loss_tile_size)
-    if not is_coca(model):
-        return contrastive, None
-    if cfg.coca_contrastive_loss_weight != 1.0:
+    caption = caption_loss(model, cfg.coca_caption_loss_weight)
+    if caption is not None and cfg.coca_contrastive_loss_weight != 1.0:
         contrastive = Weighted(contrastive, cfg.coca_contrastive_loss_weight)
-    return contrastive, CaptionLoss(cfg.coca_caption_loss_weight, pad_id=getattr(model, "pad_id", 0))
+    return contrastive, caption
+
+
+def caption_loss(model: torch.nn.Module, weight: float = 2.0) -> CaptionLoss | None:
+    """CoCa's caption loss, with the model's padding id (through a DDP wrapper); None for a
+    model without captions."""
+    bare = unwrap(model)
+    return CaptionLoss(weight, pad_id=getattr(bare, "pad_id", 0)) if is_coca(bare) else None
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -32,13 +32,13 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     second, where it rebuilds its buckets (the plan's "bucket rebuild" phase). On CUDA it switches on the trainer's math for the process, as training does
     (bigbatch.device.use_fast_cuda_math: TF32, cuDNN benchmark)."""
     from bigbatch.accumulation import cached_backward
-    from bigbatch.build import adamw
+    from bigbatch.build import adamw, caption_loss
     from bigbatch.device import autocast_factory, use_fast_cuda_math
     from bigbatch.distributed import wrap_model
     from bigbatch.inputs import input_bytes
-    from bigbatch.losses import CaptionLoss, create_loss
+    from bigbatch.losses import create_loss
     from bigbatch.memory import step_peak_bytes
-    from bigbatch.model import create_model, is_coca, parameter_groups, unwrap, weights_precision
+    from bigbatch.model import create_model, parameter_groups, weights_precision
     from bigbatch.step import optimizer_step, step_inputs, unscale_and_clip
     from bigbatch.teacher import Teacher
 
@@ -56,8 +56,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         net = wrap_model(net, world)
         ranks = dict(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world_size)
     loss_fn = create_loss("distill" if teacher else "clip", **ranks)
-    # CoCa: its caption loss, in pass 2 one micro-batch at a time, as the trainer takes it
-    caption = CaptionLoss(pad_id=getattr(unwrap(net), "pad_id", 0)) if is_coca(unwrap(net)) else None
+    caption = caption_loss(net)  # CoCa's, in pass 2 one micro-batch at a time, as the trainer takes it
     (height, width), context = input_shapes(model_key(model_name, False, None))
     generator = torch.Generator().manual_seed(seed)
 
