@@ -62,3 +62,29 @@ def test_inductor_replays_dropout_exactly():
     torch._dynamo.reset()
     check_exact(*compiled_pair("inductor"), [8, 8, 5])
     torch._dynamo.reset()
+
+
+def test_uint8_images_compile_once_per_grad_mode():
+    """The image tower's uint8 normalisation (a forward pre-hook) holds its constants from
+    the start: a second step captures no new graph."""
+    import torch._dynamo
+
+    from bigbatch.accumulation import cached_backward
+    from bigbatch.model import create_model
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    net = compile_model(create_model("bigbatch-tiny").model.train(), counting)
+    batches = uint8_batches([4, 4])  # one no-grad forward in the first step, then one with grad
+    assert batches[0][0].dtype == torch.uint8
+    cached_backward(net, batches, ClipLoss())
+    first_step = len(graphs)
+    assert first_step >= 2  # pass 1's no-grad graph and the training graph
+    cached_backward(net, batches, ClipLoss())
+    assert len(graphs) == first_step
+    torch._dynamo.reset()

@@ -21,7 +21,7 @@ import gpu_schedule  # noqa: E402
 
 def test_gpu_check_smoke_runs_every_part_and_reports(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src")}
-    every_part = "env,tests,bench,plan,capped,largest,peer_largest,compile,patchify,e2e"
+    every_part = "env,tests,bench,plan,capped,largest,peer_largest,compile,patchify,compile_ratio,e2e"
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path), "--smoke",
                            "--parts", every_part], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,12 +36,13 @@ def test_gpu_check_smoke_runs_every_part_and_reports(tmp_path):
     first_end = max(parts[n]["start_s"] + parts[n]["wall_seconds"] for n in ("env", "bench", "peer_largest"))
     shared_end = max(parts[n]["start_s"] + parts[n]["wall_seconds"] for n in shared)
     assert all(parts[n]["start_s"] >= first_end for n in shared)
-    assert all(parts[n]["start_s"] >= shared_end for n in ("patchify", "e2e"))
+    assert all(parts[n]["start_s"] >= shared_end for n in ("patchify", "compile_ratio", "e2e"))
     # compile timed only once capped (beside it) had let the device go
     assert parts["compile"]["exclusive_since"] >= parts["capped"]["released_at"]
     whole_runs = parts["e2e"]["configs"]["b4x2 w1"]
     assert whole_runs["bigbatch csv"]["wall_ratio_to_peer"] > 0 and whole_runs["open_clip_train"]["wall_s"] > 0
     assert parts["compile"]["result"]["compiled_samples_per_s"] > 0
+    assert parts["compile_ratio"]["result"]["ratio_compiled"] > 0
     assert "skipped" in parts["tests"]["summary"] or "passed" in parts["tests"]["summary"]
     run = parts["bench"]["runs"][0]
     assert run["configs"]["bigbatch accumulated"]["samples_per_s"] > 0
@@ -52,7 +53,8 @@ def test_gpu_check_smoke_runs_every_part_and_reports(tmp_path):
     assert all(r["largest_global_batch"] for r in parts["largest"]["results"].values())
     assert all(r["largest_global_batch"] for r in parts["peer_largest"]["results"].values())
     assert parts["capped"]["result"]["under_cap"]
-    assert "## Planner against measured peak" in (tmp_path / "gpu-check.md").read_text()
+    markdown = (tmp_path / "gpu-check.md").read_text()
+    assert "## Planner against measured peak" in markdown and "| accumulated / plain |" in markdown
     assert (tmp_path / "gpu-check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "# GPU check (smoke, CPU)" in proc.stdout
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from torch import nn
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """Compile `model`'s forward in place (returns it) so that pass 2 replays pass 1's masks."""
+def compile_model(model: nn.Module, backend: str = "inductor", dynamic: bool | None = None) -> nn.Module:
+    """Compile `model`'s forward in place (returns it) so that pass 2 replays pass 1's masks.
+    dynamic: torch.compile's (None: static first, dynamic after a second size)."""
     import torch._inductor.config as inductor
 
     inductor.fallback_random = True
-    model.compile(backend=backend)
+    model.compile(backend=backend, dynamic=dynamic)
     return model

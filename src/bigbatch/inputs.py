@@ -53,20 +53,29 @@ def normalize_on_device(tower: nn.Module, mean: Sequence[float], std: Sequence[f
     """Make `tower` accept uint8 images: normalise them in its first op. Returns the hook handle."""
     scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-    cache: dict = {}  # (device, dtype) -> scale, shift there: no host->device copy per call
+    cache: dict = {}  # device -> float32 scale, shift there: no host->device copy per call
+
+    def constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in cache:
+            cache[device] = (scale.to(device), shift.to(device))
+        return cache[device]
+
+    # filled now for the tower's device: a first call under torch.compile that filled it
+    # would leave a guard ("not in the cache") that fails on the next call, a recompile
+    constants(_device(tower))
 
     def normalize(module: nn.Module, args: tuple):
         images = args[0] if args else None
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
             return None
-        dtype = _float_dtype(module)
-        key = (images.device, dtype)
-        if key not in cache:
-            cache[key] = (scale.to(images.device, torch.float32), shift.to(images.device, torch.float32))
-        s, b = cache[key]
-        return (torch.addcmul(b, images.to(torch.float32), s).to(dtype), *args[1:])
+        s, b = constants(images.device)
+        return (torch.addcmul(b, images.to(torch.float32), s).to(_float_dtype(module)), *args[1:])
 
     return tower.register_forward_pre_hook(normalize)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
