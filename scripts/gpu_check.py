@@ -17,7 +17,8 @@ seconds (480) what still runs is stopped with what it has, and the summary says 
   env          (a) the device and the versions
   tests        (s) `pytest -m cuda`: the engine's exactness on CUDA (bf16 autocast, fp16
                scaling, dropout), fused attention kernels, pinned offload, a one-GPU DDP step
-  bench        (a) bigbatch plain / accumulated / open_clip_train accumulated, side by side
+  bench        (a) bigbatch plain (the global batch in one pass, and the same micro-batch
+               without accumulation) / accumulated / open_clip_train accumulated, side by side
                (samples/s, max_memory_allocated): ViT-B-32, bf16, micro-batch 256 x K = 4, 16
   plan         (s) `bigbatch plan`'s predicted peak (meta estimate and CUDA probe) against the
                peak measured over a real training step, for five configurations
@@ -193,7 +194,7 @@ def part_bench(cfg: dict, rec: Recorder) -> None:
 
 
 def _bench_summary(configs: dict) -> dict:
-    keep = ("batch", "ratio_to_plain", "speedup_vs_peer", "error")
+    keep = ("batch", "ratio_to_plain", "ratio_to_plain_micro", "speedup_vs_peer", "error")
     out = {}
     for name, c in configs.items():
         row = {k: c[k] for k in keep if k in c}
@@ -660,11 +661,13 @@ def markdown(report: dict) -> str:
         lines += ["", f"CUDA tests: `{tests.get('summary', '-')}`"]
     for run in parts.get("bench", {}).get("runs", []):
         lines += ["", f"## Step benchmark, micro-batch {run['batch_size']} x K = {run['accum_freq']}", "",
-                  "| configuration | batch | samples/s | ratio to plain | speed-up vs open_clip_train | peak GiB |",
-                  "|---|---|---|---|---|---|"]
+                  "| configuration | batch | samples/s | ratio to plain | ratio to plain per micro-batch | "
+                  "speed-up vs open_clip_train | peak GiB |",
+                  "|---|---|---|---|---|---|---|"]
         for name, c in run["configs"].items():
             lines.append(f"| {name} | {c.get('batch', '')} | {_num(c.get('samples_per_s'))} | "
-                         f"{_num(c.get('ratio_to_plain'))} | {_num(c.get('speedup_vs_peer'))} | "
+                         f"{_num(c.get('ratio_to_plain'))} | {_num(c.get('ratio_to_plain_micro'))} | "
+                         f"{_num(c.get('speedup_vs_peer'))} | "
                          f"{_gib(c.get('peak_bytes'))} |"
                          + (f" {c['error'][:80]}" if c.get("error") else ""))
     plans = parts.get("plan", {}).get("configs", [])
@@ -733,7 +736,7 @@ def _num(value) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Samples/s and peak memory of the three configurations; planner against measured;
+    """Samples/s and peak memory of the bench's configurations; planner against measured;
     when each part ran."""
     import matplotlib
     matplotlib.use("Agg")
@@ -743,10 +746,10 @@ def plot(report: dict, path: Path) -> None:
     plans = [r for r in report["parts"].get("plan", {}).get("configs", []) if "measured_bytes" in r]
     fig, grid = plt.subplots(2, 2, figsize=(14, 8.4))
     axes = grid.ravel()
-    width = 0.25
     for i, run in enumerate(runs):
+        width = 0.8 / max(1, len(run["configs"]))
         for j, (name, c) in enumerate(run["configs"].items()):
-            x = i + (j - 1) * width
+            x = i + (j - (len(run["configs"]) - 1) / 2) * width
             axes[0].bar(x, c.get("samples_per_s") or 0, width, color=f"C{j}", label=name if i == 0 else None)
             axes[1].bar(x, (c.get("peak_bytes") or 0) / GiB, width, color=f"C{j}", label=name if i == 0 else None)
     for ax, title in ((axes[0], "samples/s"), (axes[1], "peak memory (GiB)")):

@@ -14,7 +14,7 @@ import torch
 
 from bigbatch.bench.command import parse_args
 from bigbatch.bench.runner import run
-from bigbatch.bench.setups import ACCUM, PEER, PLAIN
+from bigbatch.bench.setups import ACCUM, PEER, PLAIN, PLAIN_MICRO
 from script_loader import SCRIPTS
 
 
@@ -40,12 +40,16 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path, one_thread):
     assert saved["environment"]["device_name"]
 
     configs = result["configs"]
-    plain, accum = configs[PLAIN], configs[ACCUM]
-    for row in (plain, accum):
+    plain, plain_micro, accum = configs[PLAIN], configs[PLAIN_MICRO], configs[ACCUM]
+    assert list(configs)[:3] == [PLAIN, PLAIN_MICRO, ACCUM]
+    for row in (plain, plain_micro, accum):
         assert len(row["samples_per_s"]) == 2 and row["median_samples_per_s"] > 0
         assert row["memory"]["saved_peak_bytes"] > 0
         assert row["memory"]["live_peak_bytes"] >= row["memory"]["live_peak_before_optimizer_step_bytes"]
     assert plain["ratio_to_plain"] == 1.0 and accum["ratio_to_plain"] > 0
+    assert plain_micro["ratio_to_plain_micro"] == 1.0 and accum["ratio_to_plain_micro"] > 0
+    # the same micro-batch without accumulation keeps one micro-batch's activations too
+    assert plain_micro["memory"]["saved_peak_bytes"] < plain["memory"]["saved_peak_bytes"]
     # K = 2: the plain step keeps both micro-batches' activations, accumulation one at a time
     assert plain["memory"]["saved_peak_bytes"] > accum["memory"]["saved_peak_bytes"]
     peer = configs[PEER]
@@ -54,7 +58,9 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path, one_thread):
     rows = result["loss_working_set"]["rows"]
     assert rows[0]["plain"]["source"] == "measured" and rows[0]["plain"]["measured_bytes"] > 0
     assert rows[1]["plain"]["source"] != "measured"  # above --loss-measure-max: estimated only
-    assert "| bigbatch accumulated | 2 x 2 |" in stem.with_suffix(".md").read_text()
+    markdown = stem.with_suffix(".md").read_text()
+    assert "| bigbatch accumulated | 2 x 2 |" in markdown and "| bigbatch plain per micro-batch | 2 (2 steps) |" in markdown
+    assert "bigbatch accumulated / plain per micro-batch >= 0.78" in result["targets"]
 
 
 def test_profile_at_any_accum_freq(tmp_path, one_thread):

@@ -87,6 +87,9 @@ def phase_times(model, args, batches, repeats: int = 10) -> dict:
     out.update(predicted_ratio_accum=plain / out["predicted_accum_s"],
                predicted_ratio_peer=plain / out["predicted_peer_s"],
                predicted_ratio_accum_without_recompute=plain / (fbk + opt),
+               # against K plain steps of b: the same memory class, the recompute's own cost
+               predicted_ratio_accum_vs_plain_micro=k * (out["forward_backward_micro_s"] + opt)
+               / out["predicted_accum_s"],
                load_average=load_average())
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bigbatch.bench.setups import ACCUM, PEER
+from bigbatch.bench.setups import ACCUM, PEER, PLAIN_MICRO
 
 MiB = 2**20
 
@@ -36,17 +36,16 @@ def markdown(result: dict) -> str:
         mem_cols = ["saved for backward (MiB)", "step tensors, fwd+bwd peak (MiB)", "step tensors, peak (MiB)"]
         mem_keys = ["saved_peak_bytes", "live_peak_before_optimizer_step_bytes", "live_peak_bytes"]
     lines += ["| configuration | batch | samples/s (median) | vs plain (paired median [q1, q3]) | "
-              + " | ".join(mem_cols) + " |",
-              "|---|---|---:|---:|" + "---:|" * len(mem_cols)]
+              "vs plain per micro-batch | " + " | ".join(mem_cols) + " |",
+              "|---|---|---:|---:|---:|" + "---:|" * len(mem_cols)]
     for name, row in result["configs"].items():
         if "error" in row:
-            lines.append(f"| {name} | {row.get('batch', '')} | not run: {row['error']} | |"
+            lines.append(f"| {name} | {row.get('batch', '')} | not run: {row['error']} | | |"
                          + " |" * len(mem_cols))
             continue
         mem = row.get("memory", {})
-        q = row.get("ratio_to_plain_q1_q3") or []
-        ratio = fmt(row.get("ratio_to_plain")) + (f" [{q[0]:.2f}, {q[1]:.2f}]" if len(q) == 2 else "")
-        lines.append(f"| {name} | {row['batch']} | {row['median_samples_per_s']:.1f} | {ratio} | "
+        ratios = [_with_quartiles(row, key) for key in ("ratio_to_plain", "ratio_to_plain_micro")]
+        lines.append(f"| {name} | {row['batch']} | {row['median_samples_per_s']:.1f} | {' | '.join(ratios)} | "
                      + " | ".join(mib(mem.get(k)) for k in mem_keys) + " |")
     accum = result["configs"].get(ACCUM, {})
     if "speedup_vs_peer" in accum:
@@ -89,13 +88,15 @@ def markdown(result: dict) -> str:
         lines += ["", "Where the time goes (medians of separately timed pieces, seconds; `--profile`):", "",
                   "| forward no-grad, b | fwd+bwd, b | K x fwd+bwd, b, accumulating | fwd+bwd, K*b | "
                   "AdamW step: fused, ours | default, the peer's | "
-                  "predicted vs plain: bigbatch | open_clip_train | without any recompute |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  "predicted vs plain: bigbatch | open_clip_train | without any recompute | "
+                  "bigbatch vs plain per micro-batch |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {phases['forward_nograd_micro_s']:.4f} | {phases['forward_backward_micro_s']:.4f} | "
                   f"{phases['forward_backward_K_micro_accumulated_s']:.4f} | {phases['forward_backward_global_s']:.4f} | "
                   f"{phases['optimizer_step_s']:.4f} | {phases['optimizer_step_peer_s']:.4f} | "
                   f"{phases['predicted_ratio_accum']:.2f} | "
-                  f"{phases['predicted_ratio_peer']:.2f} | {phases['predicted_ratio_accum_without_recompute']:.2f} |"]
+                  f"{phases['predicted_ratio_peer']:.2f} | {phases['predicted_ratio_accum_without_recompute']:.2f} | "
+                  f"{fmt(phases.get('predicted_ratio_accum_vs_plain_micro'))} |"]
     profiled = result.get("profile")
     if profiled:
         lines += ["", "One profiled step each (`--profile`, which itself lengthens the step): the device's "
@@ -111,12 +112,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_quartiles(row: dict, key: str) -> str:
+    q = row.get(f"{key}_q1_q3") or []
+    return fmt(row.get(key)) + (f" [{q[0]:.2f}, {q[1]:.2f}]" if len(q) == 2 else "")
+
+
 def targets(configs: dict) -> dict:
+    """The issue's targets. accumulated/plain is read against both plains: the global batch
+    in one pass (more memory, bigger kernels) and the same micro-batch without accumulation
+    (the same memory class: the K - 1 no-grad forwards alone; 3K / (4K - 1), 0.80 at K = 4,
+    if a forward is a third of forward + backward)."""
     accum, peer = configs.get(ACCUM, {}), configs.get(PEER, {})
-    ratio = accum.get("ratio_to_plain")
     speedup = accum.get("speedup_vs_peer")
-    out = {"bigbatch accumulated / plain >= 0.78": {
-        "measured": fmt(ratio), "met": None if ratio is None else ratio >= 0.78}}
+    out = {}
+    for key, label in (("ratio_to_plain", "plain"), ("ratio_to_plain_micro", "plain per micro-batch")):
+        if key == "ratio_to_plain" or PLAIN_MICRO in configs:
+            ratio = accum.get(key)
+            out[f"bigbatch accumulated / {label} >= 0.78"] = {
+                "measured": fmt(ratio), "met": None if ratio is None else ratio >= 0.78}
     out["bigbatch accumulated >= 1.15x open_clip_train accumulated (samples/s)"] = {
         "measured": fmt(speedup), "met": None if speedup is None else speedup >= 1.15}
     keys = (["cuda_peak_bytes", "saved_peak_bytes"] if "cuda_peak_bytes" in accum.get("memory", {})
@@ -139,8 +152,10 @@ def plot(result: dict, out_png: Path) -> Path:
     fig = Figure(figsize=(15 if loss_rows else 10, 4.5), layout="constrained")
     axes = fig.subplots(1, 3 if loss_rows else 2)
     names = list(configs)
-    labels = [n.replace(" accumulated", "\naccumulated").replace(" plain", "\nplain") for n in names]
-    colors = ["tab:gray", "tab:blue", "tab:orange"][:len(names)]
+    labels = [n.replace(" accumulated", "\naccumulated").replace(" plain", "\nplain").replace(" per", "\nper")
+              for n in names]
+    palette = {PLAIN_MICRO: "tab:olive", ACCUM: "tab:blue", PEER: "tab:orange"}
+    colors = [palette.get(n, "tab:gray") for n in names]
 
     ratios = [configs[n].get("ratio_to_plain", math.nan) for n in names]
     bars = axes[0].bar(labels, ratios, color=colors)

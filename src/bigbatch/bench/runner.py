@@ -26,7 +26,7 @@ from bigbatch.bench.loss import loss_working_set
 from bigbatch.bench.peer import peer_setup
 from bigbatch.bench.phases import phase_times, profile_steps
 from bigbatch.bench.report import markdown, mib, plot, targets
-from bigbatch.bench.setups import ACCUM, PEER, PLAIN, Setup, bigbatch_setup, make_batches, model_shapes
+from bigbatch.bench.setups import ACCUM, PEER, PLAIN, PLAIN_MICRO, Setup, bigbatch_setup, make_batches, model_shapes
 from bigbatch.bench.step_memory import measure_memory
 from bigbatch.bench.throughput import summarize, time_interleaved
 from bigbatch.device import use_fast_cuda_math
@@ -120,6 +120,9 @@ def set_up(template, args, batches, log: Callable[[str], None]) -> tuple[list[Se
     setups = []
     makers = [(PLAIN, f"{b * k}", lambda: bigbatch_setup(PLAIN, copy.deepcopy(template), args, batches, micro=False)),
               (ACCUM, f"{b} x {k}", lambda: bigbatch_setup(ACCUM, copy.deepcopy(template), args, batches, micro=True))]
+    if k > 1:  # the accumulated step's own cost: the same micro-batch, plain
+        makers.insert(1, (PLAIN_MICRO, f"{b} ({k} steps)", lambda: bigbatch_setup(
+            PLAIN_MICRO, copy.deepcopy(template), args, batches, micro=True, steps_per_micro=True)))
     if not args.skip_peer:
         makers.append((PEER, f"{b} x {k}", lambda: peer_setup(copy.deepcopy(template), args, batches)))
     else:
@@ -142,7 +145,8 @@ def set_up(template, args, batches, log: Callable[[str], None]) -> tuple[list[Se
 
 def timed(setups: list[Setup], configs: dict[str, dict], args, device: torch.device,
           log: Callable[[str], None]) -> list[Setup]:
-    """The throughput study into `configs` (in the order plain, accumulated, peer); returns
+    """The throughput study into `configs` (in the order plain, plain per micro-batch,
+    accumulated, peer); returns
     the setups that did not run out of memory beside the others."""
     log(f"timing {args.warmup_steps} warm-up + {args.steps} rounds of {', '.join(s.name for s in setups)}")
     times = time_interleaved(setups, args.steps, args.warmup_steps, device, log)
@@ -152,7 +156,7 @@ def timed(setups: list[Setup], configs: dict[str, dict], args, device: torch.dev
     summary = summarize({s.name: times[s.name] for s in setups}, args.batch_size * args.accum_freq)
     for setup in setups:
         configs[setup.name] = {"batch": setup.batch_label, **summary[setup.name], **setup.extra}
-    ordered = {name: configs.pop(name) for name in (PLAIN, ACCUM, PEER) if name in configs}
+    ordered = {name: configs.pop(name) for name in (PLAIN, PLAIN_MICRO, ACCUM, PEER) if name in configs}
     configs.update(ordered)
     return setups
 

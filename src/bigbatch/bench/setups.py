@@ -2,6 +2,9 @@
 
   plain            bigbatch at batch K*b: `cached_backward(model, [whole], ClipLoss())`,
                    i.e. K = 1, one forward + one backward; then the AdamW step.
+  plain per micro  bigbatch at b without accumulation: the same K*b samples as K steps of
+                   b, each one forward + one backward and an AdamW step (the memory class
+                   of the accumulated step; what --accum-freq 1 at this micro-batch does).
   bigbatch accum   bigbatch at b x K: `cached_backward(model, K micro-batches, ClipLoss())`;
                    then the AdamW step.
   open_clip accum  the peer at b x K (bigbatch.bench.peer).
@@ -22,6 +25,7 @@ from bigbatch.model import parameter_groups
 from bigbatch.step import optimizer_step, unscale_and_clip
 
 PLAIN, ACCUM, PEER = "bigbatch plain", "bigbatch accumulated", "open_clip_train accumulated"
+PLAIN_MICRO = "bigbatch plain per micro-batch"
 
 
 def make_batches(count: int, global_batch: int, image_size: tuple[int, int], context_length: int,
@@ -54,7 +58,9 @@ class Setup:
     extra: dict = field(default_factory=dict)
 
 
-def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None) -> Setup:
+def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None, steps_per_micro: bool = False) -> Setup:
+    """micro: the global batch as K micro-batches of b (else one); steps_per_micro: each of
+    them a step of its own (plain per micro-batch) instead of one accumulated step."""
     device = torch.device(args.device)
     optimizer = adamw(parameter_groups(model, args.wd), lr=args.lr)  # the trainer's: fused
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
@@ -64,11 +70,16 @@ def bigbatch_setup(name: str, model, args, batches, micro: bool, loss_fn=None) -
     inputs = [list(zip(images.split(b), texts.split(b))) if micro else [(images, texts)]
               for images, texts in batches]
 
-    def step(i: int) -> None:
-        cached_backward(model, inputs[i % len(inputs)], loss_fn, autocast=autocast, grad_scaler=scaler)
+    def one_step(micro_batches: list) -> None:
+        cached_backward(model, micro_batches, loss_fn, autocast=autocast, grad_scaler=scaler)
         unscale_and_clip(model, optimizer, scaler, None)  # its norm: the non-finite check's
         optimizer_step(model, optimizer, scaler)
 
-    label = f"{b} x {k}" if micro else f"{b * k}"
+    def step(i: int) -> None:
+        micro_batches = inputs[i % len(inputs)]
+        for part in ([[mb] for mb in micro_batches] if steps_per_micro else [micro_batches]):
+            one_step(part)
+
+    label = f"{b} ({k} steps)" if steps_per_micro else f"{b} x {k}" if micro else f"{b * k}"
     return Setup(name, label, model, optimizer, step)
 

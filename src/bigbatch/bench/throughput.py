@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from bigbatch.bench.environment import free_cuda, load_average, synchronize
-from bigbatch.bench.setups import ACCUM, PEER, PLAIN, Setup
+from bigbatch.bench.setups import ACCUM, PEER, PLAIN, PLAIN_MICRO, Setup
 
 
 def time_interleaved(setups: list[Setup], rounds: int, warmup: int, device: torch.device,
@@ -55,11 +55,12 @@ def summarize(times: dict[str, list[float]], global_batch: int) -> dict[str, dic
                  "samples_per_s": [round(r, 3) for r in rates],
                  "median_seconds_per_step": statistics.median(seconds),
                  "median_samples_per_s": statistics.median(rates)}
-        if plain:
-            paired = [p / t for p, t in zip(plain, seconds)]  # time of plain / time of this
-            entry["ratio_to_plain_paired"] = [round(x, 4) for x in paired]
-            entry["ratio_to_plain"] = statistics.median(paired)
-            entry["ratio_to_plain_q1_q3"] = quartiles(paired)
+        for key, base in (("ratio_to_plain", plain), ("ratio_to_plain_micro", times.get(PLAIN_MICRO))):
+            if base:  # both steps take the same samples: time of the base / time of this
+                paired = [p / t for p, t in zip(base, seconds)]
+                entry[f"{key}_paired"] = [round(x, 4) for x in paired]
+                entry[key] = statistics.median(paired)
+                entry[f"{key}_q1_q3"] = quartiles(paired)
         summary[name] = entry
     if ACCUM in times and PEER in times:
         paired = [p / a for a, p in zip(times[ACCUM], times[PEER])]
