@@ -375,3 +375,52 @@ def test_tiled_soft_cross_entropy_equals_the_plain_one(n, N, symmetric, tile):
     reference = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), inputs)
     for a, b in zip(torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), inputs), reference):
         assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- token cross-entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,vocab,chunk_rows", [(37, 11, 4), (300, 1000, 7), (5, 50, 100)])
+def test_token_cross_entropy_equals_torchs(monkeypatch, dtype, rows, vocab, chunk_rows):
+    """Value and gradient of F.cross_entropy(reduction="sum", ignore_index) on float32 logits,
+    over chunks of rows (a ragged last one, or one chunk), the gradient in the logits' dtype."""
+    from bigbatch import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_NUMBERS", chunk_rows * vocab)
+    g = torch.Generator().manual_seed(rows)
+    logits = (3 * torch.randn(rows, vocab, generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[::4] = 0  # padding
+    ours = cross_entropy.token_cross_entropy(logits, labels, 0)
+    (grad,) = torch.autograd.grad(0.3 * ours, logits)
+    reference = F.cross_entropy(logits.float(), labels, ignore_index=0, reduction="sum")
+    (expected,) = torch.autograd.grad(0.3 * reference, logits)
+    assert ours.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(ours, reference)
+    assert_close(grad, expected)
+    assert not grad[::4].any()  # padded rows get no gradient
+
+
+def test_token_cross_entropy_keeps_nothing_larger_than_the_logits(monkeypatch):
+    """Saved: the logits (already alive) and a float32 number per row; backward's peak: the
+    gradient in the logits' dtype and float32 chunks, against F.cross_entropy's three float32
+    tensors of the logits' size."""
+    from bigbatch import cross_entropy
+
+    rows, vocab, chunk = 64, 512, 8
+    monkeypatch.setattr(cross_entropy, "CHUNK_NUMBERS", chunk * vocab)
+    logits = torch.randn(rows, vocab).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(1, vocab, (rows,))
+    size = rows * vocab * 2
+
+    def step_peak(loss_of) -> int:
+        with MemoryMeter(storage_keys(logits, labels)) as meter:
+            loss_of(logits).backward()
+        logits.grad = None
+        return meter.result()["live_peak_bytes"]
+
+    ours = step_peak(lambda x: cross_entropy.token_cross_entropy(x, labels, 0))
+    theirs = step_peak(lambda x: F.cross_entropy(x.float(), labels, ignore_index=0, reduction="sum"))
+    assert ours <= size + 3 * chunk * vocab * 4 + 4 * rows * 4  # gradient + chunks + per-row numbers
+    assert theirs >= 3 * 2 * size  # three float32 tensors the logits' size

@@ -106,12 +106,35 @@ def test_meta_activations_match_a_real_cpu_forward(real_tiny, precision, dtype, 
 
 
 def test_coca_activations_include_its_caption_loss():
-    """The caption loss's float32 log-probs of the logits (B, T, vocab), and the two gradients
-    of their size its backward makes at once: a CoCa's largest tensors (the logits themselves
-    are dropped before backward). Whole steps: test_plan_within_10_percent_of_a_measured_step."""
+    """The caption logits (B, T, vocab), kept for the loss's backward, their gradient and a
+    float32 chunk of them (here the whole: fewer rows than a chunk): a CoCa's largest
+    tensors. Whole steps: test_plan_within_10_percent_of_a_measured_step."""
     estimate = estimate_memory(COCA, batch_size=8, accum_freq=1, precision="fp32", target="cpu")
     caption = 8 * 15 * 49408 * 4
     assert estimate.activations > 3 * caption
+
+
+@pytest.mark.parametrize("precision, checkpointing", [("amp_bf16", False), ("fp32", True)])
+def test_coca_plan_with_its_caption_loss_in_chunks(monkeypatch, precision, checkpointing):
+    """Logits of more rows than a chunk of the loss (bigbatch.cross_entropy): the plan counts
+    the chunks at their size, not the logits', and stays within 10% of a measured step."""
+    from bigbatch import cross_entropy
+
+    def both() -> tuple[int, int]:
+        measure.fake_profile.cache_clear()  # profiles are cached by model and batch, not chunk
+        measured, _ = plan.measure_peak(COCA, batch_size=8, accum_freq=2, precision=precision,
+                                        grad_checkpointing=checkpointing)
+        return measured, estimate_memory(COCA, batch_size=8, accum_freq=2, precision=precision,
+                                         grad_checkpointing=checkpointing, target="cpu").peak
+
+    try:
+        whole = both()
+        monkeypatch.setattr(cross_entropy, "CHUNK_NUMBERS", 8 * 49408)  # 8 of the 120 rows
+        measured, planned = both()
+    finally:
+        measure.fake_profile.cache_clear()
+    assert planned == pytest.approx(measured, rel=0.10)
+    assert measured < whole[0] and planned < whole[1]
 
 
 def test_cuda_autocast_keeps_more_than_cpu_autocast():

@@ -134,7 +134,7 @@ def cached_backward(
                 loss = loss_fn(**_drop(out, sample_keys))
                 if sample_loss is not None:
                     term = sample_loss(out, mean_over_ranks(sample_loss.count(out).float()))
-            del out, inputs  # CoCa's caption logits: not needed by backward (see pass 2)
+            del out, inputs  # CoCa's caption logits: its backward keeps what it needs (see pass 2)
             scale(loss if sample_loss is None else loss + term).backward()
         return loss.detach() if sample_loss is None else loss.detach() + mean_over_ranks(term)
 
@@ -200,8 +200,8 @@ def cached_backward(
             with autocast():
                 term = sample_loss(out, sample_total)
             sample_terms.append(term.detach())
-            for key in sample_keys:  # CoCa's caption logits: its backward needs the log-probs
-                out.pop(key, None)   # alone, not these (a (B, T, vocab) tensor)
+            for key in sample_keys:  # CoCa's caption logits: its backward keeps what it
+                out.pop(key, None)   # needs itself; no other reference outlives it
         _backward_slice(out, slices, j, shared_grads, scale(term) if term is not None else None)
 
     with _gradient_sync(model, enabled=False):

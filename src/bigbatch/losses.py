@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch import tiled
+from bigbatch.cross_entropy import token_cross_entropy
 from bigbatch.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, mean_over_ranks
 
 
@@ -288,9 +289,8 @@ class CaptionLoss(nn.Module):
 
     def forward(self, outputs: dict, total: torch.Tensor) -> torch.Tensor:
         logits, labels = outputs["logits"], outputs["labels"]  # (B, T, vocab), (B, T)
-        # as (B T, vocab) rows: log-softmax over contiguous rows, no copy of the logits
-        tokens = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=self.pad_id,
-                                 reduction="sum")
+        # as (B T, vocab) rows (a view); nothing larger than the logits is kept or made
+        tokens = token_cross_entropy(logits.flatten(0, 1), labels.flatten(), self.pad_id)
         return self.weight * tokens / total.clamp_min(1)
 
 

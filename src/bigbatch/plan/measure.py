@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bigbatch.device import AUTOCAST_DTYPES
+from bigbatch.cross_entropy import chunk_rows
 from bigbatch.errors import ConfigError
 from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss
@@ -275,22 +276,24 @@ CAPTION = "caption loss"  # the meter's region of CoCa's caption loss
 
 
 def caption_backward(outputs: dict, meter: MemoryMeter) -> list:
-    """CoCa's caption loss, as the engine runs it: it saves the log-probs of the logits
-    (B, T, vocab), float32 under autocast; the logits themselves are dropped before backward,
-    which then makes two gradients of the log-probs' size at once (theirs, then the logits').
-    The term and those two, held by the meter in the region CAPTION; nothing for a model
-    without captions."""
+    """CoCa's caption loss, as the engine runs it (bigbatch.cross_entropy): it saves the
+    logits (B, T, vocab) and a float32 log-sum-exp per token; its backward makes the logits'
+    gradient, in their dtype, and a float32 chunk of rows at a time (two, briefly, when it
+    copies lower-precision logits to float32). The term and those,
+    held by the meter in the region CAPTION; nothing for a model without captions."""
     caption = CaptionLoss()
     if not set(caption.keys) <= outputs.keys():
         return []
     logits = outputs["logits"]
-    # autocast runs cross-entropy in float32; without it (pure_bf16/pure_fp16), the logits' dtype
-    dtype = torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+    rows, vocab = logits.shape[0] * logits.shape[1], logits.shape[2]
+    chunk = (min(rows, chunk_rows(vocab)), vocab)
     meter.region = CAPTION  # its storages apart: with checkpointing, they never meet a block's
     try:
-        term = caption(outputs, caption.count(outputs))
-        return [term] + [meter.hold(torch.empty(logits.shape, dtype=dtype, device=logits.device))
-                         for _ in range(2)]
+        term = caption(outputs, caption.count(outputs))  # saves the logits
+        gradient = meter.hold(torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
+        chunks = 1 if logits.dtype == torch.float32 else 2  # and the chunk's float32 copy
+        return [term, gradient] + [meter.hold(torch.empty(chunk, dtype=torch.float32, device=logits.device))
+                                   for _ in range(chunks)]
     finally:
         meter.region = None
 
