@@ -589,16 +589,16 @@ def run_all(parts: list[str], args: argparse.Namespace, out: Path, overrides: li
         if time.time() > deadline:
             report["parts"].update({n: {"status": "not run: the check's time limit (--total) was spent"} for n in group})
             continue
-        # kernels of parts side by side take turns: a group gets the sum of their budgets
-        budget = {n: sum(cfg["budgets"][g] for g in group) for n in group}
+        # kernels of parts side by side take turns: each part of a group gets the group's sum
+        budget = sum(cfg["budgets"][g] for g in group)
         print(f"== {' + '.join(group)} ({'side by side, ' if len(group) > 1 else ''}budget "
-              f"{budget[group[0]]}s)", flush=True)
+              f"{budget}s)", flush=True)
         for n in group:
             (out / f"part-{n}.json").unlink(missing_ok=True)
-        commands = {n: [sys.executable, __file__, str(out), "--part", n, f"--part-budget={budget[n]}",
+        commands = {n: [sys.executable, __file__, str(out), "--part", n, f"--part-budget={budget}",
                         f"--beside={','.join(g for g in group if g != n)}", *overrides] + (["--smoke"] if smoke else [])
                     for n in group}
-        ran = gpu_schedule.run_group(commands, budget, deadline, ROOT)
+        ran = gpu_schedule.run_group(commands, dict.fromkeys(group, budget), deadline, ROOT)
         busy = [n for n in group if record(n, ran[n], group, started, out, report) and len(group) > 1]
         if busy:  # the card takes one process at a time: those again, one after the other
             print(f"   the device is busy beside another process: {', '.join(busy)} again, alone", flush=True)

@@ -284,6 +284,11 @@ class CaptionLoss(nn.Module):
         super().__init__()
         self.weight, self.pad_id = weight, pad_id
 
+    @classmethod
+    def applies_to(cls, outputs: dict) -> bool:
+        """Whether `outputs` are a captioning model's (CoCa's)."""
+        return set(cls.keys) <= outputs.keys()
+
     def count(self, outputs: dict) -> torch.Tensor:
         return (outputs["labels"] != self.pad_id).sum()
 

@@ -279,11 +279,11 @@ def caption_backward(outputs: dict, meter: MemoryMeter) -> list:
     """CoCa's caption loss, as the engine runs it (bigbatch.cross_entropy): it saves the
     logits (B, T, vocab) and a float32 log-sum-exp per token; its backward makes the logits'
     gradient, in their dtype, and a float32 chunk of rows at a time (two, briefly, when it
-    copies lower-precision logits to float32). The term and those,
-    held by the meter in the region CAPTION; nothing for a model without captions."""
-    caption = CaptionLoss()
-    if not set(caption.keys) <= outputs.keys():
+    copies lower-precision logits to float32). The term and those, held by the meter in the
+    region CAPTION; nothing for a model without captions."""
+    if not CaptionLoss.applies_to(outputs):
         return []
+    caption = CaptionLoss()
     logits = outputs["logits"]
     rows, vocab = logits.shape[0] * logits.shape[1], logits.shape[2]
     chunk = (min(rows, chunk_rows(vocab)), vocab)

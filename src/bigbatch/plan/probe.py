@@ -58,11 +58,11 @@ def _probe(key: tuple, batch_size: int, dtype: torch.dtype | None, grad_checkpoi
         with autocast:
             outputs = net(images, texts)
             loss = sum(v.float().sum() for k, v in outputs.items() if k.endswith("_features"))
-            caption = CaptionLoss()
-            if set(caption.keys) <= outputs.keys():  # CoCa: as the engine runs it
+            if CaptionLoss.applies_to(outputs):  # CoCa: as the engine runs it
+                caption = CaptionLoss()
                 loss = loss + caption(outputs, caption.count(outputs))
         features = {k: outputs[k].detach() for k in ("image_features", "text_features") if k in outputs}
-        del outputs  # the engine drops CoCa's caption logits before backward too
+        del outputs  # as the engine: only the caption loss keeps the logits for backward
         loss.backward()
         del loss
         torch.cuda.synchronize(device)
