@@ -112,9 +112,10 @@ def settings(smoke: bool) -> dict:
                 e2e=dict(model="ViT-B-32", configs="128x4x8", samples=4096, image_size=224, epochs=2),
                 patchify=dict(model="ViT-B-32", batches=[256, 1024], repeats=20),
                 peaks=dict(tests=6, plan=26, capped=25, largest=44, compile=14), device_gib=None,
-                # seconds, each part alone; on an H200: env 6, tests 33, bench 94, plan 67, capped 110,
+                # seconds, each part alone; on an H200: env 6, tests 33, bench 94 (three configurations;
+                # the plain step per micro-batch adds about 15), plan 67, capped 110,
                 # largest 220 (bigbatch's 524,288 step 189 of it), compile 108, patchify 15 (bench/gpu)
-                budgets=dict(env=15, tests=45, bench=120, plan=80, capped=150, largest=240, peer_largest=60,
+                budgets=dict(env=15, tests=45, bench=140, plan=80, capped=150, largest=240, peer_largest=60,
                              compile=130, patchify=30, compile_ratio=240, e2e=170), total=480)
 
 

@@ -60,7 +60,8 @@ def test_tiny_run_writes_json_markdown_and_plot(tmp_path, one_thread):
     assert rows[1]["plain"]["source"] != "measured"  # above --loss-measure-max: estimated only
     markdown = stem.with_suffix(".md").read_text()
     assert "| bigbatch accumulated | 2 x 2 |" in markdown and "| bigbatch plain per micro-batch | 2 (2 steps) |" in markdown
-    assert "bigbatch accumulated / plain per micro-batch >= 0.78" in result["targets"]
+    # the ratio targets are judged at K = 4 only: here shown, not judged
+    assert result["targets"]["bigbatch accumulated / plain per micro-batch >= 0.78 (set at K = 4)"]["met"] is None
 
 
 def test_profile_at_any_accum_freq(tmp_path, one_thread):

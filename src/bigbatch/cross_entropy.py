@@ -8,14 +8,15 @@ micro-batch of 128. `F.cross_entropy` on them, under autocast, saves the float32
 `token_cross_entropy` takes the same sum in float32, a chunk of rows at a time, and saves
 the logits themselves (already alive: the model made them) with one float32 log-sum-exp
 per row. Its backward writes softmax - one-hot straight into the logits' gradient, in the
-logits' dtype, chunk by chunk: the gradient (2 bytes a number in bf16) plus two float32
-chunks. Same value and gradient as `F.cross_entropy(..., reduction="sum")` up to float32
+logits' dtype, chunk by chunk: the gradient (2 bytes a number in bf16) plus one float32
+chunk. Same value and gradient as `F.cross_entropy(..., reduction="sum")` up to float32
 rounding (tests/test_losses.py).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 CHUNK_NUMBERS = 1 << 24  # float32 numbers a chunk of rows may hold (64 MiB)
 
@@ -44,20 +45,23 @@ class _TokenCrossEntropy(torch.autograd.Function):
             chunk = logits[rows].float()
             lse[rows] = torch.logsumexp(chunk, dim=1)
             picked = chunk.gather(1, targets[rows]).squeeze(1)
+            del chunk  # before the next one is made
             total += ((lse[rows] - picked) * kept[rows]).sum()
         ctx.save_for_backward(logits, targets, kept, lse)
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: torch.Tensor):
         logits, targets, kept, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         step = chunk_rows(logits.shape[1])
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            chunk = (logits[rows].float() - lse[rows].unsqueeze(1)).exp_()  # softmax; a new tensor:
-            # float32 logits' .float() is a view of them, never changed in place
+            # softmax, in float32 (promoted by lse), in one new chunk: never the logits in place
+            chunk = torch.sub(logits[rows], lse[rows].unsqueeze(1)).exp_()
             chunk.scatter_add_(1, targets[rows], torch.full_like(targets[rows], -1, dtype=chunk.dtype))
             chunk *= (grad_total * kept[rows]).unsqueeze(1)  # padding: no gradient
             grad[rows] = chunk
+            del chunk  # before the next one is made
         return grad, None, None

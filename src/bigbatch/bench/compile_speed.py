@@ -61,8 +61,11 @@ def measure(model: str, batch: int, accum: int, *, device: str | torch.device = 
     # compiled later, the plain copy's other size would otherwise turn its graph dynamic
     nets = {name: _model(model, device, backend if "compiled" in name else None,
                          dynamic=False if name == "plain_compiled" else None) for name in names}
-    micro_batches = _micro_batches(nets["eager"][0], batch, accum, pin=device.type == "cuda")
+    pin = device.type == "cuda"
+    micro_batches = _micro_batches(nets["eager"][0], batch, accum, pin=pin)
     one_batch = [tuple(torch.cat(parts) for parts in zip(*micro_batches))]
+    if pin:  # copied as the micro-batches are: asynchronously, from pinned memory
+        one_batch = [tuple(t.pin_memory() for t in one_batch[0])]
     autocast, loss_fn = autocast_factory(precision, device), create_loss("clip")
 
     def step(name: str) -> float:
@@ -102,9 +105,8 @@ def measure(model: str, batch: int, accum: int, *, device: str | torch.device = 
                    "plain_eager_seconds": times["plain_eager"], "plain_compiled_seconds": times["plain_compiled"],
                    "plain_eager_samples_per_s": _rate(samples, times["plain_eager"]),
                    "plain_compiled_samples_per_s": _rate(samples, times["plain_compiled"]),
-                   "ratio_eager": round(statistics.median(_paired(times["plain_eager"], times["eager"])), 3),
-                   "ratio_compiled": round(statistics.median(
-                       _paired(times["plain_compiled"], times["compiled"])), 3),
+                   **_median_and_quartiles("ratio_eager", _paired(times["plain_eager"], times["eager"])),
+                   **_median_and_quartiles("ratio_compiled", _paired(times["plain_compiled"], times["compiled"])),
                    "plain_speedup": round(statistics.median(
                        _paired(times["plain_eager"], times["plain_compiled"])), 3)}
     return result
@@ -121,6 +123,10 @@ def _model(name: str, device: torch.device, backend: str | None, dynamic: bool |
     if backend is not None:
         compile_model(net, backend, dynamic=dynamic)
     return net, torch.optim.AdamW(net.parameters(), lr=1e-5)
+
+
+def _median_and_quartiles(key: str, ratios: list[float]) -> dict:
+    return {key: round(statistics.median(ratios), 3), f"{key}_quartiles": [round(q, 3) for q in _quartiles(ratios)]}
 
 
 def _paired(slower: list[float], faster: list[float]) -> list[float]:
@@ -190,8 +196,9 @@ def plain_table(r: dict) -> list[str]:
             f"| accumulated, {r['batch']} | {r['eager_samples_per_s']} | {r['compiled_samples_per_s']} | "
             f"{r['speedup']} |",
             f"| accumulated / plain | {r['ratio_eager']} | {r['ratio_compiled']} | |", "",
-            f"Ratios are medians of per-round pairs; the plain copy compiled (static) in "
-            f"{r['plain_compile_seconds']} s."]
+            f"Ratios are medians of per-round pairs (accumulated / plain: quartiles "
+            f"{r['ratio_eager_quartiles']} eager, {r['ratio_compiled_quartiles']} compiled); the plain "
+            f"copy compiled (static) in {r['plain_compile_seconds']} s."]
 
 
 def plot(report: dict, path: Path) -> None:

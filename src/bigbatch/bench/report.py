@@ -117,19 +117,24 @@ def _with_quartiles(row: dict, key: str) -> str:
     return fmt(row.get(key)) + (f" [{q[0]:.2f}, {q[1]:.2f}]" if len(q) == 2 else "")
 
 
-def targets(configs: dict) -> dict:
+RATIO_TARGET_K = 4  # accumulated/plain >= 0.78 is set at K = 4
+
+
+def targets(configs: dict, accum_freq: int) -> dict:
     """The issue's targets. accumulated/plain is read against both plains: the global batch
     in one pass (more memory, bigger kernels) and the same micro-batch without accumulation
-    (the same memory class: the K - 1 no-grad forwards alone; 3K / (4K - 1), 0.80 at K = 4,
-    if a forward is a third of forward + backward)."""
+    (the same memory class: the K - 1 no-grad forwards alone; 3K / (4K - 1) if a forward is a
+    third of forward + backward: 0.80 at K = 4, 0.76 at K = 16). So 0.78 is judged at K = 4
+    only; at another K the ratio is shown, not judged."""
     accum, peer = configs.get(ACCUM, {}), configs.get(PEER, {})
     speedup = accum.get("speedup_vs_peer")
+    judged = accum_freq == RATIO_TARGET_K
     out = {}
     for key, label in (("ratio_to_plain", "plain"), ("ratio_to_plain_micro", "plain per micro-batch")):
         if key == "ratio_to_plain" or PLAIN_MICRO in configs:
             ratio = accum.get(key)
-            out[f"bigbatch accumulated / {label} >= 0.78"] = {
-                "measured": fmt(ratio), "met": None if ratio is None else ratio >= 0.78}
+            name = f"bigbatch accumulated / {label} >= 0.78" + ("" if judged else f" (set at K = {RATIO_TARGET_K})")
+            out[name] = {"measured": fmt(ratio), "met": None if ratio is None or not judged else ratio >= 0.78}
     out["bigbatch accumulated >= 1.15x open_clip_train accumulated (samples/s)"] = {
         "measured": fmt(speedup), "met": None if speedup is None else speedup >= 1.15}
     keys = (["cuda_peak_bytes", "saved_peak_bytes"] if "cuda_peak_bytes" in accum.get("memory", {})
@@ -157,11 +162,18 @@ def plot(result: dict, out_png: Path) -> Path:
     palette = {PLAIN_MICRO: "tab:olive", ACCUM: "tab:blue", PEER: "tab:orange"}
     colors = [palette.get(n, "tab:gray") for n in names]
 
-    ratios = [configs[n].get("ratio_to_plain", math.nan) for n in names]
-    bars = axes[0].bar(labels, ratios, color=colors)
-    axes[0].bar_label(bars, labels=[f"{r:.2f}" for r in ratios], fontsize=8)
-    axes[0].axhline(0.78, color="tab:green", ls="--", lw=1, label="target 0.78")
-    axes[0].set_ylabel("samples/s relative to plain (paired median)")
+    bases = [("ratio_to_plain", "vs plain")] + ([("ratio_to_plain_micro", "vs plain per micro-batch")]
+                                                if PLAIN_MICRO in configs else [])
+    width = 0.8 / len(bases)
+    for i, (key, legend) in enumerate(bases):
+        ratios = [configs[n].get(key, math.nan) for n in names]
+        xs = [j + (i - (len(bases) - 1) / 2) * width for j in range(len(names))]
+        bars = axes[0].bar(xs, ratios, width, color=colors, alpha=1.0 - 0.4 * i, hatch="//" if i else None,
+                           label=legend)
+        axes[0].bar_label(bars, labels=[f"{r:.2f}" for r in ratios], fontsize=7)
+    axes[0].set_xticks(range(len(names)), labels)
+    axes[0].axhline(0.78, color="tab:green", ls="--", lw=1, label="target 0.78 (at K = 4)")
+    axes[0].set_ylabel("samples/s relative to a plain step (paired median)")
     axes[0].set_title("throughput")
     axes[0].legend(fontsize="small")
 

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         result["largest_batch"] = largest_batch_search(fresh_model, args, log)
 
     env["load_average_end"] = load_average()
-    result["targets"] = targets(configs)
+    result["targets"] = targets(configs, k)
     write_outputs(result, Path(args.out))
     return result
 

@@ -278,9 +278,8 @@ CAPTION = "caption loss"  # the meter's region of CoCa's caption loss
 def caption_backward(outputs: dict, meter: MemoryMeter) -> list:
     """CoCa's caption loss, as the engine runs it (bigbatch.cross_entropy): it saves the
     logits (B, T, vocab) and a float32 log-sum-exp per token; its backward makes the logits'
-    gradient, in their dtype, and a float32 chunk of rows at a time (two, briefly, when it
-    copies lower-precision logits to float32). The term and those, held by the meter in the
-    region CAPTION; nothing for a model without captions."""
+    gradient, in their dtype, and a float32 chunk of rows at a time. The term and those,
+    held by the meter in the region CAPTION; nothing for a model without captions."""
     if not CaptionLoss.applies_to(outputs):
         return []
     caption = CaptionLoss()
@@ -291,9 +290,7 @@ def caption_backward(outputs: dict, meter: MemoryMeter) -> list:
     try:
         term = caption(outputs, caption.count(outputs))  # saves the logits
         gradient = meter.hold(torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
-        chunks = 1 if logits.dtype == torch.float32 else 2  # and the chunk's float32 copy
-        return [term, gradient] + [meter.hold(torch.empty(chunk, dtype=torch.float32, device=logits.device))
-                                   for _ in range(chunks)]
+        return [term, gradient, meter.hold(torch.empty(chunk, dtype=torch.float32, device=logits.device))]
     finally:
         meter.region = None
 
