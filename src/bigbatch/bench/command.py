@@ -1,5 +1,6 @@
-"""`bigbatch bench`: bigbatch's accumulated step against a plain step and open_clip_train's,
-side by side (samples/s, peak memory), plus the loss working set and, on CUDA, the
+"""`bigbatch bench`: bigbatch's accumulated step against two plain ones (the global batch in
+one pass; the same micro-batch without accumulation) and open_clip_train's, side by side
+(samples/s, peak memory), plus the loss working set and, on CUDA, the
 largest batch. Writes bench/bench-<device>-<model>-b<b>x<K>.{json,md,png} and prints the table.
 
     bigbatch bench                  # CPU defaults: bigbatch-small, b=8, K=4, fp32, 2 threads
