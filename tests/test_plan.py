@@ -392,6 +392,8 @@ def test_plan_refuses_what_training_refuses_with_a_teacher():
         estimate_memory(TINY, batch_size=4, accum_freq=2, siglip=True, distill_model=TEACHER)
     with pytest.raises(ConfigError, match="CoCa student"):
         estimate_memory("coca_ViT-B-32", batch_size=4, accum_freq=2, distill_model=TEACHER)
+    with pytest.raises(ConfigError, match="CoCa student"):  # nor is a step measured with one
+        plan.measure_peak(COCA, batch_size=2, accum_freq=2, distill_model=TINY)
 
 
 @pytest.mark.slow

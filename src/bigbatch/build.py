@@ -76,13 +76,18 @@ def build_model(cfg: TrainConfig, world: World, layout: BatchLayout):
     return bundle, model, frozen_inputs
 
 
+def check_distillable(student: torch.nn.Module) -> None:
+    """A CoCa student takes no teacher (nor in open_clip_train)."""
+    if is_coca(student):
+        raise ConfigError("--distill-model with a CoCa student is not supported (nor in "
+                          "open_clip_train): distil into a CLIP model, or drop --distill-model")
+
+
 def build_teacher(cfg: TrainConfig, world: World, student: torch.nn.Module) -> Teacher | None:
     """--distill-model's frozen teacher on this rank's device (not wrapped: it never trains)."""
     if cfg.distill_model is None:
         return None
-    if is_coca(student):
-        raise ConfigError("--distill-model with a CoCa student is not supported (nor in "
-                          "open_clip_train): distil into a CLIP model, or drop --distill-model")
+    check_distillable(student)
     teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, student, world.device,
                            precision=open_clip_options(cfg)["precision"], cache_dir=cfg.cache_dir)
     log.info(f"distilling from {cfg.distill_model} ({cfg.distill_pretrained}), frozen: embedded once "
