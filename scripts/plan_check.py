@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`bigbatch plan` against measured steps, on CPU, for open_clip models the tests never build.
 
-    python scripts/plan_check.py              # 11 configurations: 7 minutes on 2 Xeon cores, 37 on 2
+    python scripts/plan_check.py              # 11 configurations: 7 minutes on 2 Xeon cores, 35 on 2
                                               # AVX2-only cores (no native bf16: its 3 bf16 rows)
     python scripts/plan_check.py --smoke      # the test models, seconds (the test suite runs it)
 
