@@ -19,7 +19,7 @@ from bigbatch.compiled import compile_model
 from bigbatch.config import BatchLayout, Run, TrainConfig, adamw_hyperparameters
 from bigbatch.data import DataSpec, check_data, make_data
 from bigbatch.distributed import World, cleanup, gather_objects, init_distributed, wrap_model
-from bigbatch.errors import ConfigError
+from bigbatch.errors import COCA_STUDENT_WITH_TEACHER, ConfigError
 from bigbatch.losses import CaptionLoss, Weighted, create_loss
 from bigbatch.model import (is_coca, lock_towers, open_clip_options, parameter_groups,
                             register_model_config, unwrap, use_bnb_linear)
@@ -76,18 +76,12 @@ def build_model(cfg: TrainConfig, world: World, layout: BatchLayout):
     return bundle, model, frozen_inputs
 
 
-def check_distillable(student: torch.nn.Module) -> None:
-    """A CoCa student takes no teacher (nor in open_clip_train)."""
-    if is_coca(student):
-        raise ConfigError("--distill-model with a CoCa student is not supported (nor in "
-                          "open_clip_train): distil into a CLIP model, or drop --distill-model")
-
-
 def build_teacher(cfg: TrainConfig, world: World, student: torch.nn.Module) -> Teacher | None:
     """--distill-model's frozen teacher on this rank's device (not wrapped: it never trains)."""
     if cfg.distill_model is None:
         return None
-    check_distillable(student)
+    if is_coca(student):
+        raise ConfigError(COCA_STUDENT_WITH_TEACHER)
     teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, student, world.device,
                            precision=open_clip_options(cfg)["precision"], cache_dir=cfg.cache_dir)
     log.info(f"distilling from {cfg.distill_model} ({cfg.distill_pretrained}), frozen: embedded once "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bigbatch.errors import ConfigError
+from bigbatch.errors import SIGLIP_WITH_TEACHER, ConfigError
 
 
 def option(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
@@ -233,8 +233,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("distillation needs both --distill-model and --distill-pretrained "
                           "(the teacher and its weights), or neither")
     if cfg.distill_model is not None and cfg.siglip:
-        raise ConfigError("--distill-model distils with CLIP's softmax loss (open_clip's "
-                          "DistillClipLoss), not SigLIP's: drop --siglip or the distillation")
+        raise ConfigError(SIGLIP_WITH_TEACHER)
     _validate_peer_options(cfg)
     if cfg.pretrained == "":  # open_clip_train's default: no weights
         cfg = dataclasses.replace(cfg, pretrained=None)

@@ -15,6 +15,8 @@ rounding (tests/test_losses.py).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -32,16 +34,19 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_NUMBERS // vocab)
 
 
+def _chunks(logits: torch.Tensor) -> Iterator[slice]:
+    step = chunk_rows(logits.shape[1])
+    return (slice(start, start + step) for start in range(0, logits.shape[0], step))
+
+
 class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         kept = labels != ignore_index
         targets = labels.masked_fill(~kept, 0).unsqueeze(1)
-        step = chunk_rows(logits.shape[1])
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], step):
-            rows = slice(start, start + step)
+        for rows in _chunks(logits):
             chunk = logits[rows].float()
             lse[rows] = torch.logsumexp(chunk, dim=1)
             picked = chunk.gather(1, targets[rows]).squeeze(1)
@@ -55,9 +60,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         logits, targets, kept, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        step = chunk_rows(logits.shape[1])
-        for start in range(0, logits.shape[0], step):
-            rows = slice(start, start + step)
+        for rows in _chunks(logits):
             # softmax, in float32 (promoted by lse), in one new chunk: never the logits in place
             chunk = torch.sub(logits[rows], lse[rows].unsqueeze(1)).exp_()
             chunk.scatter_add_(1, targets[rows], torch.full_like(targets[rows], -1, dtype=chunk.dtype))

@@ -26,9 +26,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from bigbatch.device import AUTOCAST_DTYPES
 from bigbatch.cross_entropy import chunk_rows
-from bigbatch.errors import ConfigError
+from bigbatch.device import AUTOCAST_DTYPES
+from bigbatch.errors import COCA_STUDENT_WITH_TEACHER, SIGLIP_WITH_TEACHER, ConfigError
 from bigbatch.inputs import normalize_on_device
 from bigbatch.losses import CaptionLoss
 from bigbatch.memory import MemoryMeter, storage_key, storage_keys
@@ -95,12 +95,10 @@ def check_distillation(options: PlanOptions) -> None:
     import open_clip
 
     if options.siglip:
-        raise ConfigError("--distill-model distils with CLIP's softmax loss (open_clip's DistillClipLoss), "
-                          "not SigLIP's: drop --siglip or the distillation")
+        raise ConfigError(SIGLIP_WITH_TEACHER)
     name = model_key(options.model, False, None)[0]
     if "multimodal_cfg" in (open_clip.get_model_config(name) or {}):
-        raise ConfigError("--distill-model with a CoCa student is not supported (nor in open_clip_train): "
-                          "distil into a CLIP model, or drop --distill-model")
+        raise ConfigError(COCA_STUDENT_WITH_TEACHER)
 
 
 @functools.lru_cache(maxsize=8)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bigbatch.plan.measure import input_shapes, model_key
+from bigbatch.plan.formula import PlanOptions
+from bigbatch.plan.measure import check_distillation, input_shapes, model_key
 
 
 @dataclass
@@ -32,7 +33,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     second, where it rebuilds its buckets (the plan's "bucket rebuild" phase). On CUDA it switches on the trainer's math for the process, as training does
     (bigbatch.device.use_fast_cuda_math: TF32, cuDNN benchmark)."""
     from bigbatch.accumulation import cached_backward
-    from bigbatch.build import adamw, caption_loss, check_distillable
+    from bigbatch.build import adamw, caption_loss
     from bigbatch.device import autocast_factory, use_fast_cuda_math
     from bigbatch.distributed import wrap_model
     from bigbatch.inputs import input_bytes
@@ -47,9 +48,9 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
         use_fast_cuda_math()  # the trainer's math: TF32 in the float32 loss, cuDNN benchmark
     torch.manual_seed(seed)
     weights = dict(precision=weights_precision(precision))  # open_clip casts them
-    net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device, **weights).model
     if distill_model:
-        check_distillable(net)  # as training refuses it
+        check_distillation(PlanOptions(model_name))  # as training and the plan refuse it
+    net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device, **weights).model
     teacher = Teacher(create_model(distill_model, device=device, **weights).model) if distill_model else None
     optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
     autocast = autocast_factory(precision, device)
