@@ -337,7 +337,7 @@ def one_big_step(cfg: dict, kind: str, n: int) -> tuple[float, int | None]:
                                           device=cfg["device"], reuse_inputs=True)
         return seconds, peak if device.type == "cuda" else None
     torch.manual_seed(0)
-    net = create_model(cfg["largest_model"], device=device).model
+    net = create_model(cfg["largest_model"], device=device, tokenizer=False).model
     use_conv_patch_embedding(net)  # open_clip's own modules
     batches = host_micro_batches(net, b, n // b, seed=n, pin=device.type == "cuda", distinct=False)
     _sync(device)
@@ -449,7 +449,7 @@ def part_patchify(cfg: dict, rec: Recorder) -> None:
 
     device, settings_ = torch.device(cfg["device"]), cfg["patchify"]
     use_fast_cuda_math()
-    visual = create_model(settings_["model"], device="cpu").model.visual.to(device)
+    visual = create_model(settings_["model"], device="cpu", tokenizer=False).model.visual.to(device)
     conv = visual.conv1
     size = conv.kernel_size[0] * (224 // conv.kernel_size[0] if device.type == "cuda" else 2)
     autocast = autocast_factory(cfg["precision"], device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,29 @@ def test_unknown_model_and_bad_config_file(tmp_path):
     bad.write_text('{"embed_dim": 8}')
     with pytest.raises(ConfigError, match="needs keys"):
         create_model(str(bad))
+
+
+def hf_tokenized_config(tmp_path: Path) -> str:
+    """The test model with a Hugging Face tokenizer named in its text config (as SigLIP's,
+    NLLB's ... are); the repository does not exist, so no cache can hold it."""
+    config = json.loads((Path(__file__).parent / "assets" / "test-clip.json").read_text())
+    config["text_cfg"]["hf_tokenizer_name"] = "bigbatch-tests/no-such-tokenizer"
+    path = tmp_path / "hf-tokenized.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_a_hugging_face_tokenizer_without_transformers_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ConfigError, match="pip install transformers"):
+        create_model(hf_tokenized_config(tmp_path))
+    assert create_model(hf_tokenized_config(tmp_path), tokenizer=False).tokenizer is None  # the planner's
+
+
+def test_a_hugging_face_tokenizer_not_in_the_cache_says_so(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(ConfigError, match="not in the local cache"):
+        create_model(hf_tokenized_config(tmp_path))
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

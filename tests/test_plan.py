@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -305,6 +306,15 @@ def test_plan_flags_are_checked():
         main(["--model", "ViT-Q-99", "--global-batch-size", "1024", "--gpu-memory", "24GiB"])
 
 
+def test_plan_of_a_hugging_face_text_tower_names_what_is_missing():
+    """RoBERTa's tower is built by transformers from files in the Hugging Face cache: without
+    the package, or offline without the files (no test downloads them), the plan says which,
+    not that fake tensors failed."""
+    missing = "not in the local cache" if importlib.util.find_spec("transformers") else "pip install transformers"
+    with pytest.raises(ConfigError, match=missing):
+        main(["--model", "roberta-ViT-B-32", "--batch-size", "8", "--gpu-memory", "24GiB"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_probe_is_close_to_the_meta_estimate():
     meta = estimate_memory("ViT-B-32", batch_size=64, accum_freq=1)
@@ -336,6 +346,14 @@ def test_plan_within_10_percent_of_a_measured_step(model, batch_size, accum_freq
                                     grad_checkpointing=checkpointing, precision=precision)
     planned = estimate_memory(model, batch_size=batch_size, accum_freq=accum_freq, precision=precision,
                               grad_checkpointing=checkpointing, target="cpu")
+    assert planned.peak == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize("model", [TINY, "bigbatch-tiny"])
+def test_plan_with_siglip_within_10_percent_of_a_measured_step(model):
+    """--siglip: its sigmoid loss over the global batch, and its init."""
+    measured, _ = plan.measure_peak(model, batch_size=32, accum_freq=4, siglip=True)
+    planned = estimate_memory(model, batch_size=32, accum_freq=4, precision="fp32", siglip=True, target="cpu")
     assert planned.peak == pytest.approx(measured, rel=0.10)
 
 

@@ -36,19 +36,20 @@ class ModelBundle:
     model: nn.Module                 # returns open_clip's output dict
     preprocess_train: Callable       # PIL image -> (3, H, W) uint8 tensor, with augmentation
     preprocess_val: Callable         # (the model normalises uint8 images itself: bigbatch.inputs)
-    tokenizer: Callable              # list[str] -> (n, context_length) long
+    tokenizer: Callable | None       # list[str] -> (n, context_length) long
     name: str                        # the open_clip config name
 
 
 def create_model(model: str, *, pretrained: str | None = None, siglip: bool = False,
                  force_patch_dropout: float | None = None, grad_checkpointing: bool = False,
-                 device: torch.device | str = "cpu", **open_clip_options) -> ModelBundle:
+                 device: torch.device | str = "cpu", tokenizer: bool = True, **open_clip_options) -> ModelBundle:
     """Build an open_clip model (random init unless `pretrained` names a local checkpoint)
     whose transforms end in uint8 images and whose image tower normalises them.
 
     `open_clip_options` go to open_clip.create_model_and_transforms as they are (precision,
     force_image_size, image_mean, aug_cfg, cache_dir ...: see `open_clip_options`). On
-    CUDA, patchifying stems run as one matrix product (bigbatch.patch_embedding)."""
+    CUDA, patchifying stems run as one matrix product (bigbatch.patch_embedding). tokenizer=False:
+    none is loaded (the bundle's is None), for callers that feed token ids themselves."""
     name = register_model_config(model)
     kwargs = dict(open_clip_options)
     if siglip:
@@ -58,17 +59,19 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
             net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device, output_dict=True,
                 force_patch_dropout=force_patch_dropout, **kwargs)
-            tokenizer = open_clip.get_tokenizer(name, context_length=kwargs.get("force_context_length"),
-                                                cache_dir=kwargs.get("cache_dir"))
     except Exception as error:  # the hub's offline errors have many types
         if name.startswith(HF_HUB):
             raise ConfigError(f"--model {model}: not in the local Hugging Face cache ({type(error).__name__}) "
                               f"and bigbatch does not download: fetch it once where there is internet "
                               f"(or pass --cache-dir), or save it and use local-dir:DIR") from None
+        if (hint := hugging_face_error(model, name, error)) is not None:
+            raise hint from None
         if isinstance(error, RuntimeError) and pretrained and "state_dict" in str(error):
             raise ConfigError(f"--pretrained {pretrained} does not fit --model {model}: "
                               f"pass the --model it was trained with") from None
         raise
+    tokenize = load_tokenizer(model, name, kwargs.get("force_context_length"),
+                              kwargs.get("cache_dir")) if tokenizer else None
     if pretrained is None and not name.startswith((HF_HUB, LOCAL_DIR)):  # those bring weights
         init_caption_projection(net)
     if grad_checkpointing:
@@ -80,7 +83,36 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
         mean, std = val_mean, val_std
     if mean is not None:
         normalize_on_device(net.visual, mean, std)
-    return ModelBundle(net, preprocess_train, preprocess_val, tokenizer, name)
+    return ModelBundle(net, preprocess_train, preprocess_val, tokenize, name)
+
+
+def load_tokenizer(model: str, name: str, context_length: int | None, cache_dir: str | None) -> Callable:
+    """open_clip's tokenizer for the model. Those of SigLIP, NLLB, XLM-R ... are Hugging Face
+    tokenizers: they need `transformers` and their files in the local cache."""
+    try:
+        with hub_offline():
+            return open_clip.get_tokenizer(name, context_length=context_length, cache_dir=cache_dir)
+    except Exception as error:
+        if (hint := hugging_face_error(model, name, error)) is not None:
+            raise hint from None
+        raise
+
+
+def hugging_face_error(model: str, name: str, error: Exception) -> ConfigError | None:
+    """What to do when the Hugging Face part of the model (config `name`) cannot be built
+    offline: a text tower such as RoBERTa's or NLLB's, a tokenizer such as SigLIP's. None for
+    other errors, and for models without such a part."""
+    text = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    if not (text.get("hf_model_name") or text.get("hf_tokenizer_name")):
+        return None
+    if isinstance(error, ImportError) or "pip install transformers" in str(error):
+        return ConfigError(f"--model {model} has a Hugging Face text tower or tokenizer, which needs the "
+                           f"transformers package: pip install transformers sentencepiece")
+    if isinstance(error, (OSError, ValueError)):  # the hub's offline and missing-file errors
+        return ConfigError(f"--model {model}: its Hugging Face files are not in the local cache "
+                           f"({type(error).__name__}) and bigbatch does not download: load the model once "
+                           f"where there is internet, then point HF_HOME at that cache")
+    return None
 
 
 @contextlib.contextmanager

@@ -51,7 +51,9 @@ TABLE: dict[str, tuple[str, str]] = {
     "--val-frequency": (SAME, ""),
     "--resume": (SAME, "`latest` finds `epoch_latest.pt`; resumes mid-epoch exactly"),
     "--precision": ("`amp`, `amp_bf16`/`amp_bfloat16` (autocast), `pure_bf16`/`pure_fp16` (weights in that dtype, no autocast), `bf16`/`fp16` (open_clip's low-precision matmul weights), `fp32`", "default `auto`: amp on CUDA, fp32 on CPU"),
-    "--model": (SAME, "also `bigbatch-tiny`/`bigbatch-small` and a model-config JSON; `hf-hub:` only from the local cache"),
+    "--model": (SAME, "also `bigbatch-tiny`/`bigbatch-small` and a model-config JSON; `hf-hub:` only from the "
+                      "local cache; models with a Hugging Face text tower or tokenizer (SigLIP, NLLB, RoBERTa, "
+                      "XLM-R, mT5) need `pip install transformers sentencepiece` and their files in that cache"),
     "--pretrained": (SAME, "also bigbatch checkpoints; tags only from the local cache"),
     "--pretrained-image": (SAME, "timm weights only from the local cache"),
     "--lock-image": (SAME, "a fully frozen tower is embedded once per sample, not recomputed"),

@@ -119,7 +119,7 @@ def _model(name: str, device: torch.device, backend: str | None, dynamic: bool |
     from bigbatch.model import create_model
 
     torch.manual_seed(0)
-    net = create_model(name, device=device).model
+    net = create_model(name, device=device, tokenizer=False).model
     if backend is not None:
         compile_model(net, backend, dynamic=dynamic)
     return net, torch.optim.AdamW(net.parameters(), lr=1e-5)

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(args.threads)
     quiet = wait_for_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet > 0 else None
     torch.manual_seed(args.seed)
-    template = create_model(args.model, device=device).model
+    template = create_model(args.model, device=device, tokenizer=False).model
     size, context, vocab = model_shapes(template)
     b, k = args.batch_size, args.accum_freq
     batches = make_batches(2, b * k, size, context, vocab, device, args.seed)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
 
         def fresh_model():
             torch.manual_seed(args.seed)
-            return create_model(args.model, device=device).model
+            return create_model(args.model, device=device, tokenizer=False).model
         result["largest_batch"] = largest_batch_search(fresh_model, args, log)
 
     env["load_average_end"] = load_average()

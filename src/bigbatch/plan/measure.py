@@ -133,7 +133,7 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
     """The open_clip model of `key` (random init), in training mode, as bigbatch.model builds it."""
     import open_clip
 
-    from bigbatch.model import SIGLIP_INIT
+    from bigbatch.model import SIGLIP_INIT, hugging_face_error, hub_offline
 
     name, siglip, force_patch_dropout, precision = key
     kwargs: dict = dict(output_dict=True, precision=precision)
@@ -145,7 +145,12 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns that a random init has no pretrained weights
     try:
-        net = open_clip.create_model(name, device=device, **kwargs).train()
+        with hub_offline():
+            net = open_clip.create_model(name, device=device, **kwargs).train()
+    except Exception as error:
+        if (hint := hugging_face_error(name, name, error)) is not None:  # not a fake-tensor failure
+            raise hint from None
+        raise
     finally:
         root.setLevel(level)
     preprocess = open_clip.get_model_preprocess_cfg(net)

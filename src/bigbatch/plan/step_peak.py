@@ -18,7 +18,7 @@ class _MicroBatch:
 
 
 def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision: str = "fp32",
-                 grad_checkpointing: bool = False, offload_inputs: bool = False,
+                 grad_checkpointing: bool = False, offload_inputs: bool = False, siglip: bool = False,
                  device: str = "cpu", seed: int = 0, reuse_inputs: bool = False,
                  distill_model: str | None = None, world=None) -> tuple[int, float]:
     """The peak a plan predicts, measured: bytes over one real training step (the trainer's
@@ -29,7 +29,7 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     the device still holds K copies. distill_model: a frozen teacher (random weights), as
     --distill-model runs it: once per micro-batch in pass 1, its term in the loss.
     world (a bigbatch.distributed.World of several ranks): this rank's share under DDP, as
-    the trainer wraps it, with --local-loss --gather-with-grad; the measured step is DDP's
+    the trainer wraps it, with --local-loss --gather-with-grad; siglip: --siglip's loss and init; the measured step is DDP's
     second, where it rebuilds its buckets (the plan's "bucket rebuild" phase). On CUDA it switches on the trainer's math for the process, as training does
     (bigbatch.device.use_fast_cuda_math: TF32, cuDNN benchmark)."""
     from bigbatch.accumulation import cached_backward
@@ -50,15 +50,17 @@ def measure_peak(model_name: str, *, batch_size: int, accum_freq: int, precision
     weights = dict(precision=weights_precision(precision))  # open_clip casts them
     if distill_model:
         check_distillation(PlanOptions(model_name))  # as training and the plan refuse it
-    net = create_model(model_name, grad_checkpointing=grad_checkpointing, device=device, **weights).model
-    teacher = Teacher(create_model(distill_model, device=device, **weights).model) if distill_model else None
+    net = create_model(model_name, grad_checkpointing=grad_checkpointing, siglip=siglip, device=device,
+                       tokenizer=False, **weights).model
+    teacher = Teacher(create_model(distill_model, device=device, tokenizer=False,
+                                   **weights).model) if distill_model else None
     optimizer = adamw(parameter_groups(net, 0.2), lr=1e-5)
     autocast = autocast_factory(precision, device)
     ranks = {}
     if world is not None and world.world_size > 1:
         net = wrap_model(net, world)
         ranks = dict(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world_size)
-    loss_fn = create_loss("distill" if teacher else "clip", **ranks)
+    loss_fn = create_loss("distill" if teacher else "siglip" if siglip else "clip", **ranks)
     caption = caption_loss(net)  # CoCa's, in pass 2 one micro-batch at a time, as the trainer takes it
     (height, width), context = input_shapes(model_key(model_name, False, None))
     generator = torch.Generator().manual_seed(seed)
