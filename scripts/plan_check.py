@@ -94,14 +94,14 @@ def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
     labels = [f"{r['model']}\n{r['batch_size']}x{r['accum_freq']}{' gc' if r['grad_checkpointing'] else ''}{' siglip' if r.get('siglip') else ''}"
               f"{' bf16' if r['precision'] != 'fp32' else ''}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.8))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["measured_bytes"] / MiB for r in rows], 0.4, label="measured step")
     ax.bar([i + 0.2 for i in x], [r["planned_bytes"] / MiB for r in rows], 0.4, label="bigbatch plan")
     for i, r in enumerate(rows):
         ax.annotate(f"{r['error_percent']:+.1f}%", (i + 0.2, r["planned_bytes"] / MiB), ha="center",
                     va="bottom", fontsize=7)
-    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel("peak MiB")
     ax.set_title(f"bigbatch plan against measured CPU steps ({report['device']})")
     ax.legend(fontsize=8)
