@@ -69,6 +69,14 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--val-data", "v.tar", "--zeroshot-templates", "simple"], "--zeroshot-templates needs --zeroshot-classnames"),
     (["--zeroshot-classnames", "cifar10"], r"--zeroshot-classnames 'cifar10': not a built-in set \(imagenet\)"),
     (["--zeroshot-templates", "fancy"], r"--zeroshot-templates 'fancy': not a built-in set \(openai, simple\)"),
+    # NaN passes every comparison: refused as such, whichever float flag holds it
+    (["--wd", "nan"], "--wd must be a finite number"), (["--grad-clip-norm", "nan"], "--grad-clip-norm must be a finite"),
+    (["--lr-image", "inf"], "--lr-image must be a finite"), (["--image-std", "1", "nan", "1"], "--image-std must be a finite"),
+    # beyond any data set: a typo, refused before a divisor search could run for hours
+    (["--global-batch-size", str(10 ** 20)], r"--global-batch-size must be between 1 and 2\*\*32"),
+    (["--batch-size", str(2 ** 40)], r"--batch-size must be between 1 and 2\*\*32"),
+    (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
+    (["--force-image-size", "0"], "in pixels"),
 ])
 def test_bad_values_and_combinations(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -306,6 +306,27 @@ def test_plan_flags_are_checked():
         main(["--model", "ViT-Q-99", "--global-batch-size", "1024", "--gpu-memory", "24GiB"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--global-batch-size", "0"], r"--global-batch-size must be between 1 and 2\*\*32"),
+    (["--global-batch-size", str(10 ** 20)], r"--global-batch-size must be between 1 and 2\*\*32"),
+    (["--accum-freq", "0"], r"--accum-freq must be between 1"),
+    (["--global-batch-size", "64", "--loss-tile-size", "0"], "--loss-tile-size must be at least 1"),
+    (["--global-batch-size", "64", "--force-patch-dropout", "1"], r"--force-patch-dropout must be in \[0, 1\)"),
+    (["--global-batch-size", "64", "--ema-decay", "nan"], "--ema-decay must be a finite number"),
+    (["--global-batch-size", "256", "--accum-freq", "3"], "use an --accum-freq that divides 256"),
+])
+def test_plan_refuses_what_train_refuses(argv, message):
+    """The flags plan shares with train are checked as train checks them, before any search."""
+    with pytest.raises(ConfigError, match=message):
+        main(["--model", TINY, "--gpu-memory", "24GiB", *argv])
+
+
+def test_plan_with_global_batch_and_accum_freq_fixes_the_micro_batch(capsys, monkeypatch):
+    out = run_plan(capsys, monkeypatch, "--model", TINY, "--gpu-memory", "24GiB", "--global-batch-size", "256",
+                   "--accum-freq", "4")
+    assert chosen(out) == (256, 64, 4)
+
+
 def test_plan_of_a_hugging_face_text_tower_names_what_is_missing():
     """RoBERTa's tower is built by transformers from files in the Hugging Face cache: without
     the package, or offline without the files (no test downloads them), the plan says which,

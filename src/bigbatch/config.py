@@ -173,6 +173,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) is not None and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{flag_name(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
+    for f in fields(cfg):  # NaN passes every comparison below: refuse it (and inf) first
+        values = getattr(cfg, f.name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{flag_name(f.name)} must be a finite number, got {value}")
     positive = ["accum_freq", "epochs", "log_every_n_steps"]
     if cfg.threads is not None:
         positive.append("threads")
@@ -188,8 +193,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.batch_size != "auto" and cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 or 'auto', got {cfg.batch_size}")
-    if cfg.global_batch_size is not None and cfg.global_batch_size < 1:
-        raise ConfigError("--global-batch-size must be at least 1")
+    check_batch_sizes(global_batch_size=cfg.global_batch_size, batch_size=cfg.batch_size,
+                      accum_freq=cfg.accum_freq)
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     beta1, beta2, eps = adamw_hyperparameters(cfg)
@@ -197,12 +204,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--beta1 and --beta2 must be in [0, 1)")
     if not eps > 0:
         raise ConfigError(f"--eps must be positive, got {eps}")
-    if cfg.loss_tile_size is not None and cfg.loss_tile_size < 1:
-        raise ConfigError("--loss-tile-size must be at least 1 (omit it for the automatic choice)")
+    check_step_options(cfg)
     if cfg.grad_clip_norm is not None and cfg.grad_clip_norm <= 0:
         raise ConfigError("--grad-clip-norm must be positive (omit it to disable clipping)")
-    if cfg.force_patch_dropout is not None and not 0 <= cfg.force_patch_dropout < 1:
-        raise ConfigError("--force-patch-dropout must be in [0, 1)")
     if cfg.train_data is None and cfg.dataset_type != "synthetic" and not evaluation_only(cfg):
         raise ConfigError("no training data: pass --train-data (shards or CSV) or --dataset-type "
                           "synthetic (or, to evaluate a model, --val-data / --imagenet-val without it)")
@@ -218,8 +222,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint (use 'latest' or a path to a .pt file)")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise ConfigError("--layer-decay must be in (0, 1], e.g. 0.75")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
-        raise ConfigError("--ema-decay must be in (0, 1), e.g. 0.999")
     if cfg.ema_decay is not None and cfg.fsdp:
         raise ConfigError("--ema-decay keeps a full copy of the weights on every rank, which "
                           "--fsdp is there to avoid: drop one of them")
@@ -240,6 +242,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def check_step_options(options) -> None:
+    """The options of a step's memory that `bigbatch plan` shares with train (a TrainConfig
+    or the plan's parsed flags): the same refusals in both."""
+    for name in ("force_patch_dropout", "loss_tile_size", "ema_decay"):
+        value = getattr(options, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{flag_name(name)} must be a finite number, got {value}")
+    if options.loss_tile_size is not None and options.loss_tile_size < 1:
+        raise ConfigError("--loss-tile-size must be at least 1 (omit it for the automatic choice)")
+    if options.force_patch_dropout is not None and not 0 <= options.force_patch_dropout < 1:
+        raise ConfigError("--force-patch-dropout must be in [0, 1)")
+    if options.ema_decay is not None and not 0 < options.ema_decay < 1:
+        raise ConfigError("--ema-decay must be in (0, 1), e.g. 0.999")
+
+
+def check_batch_sizes(**sizes: int | str | None) -> None:
+    """Each given size (global_batch_size, batch_size, accum_freq, world_size: None or 'auto'
+    when not given) a positive integer of at most MAX_BATCH: more samples a step than any
+    data set holds is a typo, and the divisor searches would not end."""
+    for name, value in sizes.items():
+        if value is None or value == "auto":
+            continue
+        if not 1 <= value <= MAX_BATCH:
+            raise ConfigError(f"--{flag_name(name)} must be between 1 and 2**32 ({MAX_BATCH:,}), got {value}")
+
+
 def adamw_hyperparameters(cfg: TrainConfig) -> tuple[float, float, float]:
     """beta1, beta2 and eps; those not given are open_clip_train's defaults (CLIP's paper's):
     0.98 and 1e-6 for a model whose name holds "vit" (and bigbatch's own configs, ViTs),
@@ -249,6 +277,7 @@ def adamw_hyperparameters(cfg: TrainConfig) -> tuple[float, float, float]:
             (1e-6 if vit else 1e-8) if cfg.eps is None else cfg.eps)
 
 
+MAX_BATCH = 2 ** 32  # samples (or micro-batches) a step: beyond any data set's epoch
 LOSS_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 REPORT_TO = ("tensorboard", "wandb", "all")
 
@@ -270,8 +299,9 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"--opt {cfg.opt}: choose adamw, sgd, or timm/NAME (any timm optimizer)")
     if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
         raise ConfigError("--momentum must be in [0, 1)")
-    if cfg.force_image_size is not None and len(cfg.force_image_size) not in (1, 2):
-        raise ConfigError("--force-image-size takes one size, or height and width")
+    if cfg.force_image_size is not None and (len(cfg.force_image_size) not in (1, 2)
+                                             or min(cfg.force_image_size) < 1):
+        raise ConfigError("--force-image-size takes one size, or height and width, in pixels (at least 1)")
     if cfg.force_context_length is not None and cfg.force_context_length < 1:
         raise ConfigError("--force-context-length must be at least 1")
     for name in ("image_mean", "image_std"):

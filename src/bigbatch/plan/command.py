@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from bigbatch.parse import add_options
+from bigbatch.config import check_batch_sizes, check_step_options
 from bigbatch.errors import ConfigError
+from bigbatch.parse import add_options
 from bigbatch.flags import Parser
 from bigbatch.plan.sizes import DEFAULT_RESERVE, parse_memory
 
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(the plan is the same either way)"))
     parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE,
                         help=f"fraction of the GPU kept free (default: {DEFAULT_RESERVE})")
-    parser.add_argument("--device", default="cpu",
-                        help="'cpu': a meta estimate, no GPU needed (default); 'cuda': a real probe")
+    parser.add_argument("--device", default="cpu", type=_device,
+                        help="'cpu': a meta estimate, no GPU needed (default); 'cuda' (or cuda:N): a real probe")
     return parser
 
 
@@ -49,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.reserve < 1:
         raise ConfigError("--reserve is a fraction of the GPU's memory in [0, 1), e.g. 0.1")
+    batch_size = args.batch_size if args.batch_size == "auto" else _positive_int("batch-size", args.batch_size)
+    check_batch_sizes(global_batch_size=args.global_batch_size, batch_size=batch_size,
+                      accum_freq=args.accum_freq, world_size=args.world_size)
+    check_step_options(args)
     W = args.world_size
-    if W < 1:
-        raise ConfigError(f"--world-size must be at least 1, got {W}")
     memory = parse_memory(args.gpu_memory)
     import torch
 
@@ -82,12 +85,16 @@ def batch_layout(args: argparse.Namespace, options) -> tuple[int, int]:
     if args.batch_size == "auto":
         if G is None and args.accum_freq is None:
             raise ConfigError("--batch-size auto needs --global-batch-size (or a fixed --accum-freq)")
-        b = plan.find_max_batch_size(options, global_batch_size=G, accum_freq=args.accum_freq)
+        if G is not None and args.accum_freq is not None:  # both fixed: so is the micro-batch
+            if G % (W * args.accum_freq):
+                raise ConfigError(f"--global-batch-size {G} is not --accum-freq {args.accum_freq} x "
+                                  f"--world-size {W} whole micro-batches: use an --accum-freq that "
+                                  f"divides {G // W}, or drop it and the plan picks both")
+            b = G // (W * args.accum_freq)
+        else:
+            b = plan.find_max_batch_size(options, global_batch_size=G, accum_freq=args.accum_freq)
     else:
-        try:
-            b = int(args.batch_size)
-        except ValueError:
-            raise ConfigError(f"--batch-size {args.batch_size!r}: a positive integer or 'auto'") from None
+        b = int(args.batch_size)
     if G is None:
         return b, args.accum_freq or 1
     K = plan.derive_accum_freq(G, b, W)
@@ -95,3 +102,16 @@ def batch_layout(args: argparse.Namespace, options) -> tuple[int, int]:
         raise ConfigError(f"--accum-freq {args.accum_freq} disagrees with --global-batch-size {G} "
                           f"/ (--batch-size {b} x --world-size {W}) = {K}: drop one of them")
     return b, K
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--{name} {text!r}: a positive integer or 'auto'") from None
+
+
+def _device(text: str) -> str:
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: 'cpu' (a meta estimate) or 'cuda' / 'cuda:N' (a probe)")
