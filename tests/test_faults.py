@@ -137,6 +137,37 @@ def test_signal_saves_mid_epoch_and_names_the_resume_command(tmp_path, monkeypat
     assert signal.getsignal(signum) == before  # the handlers are given back
 
 
+@pytest.mark.parametrize("where", ["build_teacher", "announce"])  # before and after the run folder is made
+def test_a_signal_before_the_first_step_stops_at_once_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys,
+                                                                                where):
+    """Nothing is trained yet, so nothing waits for a step: the start ends where the signal
+    finds it (here while building, or once the run folder exists), and the same command
+    then runs as if it had never started."""
+    original = getattr(bigbatch.train, where)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bigbatch.train, where, signalled)
+        assert main(train_args(tmp_path, *SYNTH)) == 143
+    assert "stopped by SIGTERM before the first step" in one_error_line(capsys)
+    assert not (tmp_path / "logs" / "run").exists()
+    assert main(train_args(tmp_path, *SYNTH, "--epochs", "1")) == 0
+
+
+def test_a_start_that_fails_leaves_no_run_folder_to_resume(tmp_path, capsys):
+    """A checkpoint that cannot be read is found only once the run folder exists: the
+    folder goes with the failed start, so the command without --resume is not refused."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(train_args(tmp_path, *SYNTH, "--resume", str(garbage))) == 2
+    one_error_line(capsys)
+    assert not (tmp_path / "logs" / "run").exists()
+    assert main(train_args(tmp_path, *SYNTH, "--epochs", "1")) == 0
+
+
 def test_resume_command_replaces_the_users_resume_and_name():
     argv = ["--name", "old", "--lr", "1e-3", "--resume=x.pt", "--logs", "my logs"]
     assert resume_command(argv, "old") == ("bigbatch train --lr 1e-3 --logs 'my logs' "

@@ -40,13 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = f": did you mean {close[0]}?" if close else ""
         print(f"bigbatch: error: unknown command {command!r}{hint} (see bigbatch --help)", file=sys.stderr)
         return 2
-    from bigbatch.preemption import Preempted, resume_command
+    from bigbatch.preemption import Preempted, StoppedEarly, resume_command
     try:
         return commands[command](rest) or 0
     except Preempted as stop:  # rank 0 says it; every rank exits 128 + the signal
         if stop.summary:
             print(f"bigbatch: {stop.summary}; resume with: {resume_command(rest, stop.name)}",
                   file=sys.stderr)
+        return stop.exit_code
+    except StoppedEarly as stop:
+        print(f"bigbatch: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print("bigbatch: interrupted", file=sys.stderr)

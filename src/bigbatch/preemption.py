@@ -1,7 +1,9 @@
 """Preemption: SIGTERM, SIGUSR1 (SLURM's `--signal`) and SIGINT end a run after the
 current step with a mid-epoch checkpoint, instead of losing the epoch.
 
-The handler only notes the signal; the loop reads `requested` once per step (the ranks
+Before the first step there is nothing to save: a signal then stops the start at once
+(StoppedEarly), wherever it is (scanning shards, building the model, loading weights).
+From `deferred()` on, the handler only notes the signal; the loop reads `requested` once per step (the ranks
 agree on it with the step's all-reduce), saves epoch_latest.pt and raises Preempted,
 which the command turns into one line with the command that resumes and exit status
 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT 130). A second signal of the
@@ -36,13 +38,28 @@ class Preempted(Exception):
         return 128 + self.signum
 
 
+class StoppedEarly(Exception):
+    """A signal stopped the run before its first step: nothing to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the first step: nothing was "
+                         f"trained or saved")
+        self.exit_code = 128 + signum
+
+
 class SignalWatch:
-    """A context manager noting the first of SIGNALS (main thread only: where Python runs
-    handlers); the previous handlers come back on exit."""
+    """A context manager for SIGNALS (main thread only: where Python runs handlers): until
+    `deferred()` the first one raises StoppedEarly; after it, the first is noted for the
+    loop to act on. The previous handlers come back on exit."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._deferred = False
+
+    def deferred(self) -> None:
+        """From now on a signal waits for the end of the step (the loop has begun)."""
+        self._deferred = True
 
     def __enter__(self) -> SignalWatch:
         if threading.current_thread() is threading.main_thread():
@@ -60,6 +77,8 @@ class SignalWatch:
     def _note(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
         signal.signal(signum, self._previous[signum])  # the next one acts as usual
+        if not self._deferred:
+            raise StoppedEarly(signum)
 
 
 def shield_loader_worker(worker_id: int | None = None) -> None:

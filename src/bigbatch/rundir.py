@@ -12,9 +12,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from bigbatch import checkpoint as ckpt
 from bigbatch.config import BatchLayout, Run, TrainConfig
@@ -129,14 +130,18 @@ def name_taken(cfg: TrainConfig, name: str) -> str | None:
     return None
 
 
-def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> None:
+def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> Callable[[], None]:
     """Rank 0 creates the run folder and locks it until the run ends (the name is checked
-    again: another process may have taken it while this one built its model)."""
-    problem = None
+    again: another process may have taken it while this one built its model). Returns
+    `started`, to call when the first step begins: a folder this start created is removed
+    if the start fails before then (nothing trained, nothing saved), so that the same
+    command can run again instead of being told to resume nothing."""
+    problem, created = None, False
     if world.is_main:
         problem = name_taken(cfg, run.name)
         try:
             if problem is None:
+                created = not run.dir.exists()
                 on_exit.enter_context(claimed(run.dir, cfg.logs))
                 if cfg.copy_codebase:
                     copy_codebase(run.dir)
@@ -145,6 +150,18 @@ def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.
     problem = broadcast_object(problem)
     if problem:
         raise ConfigError(problem)
+    return on_exit.enter_context(_removed_unless_started(run.dir)) if created else (lambda: None)
+
+
+@contextlib.contextmanager
+def _removed_unless_started(run_dir: Path) -> Iterator[Callable[[], None]]:
+    started = []
+    try:
+        yield lambda: started.append(True)
+    except BaseException:
+        if not started:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def finished(cfg: TrainConfig, run: Run) -> bool:

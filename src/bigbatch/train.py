@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
                            bundle.tokenizer)
     autocast = autocast_factory(precision, device)
     evaluation = Evaluation(cfg, world, layout, bundle, create_loss(loss_name), autocast)
-    claim_run_dir(run, cfg, world, on_exit)
+    started = claim_run_dir(run, cfg, world, on_exit)
     setup_console_logging(log_file(cfg, run.dir, world), enabled=world.is_main or
                           (cfg.log_local and world.local_rank == 0), debug=cfg.debug)
     if cfg.remote_sync and world.is_main:
@@ -123,6 +123,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     metrics: dict = {}
     curves = None
     start_epoch = state.epoch
+    started()  # a start that failed before here left no run folder; a signal from here on ends
+    signals.deferred()  # the step it arrives in, with a checkpoint
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
