@@ -59,6 +59,37 @@ def test_unknown_model_and_bad_config_file(tmp_path):
     bad.write_text('{"embed_dim": 8}')
     with pytest.raises(ConfigError, match="needs keys"):
         create_model(str(bad))
+    for text, message in (("not json", "not a readable JSON model config"), ("", "not a readable JSON"),
+                          ("[1, 2]", "a JSON object .* not a list"),
+                          ('{"embed_dim": "abc", "vision_cfg": {}, "text_cfg": {}}', "open_clip cannot build")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            create_model(str(bad))
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        create_model(str(tmp_path / "folder.json"))
+
+
+def test_a_damaged_weights_file_is_named_as_such(tmp_path):
+    """Empty, cut short or not weights at all: one line that says the file may be damaged,
+    not only that it is another model's."""
+    import bigbatch.weights as weights_module
+
+    config = str(Path(__file__).parent / "assets" / "test-clip.json")
+    name = register_model_config(config)
+    good = tmp_path / "weights.pt"
+    torch.save(create_model(config).model.state_dict(), good)
+    empty, cut, text = tmp_path / "empty.pt", tmp_path / "cut.pt", tmp_path / "text.pt"
+    empty.write_bytes(b"")
+    cut.write_bytes(good.read_bytes()[:2000])
+    text.write_text("hello")
+    with pytest.raises(ConfigError, match="is an empty file"):
+        weights_module.resolve_weights(str(empty), name)
+    for path in (cut, text):
+        with pytest.raises(ConfigError, match="or is damaged"):
+            weights_module.load_model(config, weights_module.resolve_weights(str(path), name), "cpu")
+        with pytest.raises(ConfigError, match="torch cannot read it"):
+            weights_module.checkpoint_model(str(path))
 
 
 def hf_tokenized_config(tmp_path: Path) -> str:

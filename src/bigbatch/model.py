@@ -64,7 +64,8 @@ def create_model(model: str, *, pretrained: str | None = None, siglip: bool = Fa
             raise ConfigError(f"--model {model}: not in the local Hugging Face cache ({type(error).__name__}) "
                               f"and bigbatch does not download: fetch it once where there is internet "
                               f"(or pass --cache-dir), or save it and use local-dir:DIR") from None
-        if (hint := hugging_face_error(model, name, error)) is not None:
+        hint = hugging_face_error(model, name, error) or (unbuildable(name, error) if pretrained is None else None)
+        if hint is not None:
             raise hint from None
         if isinstance(error, RuntimeError) and pretrained and "state_dict" in str(error):
             raise ConfigError(f"--pretrained {pretrained} does not fit --model {model}: "
@@ -182,6 +183,20 @@ def init_caption_projection(model: nn.Module) -> None:
             projection.copy_(drawn)
 
 
+USER_CONFIGS: dict[str, str] = {}  # config name -> the JSON file --model gave
+
+
+def unbuildable(name: str, error: Exception) -> ConfigError | None:
+    """A model config from the user's JSON file that open_clip cannot build (a value of the
+    wrong type or range): one line naming the file. None for other models and errors."""
+    if name in USER_CONFIGS and isinstance(error, (TypeError, ValueError, KeyError, AttributeError,
+                                                   AssertionError)):
+        return ConfigError(f"--model {USER_CONFIGS[name]}: open_clip cannot build this config "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+                           f"check its values against open_clip's model_configs")
+    return None
+
+
 def register_model_config(model: str) -> str:
     """Resolve `--model` to an open_clip config name, registering a JSON file if given;
     `hf-hub:ORG/REPO` and `local-dir:DIR` pass as they are (open_clip reads them)."""
@@ -193,8 +208,16 @@ def register_model_config(model: str) -> str:
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
-            raise ConfigError(f"--model {model}: no such config file")
-        config = json.loads(path.read_text())
+            raise ConfigError(f"--model {model}: " + ("a folder, not a config file" if path.is_dir()
+                                                      else "no such config file"))
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--model {model}: not a readable JSON model config ({error}): give "
+                              f"open_clip's format, e.g. its model_configs/ViT-B-32.json") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"--model {model}: a model config is a JSON object with embed_dim, "
+                              f"vision_cfg and text_cfg, not a {type(config).__name__}")
         config = config.get("model_cfg", config)  # open_clip_config.json nests it
         missing = {"embed_dim", "vision_cfg", "text_cfg"} - config.keys()
         if missing:
@@ -202,6 +225,7 @@ def register_model_config(model: str) -> str:
         registry = Path(tempfile.mkdtemp(prefix="bigbatch-models-"))
         (registry / path.name).write_text(json.dumps(config))
         open_clip.add_model_config(registry)
+        USER_CONFIGS[path.stem] = model
         return path.stem
     if model not in open_clip.list_models():
         raise ConfigError(f"unknown --model {model!r}: use a name from open_clip.list_models() "

@@ -44,6 +44,8 @@ def resolve_weights(pretrained: str | None, model_name: str, *, ema: bool = Fals
         return Weights(None, "random")
     path = Path(pretrained)
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise ConfigError(f"--pretrained {pretrained} is an empty file (a save cut short?): pick another file")
         state = _peek(path)
         if isinstance(state, Checkpoint):
             return _checkpoint_weights(pretrained, state, model_name, ema)
@@ -78,8 +80,12 @@ def checkpoint_model(pretrained: str) -> str:
     if not path.is_file():
         raise ConfigError(f"--pretrained {pretrained}: no such file; pass --model too when it is an "
                           "open_clip pretrained tag")
-    state = _peek(path)
+    state = _peek(path) if path.stat().st_size else None
     recorded = state.model if isinstance(state, Checkpoint) else None
+    if state is None:
+        raise ConfigError(f"--pretrained {pretrained}: torch cannot read it (empty, damaged, or not a torch "
+                          f"checkpoint): pick another file, or pass --model too for a safetensors or "
+                          f"TorchScript file")
     if not isinstance(recorded, str):
         raise ConfigError(f"--pretrained {pretrained} records no model (bigbatch checkpoints do): pass --model")
     given = (state.config or {}).get("model")
@@ -183,7 +189,7 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
             bundle.model.load_state_dict(state, strict=True)
     except ConfigError:
         raise
-    except (RuntimeError, AttributeError, KeyError, ValueError, AssertionError, OSError,
+    except (RuntimeError, AttributeError, KeyError, ValueError, AssertionError, OSError, EOFError,
             pickle.UnpicklingError) as error:  # what open_clip's loader raises for a file that does not fit
         if weights.kind == "random" or _device_error(error):  # the device's, not the weights'
             raise
@@ -191,6 +197,10 @@ def load_model(model: str, weights: Weights, device: torch.device | str = "cpu",
             raise ConfigError(f"--pretrained {weights.source}: open_clip could not load these weights from "
                               f"the local cache ({_first_line(error)}); the weights are not available offline: "
                               "pass a local checkpoint file") from None
+        if weights.kind == "file":  # maybe torch could not read it either: damaged, or not weights
+            raise ConfigError(f"--pretrained {weights.source} does not fit --model {model}, or is damaged "
+                              f"({type(error).__name__}: {_first_line(error)}): pass the --model it was "
+                              f"trained with, or another file") from None
         raise ConfigError(f"--pretrained {weights.source} does not fit --model {model} "
                           f"({type(error).__name__}: {_first_line(error)}): pass the --model it was trained with") from None
     return bundle

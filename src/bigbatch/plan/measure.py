@@ -133,7 +133,7 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
     """The open_clip model of `key` (random init), in training mode, as bigbatch.model builds it."""
     import open_clip
 
-    from bigbatch.model import SIGLIP_INIT, hugging_face_error, hub_offline
+    from bigbatch.model import SIGLIP_INIT, hub_offline, hugging_face_error, unbuildable
 
     name, siglip, force_patch_dropout, precision = key
     kwargs: dict = dict(output_dict=True, precision=precision)
@@ -148,7 +148,7 @@ def build(key: tuple, device: torch.device | str) -> nn.Module:
         with hub_offline():
             net = open_clip.create_model(name, device=device, **kwargs).train()
     except Exception as error:
-        if (hint := hugging_face_error(name, name, error)) is not None:  # not a fake-tensor failure
+        if (hint := hugging_face_error(name, name, error) or unbuildable(name, error)) is not None:
             raise hint from None
         raise
     finally:
