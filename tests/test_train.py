@@ -39,12 +39,23 @@ def test_synthetic_smoke_with_accumulation(tmp_path, capsys):
     train = records(run_dir, "train")
     # 10 micro-batches of 4 -> 3 full steps of 3 and one step of the leftover micro-batch
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert all(r["effective_batch"] == 12 for r in train)
+    assert [r["effective_batch"] for r in train] == [12, 12, 12, 4]  # what each step trained on
     assert (run_dir / "checkpoints" / "epoch_latest.pt").is_file()
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "effective batch 12 = batch-size 4 x accum-freq 3 x world-size 1" in out
     assert "samples/s" in out and "ETA" in out
+
+
+def test_an_epoch_smaller_than_one_batch_is_said_and_logged_as_trained(tmp_path, capsys):
+    """16 samples with an effective batch of 32: one step of 16 an epoch, said at the start,
+    and logged as 16 (not the 32 asked for); a warmup the run never finishes is said too."""
+    run_dir = run(tmp_path, "--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4",
+                  "--accum-freq", "8", "--epochs", "1", "--warmup", "10")
+    assert [r["effective_batch"] for r in records(run_dir, "train")] == [16]
+    out = capsys.readouterr().out
+    assert "an epoch holds 16 samples, fewer than one effective batch (32)" in out
+    assert "--warmup 10 is not shorter than the run (1 steps)" in out
 
 
 def make_csv(root: Path, n: int = 24) -> Path:

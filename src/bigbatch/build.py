@@ -199,6 +199,13 @@ def announce(cfg, run: Run, world, model, precision, samples_per_epoch, steps_pe
              f"accum-freq {layout.accum_freq} x world-size {layout.world_size}; "
              f"{samples_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
              f"{steps_per_epoch * cfg.epochs} steps")
+    if samples_per_epoch < layout.effective_batch:
+        log.warning(f"an epoch holds {samples_per_epoch} samples, fewer than one effective batch "
+                    f"({layout.effective_batch}): each step trains on those {samples_per_epoch}; lower "
+                    f"--batch-size or --accum-freq (or --global-batch-size) for the batch you mean")
+    if cfg.warmup >= steps_per_epoch * cfg.epochs:
+        log.warning(f"--warmup {cfg.warmup} is not shorter than the run ({steps_per_epoch * cfg.epochs} "
+                    f"steps): the lr never reaches --lr {cfg.lr:g}; lower --warmup")
 
 
 def seed_everything(seed: int) -> None:

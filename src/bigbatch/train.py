@@ -155,7 +155,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
                 step=state.step, epoch=epoch + 1, loss=loss, lr=lr,
                 data_seconds=micro_batches.data_seconds,
                 samples=micro_batches.samples * world.world_size,
-                effective_batch=layout.effective_batch, print_now=print_now,
+                effective_batch=micro_batches.samples * world.world_size,  # a last step may be short
+                print_now=print_now,
                 extra=logged_scalars(model, grad_norm, skipped_steps.total, loss_fn) if print_now else None)
             skipped_steps.stop_if_stuck(state.step)
             batches_done += micro_batches.count
