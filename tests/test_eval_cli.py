@@ -161,12 +161,14 @@ def test_builtin_sets():
     (["--imagenet-val", "nowhere"], r"--imagenet-val nowhere: no such folder"),
     (["--retrieval-data", "DATA", "--csv-caption-key", "caption"], r"has no column 'caption'.*set --csv-caption-key"),
     (["--retrieval-data", "DATA", "--precision", "amp"], "amp.*is for CUDA"),
+    (["--retrieval-data", "DATA", "--output", "ROOT"], "is a folder: give a file name"),  # before, not after
 ])
 def test_user_errors(setup, monkeypatch, extra, message):
     """Each one stops before a model is built."""
     root, ckpt, _, _ = setup
     monkeypatch.setattr(weights_module, "load_model", lambda *a, **k: pytest.fail("the model was built"))
-    extra = [{"DATA": str(root / "data.csv"), "CLASSES": str(root / "classes.txt")}.get(a, a) for a in extra]
+    extra = [{"DATA": str(root / "data.csv"), "CLASSES": str(root / "classes.txt"), "ROOT": str(root)}.get(a, a)
+             for a in extra]
     argv = _args(root, ckpt, *extra)
     if None in argv:  # drop the flag before None, and the default _args gave it
         flag = argv[argv.index(None) - 1]

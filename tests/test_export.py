@@ -110,8 +110,12 @@ def test_export_errors(trained, tmp_path):
         export.main([str(ckpt), str(tmp_path / "o.pt"), "--ema"])
     with pytest.raises(ConfigError, match="overwrite its input"):
         export.main([str(ckpt), str(ckpt)])
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing.pt: no such file"):
         export.main([str(tmp_path / "missing.pt"), str(tmp_path / "o.pt")])
+    with pytest.raises(ConfigError, match="a folder, not a checkpoint file"):
+        export.main([str(tmp_path), str(tmp_path / "o.pt")])
+    with pytest.raises(ConfigError, match="is a folder: give a file name"):
+        export.main([str(ckpt), str(tmp_path)])
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ConfigError, match="no 'state_dict'"):
         export.main([str(tmp_path / "foreign.pt"), str(tmp_path / "o.pt")])

@@ -123,7 +123,8 @@ def _atomically(path: Path, write) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist: check --resume / --pretrained")
+        raise ConfigError(f"checkpoint {path}: " + ("a folder, not a checkpoint file" if path.is_dir()
+                                                    else "no such file") + ": check the path")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a torn or foreign file, or pickled code: say which
@@ -223,6 +224,8 @@ def export_weights(checkpoint: str | Path, output: str | Path, *, ema: bool = Fa
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and checkpoint.exists() and os.path.samefile(output, checkpoint):
         raise ConfigError(f"export would overwrite its input {checkpoint}: pick another OUT path")
+    if output.is_dir():
+        raise ConfigError(f"OUT {output} is a folder: give a file name, e.g. {output / 'weights.pt'}")
     state = load_checkpoint(checkpoint)
     if ema and state.ema_state_dict is None:
         raise ConfigError(f"checkpoint {checkpoint} holds no EMA weights (no 'ema_state_dict'; train with "

@@ -111,6 +111,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    if args.output is not None:
+        _check_writable(Path(args.output))
     if args.model is None and args.pretrained is None:
         raise ConfigError("which model? pass --pretrained CKPT (a bigbatch checkpoint records its model) "
                           "or --model NAME (random weights: a chance-level baseline)")
@@ -358,6 +360,22 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _check_writable(path: Path) -> None:
+    """--output is checked before the evaluation, not after it: its folder is made (or
+    exists) and takes a file of that name."""
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder: give a file name, e.g. {path / 'results.json'}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+        if not existed:
+            path.unlink()  # written at the end: no empty file if the evaluation fails
+    except OSError as error:
+        raise ConfigError(f"--output {path}: cannot write it ({error.strerror}): give a writable path") from None
 
 
 def write_json(results: dict, path: str | Path) -> Path:
