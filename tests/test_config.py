@@ -77,6 +77,8 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--batch-size", str(2 ** 40)], r"--batch-size must be between 1 and 2\*\*32"),
     (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
     (["--force-image-size", "0"], "in pixels"),
+    (["--name", "../elsewhere"], r"the run's folder inside --logs \(no '\.\.'"),
+    (["--aug-cfg", "scale=big"], "scale takes two numbers"), (["--aug-cfg", "use_timm=1"], "use_timm takes True"),
 ])
 def test_bad_values_and_combinations(argv, message):
     with pytest.raises(ConfigError, match=message):

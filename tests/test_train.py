@@ -422,6 +422,10 @@ def test_the_same_command_twice_resumes_then_says_the_run_is_finished(tmp_path, 
     out = capsys.readouterr().out
     assert "run run has finished" in out and f"delete {run_dir}" in out and "another --name" in out
     assert (run_dir / "metrics.jsonl").read_text() == before
+    finished = run_dir / "checkpoints" / "epoch_1.pt"  # the same, resumed by path under a new name
+    code = main(["train", *FAST, "--logs", str(tmp_path / "logs"), "--name", "again", *args[:-2],
+                 "--resume", str(finished)])
+    assert code == 0 and "run again has finished" in capsys.readouterr().out
 
     monkeypatch.undo()
     run(tmp_path, *args[:-4], "--epochs", "2", "--resume", "latest")  # more epochs: it continues

@@ -168,14 +168,16 @@ def refused_pickle_message(path: str | Path) -> str:
             f"and pass that")
 
 
-def completed_epochs(path: str | Path) -> int | None:
+def completed_epochs(path: str | Path, model: str | None = None) -> int | None:
     """The epochs a checkpoint completed (its tensors stay on disk); None when it was saved
-    mid-epoch or cannot be read (resuming then says why)."""
+    mid-epoch, cannot be read, or records another model than `model` (resuming then says why)."""
     try:
         state = peek(path)
     except ConfigError:
         return None
     if not isinstance(state, Checkpoint) or state.epoch_samples or not isinstance(state.epoch, int):
+        return None
+    if model is not None and isinstance(state.model, str) and state.model != model:
         return None
     return state.epoch
 

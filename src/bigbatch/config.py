@@ -216,6 +216,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.global_batch_size is not None and cfg.accum_freq != 1:
         raise ConfigError("--global-batch-size sets --accum-freq (G / (batch-size x world-size)): "
                           "give one of them, not both")
+    if cfg.name is not None and (not cfg.name.strip() or Path(cfg.name).is_absolute()
+                                 or ".." in Path(cfg.name).parts):
+        raise ConfigError(f"--name {cfg.name!r}: the run's folder inside --logs (no '..', not absolute): "
+                          f"put where runs go in --logs")
     if cfg.resume == "latest" and cfg.name is None:
         raise ConfigError("--resume latest continues a named run: also pass --name of that run")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
@@ -366,6 +370,30 @@ def _check_aug_cfg(aug_cfg: dict) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"--aug-cfg {key}=...: unknown key{hint}; open_clip's "
                               f"AugmentationCfg has {', '.join(known)}")
+        expected = AUG_CFG_VALUES.get(key)
+        if expected and not expected[0](aug_cfg[key]):
+            raise ConfigError(f"--aug-cfg {key}={aug_cfg[key]!r}: {key} takes {expected[1]}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(*lengths: int):
+    return lambda value: isinstance(value, (tuple, list)) and len(value) in lengths and all(map(_number, value))
+
+
+# what open_clip's transforms read in each AugmentationCfg field (a wrong type fails in a worker)
+AUG_CFG_VALUES = {
+    "scale": (_numbers(2), "two numbers, e.g. scale='(0.5, 1.0)'"),
+    "ratio": (lambda v: v is None or _numbers(2)(v), "two numbers, e.g. ratio='(0.75, 1.33)'"),
+    "color_jitter": (lambda v: v is None or _number(v) or _numbers(3, 4)(v), "a number, or 3 or 4 numbers"),
+    "re_prob": (lambda v: v is None or _number(v), "a probability, e.g. 0.25"),
+    "re_count": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "a whole number"),
+    "use_timm": (lambda v: isinstance(v, bool), "True or False"),
+    "color_jitter_prob": (lambda v: v is None or _number(v), "a probability, e.g. 0.8"),
+    "gray_scale_prob": (lambda v: v is None or _number(v), "a probability, e.g. 0.2"),
+}
 
 
 def _check_upsampling(cfg: TrainConfig) -> None:

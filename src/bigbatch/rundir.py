@@ -165,12 +165,16 @@ def _removed_unless_started(run_dir: Path) -> Iterator[Callable[[], None]]:
 
 
 def finished(cfg: TrainConfig, run: Run) -> bool:
-    """--resume latest of a run that completed every epoch (the demo's command run twice):
+    """--resume (latest, or a path) of a run that completed every epoch (the demo's command run twice):
     say so, and how to train anew, instead of building a model with nothing to train."""
-    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else None
-    epochs = ckpt.completed_epochs(path) if path else None
+    if cfg.resume is None:
+        return False
+    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else cfg.resume
+    epochs = ckpt.completed_epochs(path, Path(cfg.model).stem) if path else None
     if epochs is None or epochs < cfg.epochs:
         return False
+    anew = (f"delete {run.dir} or pass another --name" if cfg.resume == "latest"
+            else "drop --resume")
     log.info(f"run {run.name} has finished: {path} completed {epochs} of --epochs {cfg.epochs}, "
-             f"nothing left to train; to train it anew, delete {run.dir} or pass another --name")
+             f"nothing left to train; to train further, raise --epochs; to train it anew, {anew}")
     return True
