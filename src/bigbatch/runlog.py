@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
+from bigbatch.errors import ConfigError
+
 log = logging.getLogger("bigbatch")
 
 
@@ -161,8 +163,14 @@ def start_wandb(run_dir: Path, *, project: str, name: str, notes: str, config: d
     """A Weights & Biases run named and identified as the run folder, its files in RUN/wandb
     (WANDB_MODE=offline: no network; `wandb sync` uploads them later); resumed with it."""
     import wandb
-    return wandb.init(project=project, name=name, id=name, notes=notes, config=config,
-                      dir=str(run_dir), resume="allow")
+    try:
+        return wandb.init(project=project, name=name, id=name, notes=notes, config=config,
+                          dir=str(run_dir), resume="allow")
+    except Exception as error:  # no login, no network, a bad setting: wandb raises many types
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"--report-to wandb: wandb could not start ({type(error).__name__}: {first}): "
+                          f"log in (wandb login, or WANDB_API_KEY), or set WANDB_MODE=offline and "
+                          f"upload later with wandb sync") from None
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -44,7 +44,7 @@ def load_teacher(model: str, pretrained: str, student: nn.Module, device: torch.
         bundle = load_model(model, resolve_weights(pretrained, name, cache_dir=create_kwargs.get("cache_dir")),
                             device, **create_kwargs)
     except ConfigError as error:  # the loaders name the student's flags
-        raise ConfigError(_teacher_flags(str(error))) from None
+        raise ConfigError(teacher_flags(str(error))) from None
     for what, theirs, ours in _inputs_read(bundle.model, student):
         if None not in (theirs, ours) and theirs != ours:
             raise ConfigError(f"--distill-model {model} reads {what} {theirs}, the student (--model) "
@@ -66,5 +66,6 @@ def _inputs_read(teacher: nn.Module, student: nn.Module) -> list[tuple[str, obje
             ("a vocabulary of", getattr(teacher, "vocab_size", None), getattr(student, "vocab_size", None))]
 
 
-def _teacher_flags(message: str) -> str:
+def teacher_flags(message: str) -> str:
+    """A loader's message about the student's flags, said of the teacher's."""
     return re.sub(r"(?<![\w-])--(model|pretrained)\b", r"--distill-\1", message)

@@ -78,7 +78,12 @@ def with_teacher(profile: Profile, options: PlanOptions) -> Profile:
     if options.distill_model is None:
         return profile
     check_distillation(options)
-    key = model_key(options.distill_model, False, None, weights_precision(options))
+    from bigbatch.teacher import teacher_flags
+
+    try:
+        key = model_key(options.distill_model, False, None, weights_precision(options))
+    except ConfigError as error:  # the loader names the student's flag
+        raise ConfigError(teacher_flags(str(error))) from None
     try:
         weights, row, fixed, per_sample = teacher_costs(key, options.target, autocast_dtype(options))
     except (RuntimeError, NotImplementedError) as error:
