@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from bigbatch import runlog as runlog_module
 from bigbatch.runlog import RunLog
@@ -58,3 +64,18 @@ def test_the_first_line_leaves_the_start_up_out(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["samples_per_second"] == 64.0  # steps 2-5, not 5 * 64 / 65
     assert record["data_fraction"] == 0.5
+
+
+def test_wandb_that_cannot_start_is_one_line(tmp_path):
+    """No login (and no network): one line naming the fixes, not wandb's traceback. In a
+    process of its own: a failed wandb.init leaves wandb's global state behind."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),  # no login anywhere
+               PYTHONPATH=str(Path(runlog_module.__file__).parents[1]))
+    code = ("from bigbatch.runlog import start_wandb\n"
+            f"start_wandb({str(tmp_path)!r}, project='p', name='n', notes='', config={{}})")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ConfigError: --report-to wandb: wandb could not start" in proc.stderr
+    assert "WANDB_MODE=offline" in proc.stderr
