@@ -78,6 +78,7 @@ def test_yaml_choice_is_checked(tmp_path):
     (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
     (["--force-image-size", "0"], "in pixels"),
     (["--name", "../elsewhere"], r"the run's folder inside --logs \(no '\.\.'"),
+    (["--lock-text-unlocked-layers", "-1"], "--lock-text-unlocked-layers must be 0 or more"),
     (["--aug-cfg", "scale=big"], "scale takes two numbers"), (["--aug-cfg", "use_timm=1"], "use_timm takes True"),
 ])
 def test_bad_values_and_combinations(argv, message):

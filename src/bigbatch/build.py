@@ -53,6 +53,11 @@ def build_model(cfg: TrainConfig, world: World, layout: BatchLayout):
     if cfg.use_bnb_linear:
         use_bnb_linear(bundle.model, cfg.use_bnb_linear)
         bundle.model.to(world.device)
+    for tower, options in (("image", ("unlocked_groups", "freeze_bn_stats")),
+                           ("text", ("unlocked_layers", "freeze_layer_norm"))):
+        ignored = [f"--lock-{tower}-{o.replace('_', '-')}" for o in options if getattr(cfg, f"lock_{tower}_{o}")]
+        if ignored and not getattr(cfg, f"lock_{tower}"):  # as open_clip_train, which says nothing
+            log.warning(f"{', '.join(ignored)} without --lock-{tower}: ignored (the {tower} tower trains whole)")
     frozen_inputs = lock_towers(
         bundle.model, image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
         image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats, text=cfg.lock_text,

@@ -185,6 +185,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{flag_name(name)} must be at least 1, got {getattr(cfg, name)}")
     non_negative = ["workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency",
+                    "lock_image_unlocked_groups", "lock_text_unlocked_layers",
                     "max_nonfinite_steps",
                     "zeroshot_frequency", "wd",
                     "coca_caption_loss_weight", "coca_contrastive_loss_weight"]
