@@ -7,12 +7,12 @@ with one message that names the fix. What the options resolve to once the world 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bigbatch.aug_cfg import check_aug_cfg
 from bigbatch.errors import SIGLIP_WITH_TEACHER, ConfigError
 
 
@@ -139,7 +139,6 @@ class TrainConfig:
     zeroshot_templates: str = option("openai", "prompt templates: a built-in set ('openai': 80, 'simple': 7) or a text file, one per line with '{}' for the class name", "evaluation")
     imagenet_val: str | None = option(None, "ImageNet-1k validation as an ImageFolder tree (1000 synset folders): zero-shot top-1/5 every --zeroshot-frequency epochs", "evaluation")
     imagenet_v2: str | None = option(None, "ImageNetV2 as an ImageFolder tree (synset folders, or folders 0..999)", "evaluation")
-
 
 
 @dataclass(frozen=True)
@@ -316,7 +315,7 @@ def _validate_peer_options(cfg: TrainConfig) -> None:
     if cfg.image_std is not None and min(cfg.image_std) <= 0:
         raise ConfigError("--image-std values must be positive")
     if cfg.aug_cfg:
-        _check_aug_cfg(cfg.aug_cfg)
+        check_aug_cfg(cfg.aug_cfg)
     if cfg.train_data_upsampling_factors is not None:
         _check_upsampling(cfg)
     reports = [r.strip() for r in cfg.report_to.split(",") if r.strip()]
@@ -360,41 +359,6 @@ def _installed(package: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(package) is not None
 
-
-def _check_aug_cfg(aug_cfg: dict) -> None:
-    """Keys are open_clip's AugmentationCfg fields: a typo stops here, not in a worker."""
-    from open_clip import AugmentationCfg
-    known = [f.name for f in fields(AugmentationCfg)]
-    for key in aug_cfg:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"--aug-cfg {key}=...: unknown key{hint}; open_clip's "
-                              f"AugmentationCfg has {', '.join(known)}")
-        expected = AUG_CFG_VALUES.get(key)
-        if expected and not expected[0](aug_cfg[key]):
-            raise ConfigError(f"--aug-cfg {key}={aug_cfg[key]!r}: {key} takes {expected[1]}")
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _numbers(*lengths: int):
-    return lambda value: isinstance(value, (tuple, list)) and len(value) in lengths and all(map(_number, value))
-
-
-# what open_clip's transforms read in each AugmentationCfg field (a wrong type fails in a worker)
-AUG_CFG_VALUES = {
-    "scale": (_numbers(2), "two numbers, e.g. scale='(0.5, 1.0)'"),
-    "ratio": (lambda v: v is None or _numbers(2)(v), "two numbers, e.g. ratio='(0.75, 1.33)'"),
-    "color_jitter": (lambda v: v is None or _number(v) or _numbers(3, 4)(v), "a number, or 3 or 4 numbers"),
-    "re_prob": (lambda v: v is None or _number(v), "a probability, e.g. 0.25"),
-    "re_count": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "a whole number"),
-    "use_timm": (lambda v: isinstance(v, bool), "True or False"),
-    "color_jitter_prob": (lambda v: v is None or _number(v), "a probability, e.g. 0.8"),
-    "gray_scale_prob": (lambda v: v is None or _number(v), "a probability, e.g. 0.2"),
-}
 
 
 def _check_upsampling(cfg: TrainConfig) -> None:
