@@ -20,6 +20,10 @@ if ! "$python" -c "import open_clip, webdataset, braceexpand" 2>/dev/null; then
     site="${TMPDIR:-/tmp}/bigbatch-site"
     "$python" -m pip install -q --no-index --no-deps --target "$site" "$root"/.whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    if ! err="$("$python" -c "import open_clip, webdataset, braceexpand" 2>&1)"; then
+        echo "gpu_check: still missing after installing .whl/: ${err##*$'\n'}: add its wheel to .whl/" >&2
+        exit 2
+    fi
 fi
 "$python" -c "import bigbatch" 2>/dev/null || export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

@@ -157,6 +157,18 @@ def test_a_signal_before_the_first_step_stops_at_once_and_leaves_no_run_folder(t
     assert main(train_args(tmp_path, *SYNTH, "--epochs", "1")) == 0
 
 
+def test_stopped_early_passes_broad_handlers_and_crosses_ranks():
+    """Raised wherever the start is, it must not be taken for the error of the code it
+    interrupts (`except Exception` there), and ranks gather errors by pickling them."""
+    import pickle
+
+    from bigbatch.preemption import StoppedEarly
+
+    assert not issubclass(StoppedEarly, Exception)
+    copy = pickle.loads(pickle.dumps(StoppedEarly(signal.SIGTERM)))
+    assert (copy.exit_code, str(copy)) == (143, str(StoppedEarly(signal.SIGTERM)))
+
+
 def test_a_start_that_fails_leaves_no_run_folder_to_resume(tmp_path, capsys):
     """A checkpoint that cannot be read is found only once the run folder exists: the
     folder goes with the failed start, so the command without --resume is not refused."""

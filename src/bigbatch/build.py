@@ -215,7 +215,7 @@ def announce(cfg, run: Run, world, model, precision, samples_per_epoch, steps_pe
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)  # seed + rank may pass numpy's range
     torch.manual_seed(seed)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import gc
 import importlib
+import os
 import sys
 
 USAGE = """usage: bigbatch COMMAND [options]
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bigbatch: {stop.summary}; resume with: {resume_command(rest, stop.name)}",
                   file=sys.stderr)
         return stop.exit_code
-    except StoppedEarly as stop:
-        print(f"bigbatch: {stop}", file=sys.stderr)
+    except StoppedEarly as stop:  # every rank stops; rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"bigbatch: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         print("bigbatch: interrupted", file=sys.stderr)

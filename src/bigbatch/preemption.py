@@ -38,13 +38,22 @@ class Preempted(Exception):
         return 128 + self.signum
 
 
-class StoppedEarly(Exception):
-    """A signal stopped the run before its first step: nothing to save."""
+class StoppedEarly(BaseException):
+    """A signal stopped the run before its first step: nothing to save. A BaseException, as
+    KeyboardInterrupt is: raised wherever the start is, it must pass the `except Exception`
+    of the code it interrupts (which would name another cause, or carry on)."""
 
     def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} before the first step: nothing was "
-                         f"trained or saved")
-        self.exit_code = 128 + signum
+        super().__init__(signum)  # picklable: ranks gather errors (evaluate._failing_together)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return (f"stopped by {signal.Signals(self.signum).name} before the first step: nothing was "
+                f"trained or saved")
 
 
 class SignalWatch:

@@ -170,7 +170,8 @@ def finished(cfg: TrainConfig, run: Run) -> bool:
     if cfg.resume is None:
         return False
     path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else cfg.resume
-    epochs = ckpt.completed_epochs(path, Path(cfg.model).stem) if path else None
+    model = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model  # as the checkpoint records it
+    epochs = ckpt.completed_epochs(path, model) if path else None
     if epochs is None or epochs < cfg.epochs:
         return False
     anew = (f"delete {run.dir} or pass another --name" if cfg.resume == "latest"

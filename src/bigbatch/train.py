@@ -123,8 +123,8 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     metrics: dict = {}
     curves = None
     start_epoch = state.epoch
-    started()  # a start that failed before here left no run folder; a signal from here on ends
-    signals.deferred()  # the step it arrives in, with a checkpoint
+    signals.deferred()  # a signal from here on ends the step it arrives in, with a checkpoint
+    started()  # a start that failed before here left no run folder
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
