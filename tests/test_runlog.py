@@ -35,7 +35,7 @@ def test_evaluation_stays_out_of_the_rate_and_in_the_eta(tmp_path, monkeypatch, 
         for step in range(first, last + 1):
             clock.now += 1.0  # a step: 1 s, 64 samples
             run.train_step(step=step, epoch=1, loss=1.0, lr=1e-3, samples=64, data_seconds=0.1,
-                           effective_batch=64, print_now=step % 5 == 0)
+                           print_now=step % 5 == 0)
 
     steps(1, 5)
     with run.paused():  # an evaluation and a checkpoint inside it: 40 s
@@ -60,7 +60,7 @@ def test_the_first_line_leaves_the_start_up_out(tmp_path, monkeypatch):
     for step in range(1, 6):
         clock.now += 1.0
         run.train_step(step=step, epoch=1, loss=1.0, lr=1e-3, samples=64, data_seconds=0.5,
-                       effective_batch=64, print_now=step == 5)
+                       print_now=step == 5)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["samples_per_second"] == 64.0  # steps 2-5, not 5 * 64 / 65
     assert record["data_fraction"] == 0.5

@@ -172,11 +172,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) is not None and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{flag_name(f.name)} {getattr(cfg, f.name)!r}: choose one of {choices}")
-    for f in fields(cfg):  # NaN passes every comparison below: refuse it (and inf) first
-        values = getattr(cfg, f.name)
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"--{flag_name(f.name)} must be a finite number, got {value}")
+    refuse_non_finite(cfg, [f.name for f in fields(cfg)])  # NaN passes every comparison below
     positive = ["accum_freq", "epochs", "log_every_n_steps"]
     if cfg.threads is not None:
         positive.append("threads")
@@ -246,13 +242,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def refuse_non_finite(options, names) -> None:
+    """NaN or inf in any of these options (floats, or lists of them) is refused."""
+    for name in names:
+        values = getattr(options, name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{flag_name(name)} must be a finite number, got {value}")
+
+
 def check_step_options(options) -> None:
     """The options of a step's memory that `bigbatch plan` shares with train (a TrainConfig
     or the plan's parsed flags): the same refusals in both."""
-    for name in ("force_patch_dropout", "loss_tile_size", "ema_decay"):
-        value = getattr(options, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{flag_name(name)} must be a finite number, got {value}")
+    refuse_non_finite(options, ("force_patch_dropout", "loss_tile_size", "ema_decay"))
     if options.loss_tile_size is not None and options.loss_tile_size < 1:
         raise ConfigError("--loss-tile-size must be at least 1 (omit it for the automatic choice)")
     if options.force_patch_dropout is not None and not 0 <= options.force_patch_dropout < 1:

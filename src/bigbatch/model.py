@@ -197,6 +197,12 @@ def unbuildable(name: str, error: Exception) -> ConfigError | None:
     return None
 
 
+def config_name(model: str) -> str:
+    """The name open_clip knows `--model` by once registered (and a checkpoint records): a
+    JSON file's stem, anything else as given."""
+    return Path(model).stem if model.endswith(".json") else model
+
+
 def register_model_config(model: str) -> str:
     """Resolve `--model` to an open_clip config name, registering a JSON file if given;
     `hf-hub:ORG/REPO` and `local-dir:DIR` pass as they are (open_clip reads them)."""
@@ -225,8 +231,8 @@ def register_model_config(model: str) -> str:
         registry = Path(tempfile.mkdtemp(prefix="bigbatch-models-"))
         (registry / path.name).write_text(json.dumps(config))
         open_clip.add_model_config(registry)
-        USER_CONFIGS[path.stem] = model
-        return path.stem
+        USER_CONFIGS[config_name(model)] = model
+        return config_name(model)
     if model not in open_clip.list_models():
         raise ConfigError(f"unknown --model {model!r}: use a name from open_clip.list_models() "
                           f"(e.g. ViT-B-32), bigbatch-tiny, or a path to a model config JSON")

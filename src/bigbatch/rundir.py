@@ -21,6 +21,7 @@ from bigbatch import checkpoint as ckpt
 from bigbatch.config import BatchLayout, Run, TrainConfig
 from bigbatch.distributed import World, broadcast_object
 from bigbatch.errors import ConfigError
+from bigbatch.model import config_name
 from bigbatch.runlog import log
 
 LOCK = "train.lock"
@@ -170,8 +171,7 @@ def finished(cfg: TrainConfig, run: Run) -> bool:
     if cfg.resume is None:
         return False
     path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else cfg.resume
-    model = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model  # as the checkpoint records it
-    epochs = ckpt.completed_epochs(path, model) if path else None
+    epochs = ckpt.completed_epochs(path, config_name(cfg.model)) if path else None
     if epochs is None or epochs < cfg.epochs:
         return False
     anew = (f"delete {run.dir} or pass another --name" if cfg.resume == "latest"

@@ -86,9 +86,10 @@ class RunLog:
         self.skipped.update(skipped)
 
     def train_step(self, *, step: int, epoch: int, loss: float | torch.Tensor, lr: float,
-                   samples: int, data_seconds: float, effective_batch: int, print_now: bool,
+                   samples: int, data_seconds: float, print_now: bool,
                    extra: dict[str, float] | None = None) -> None:
-        """A tensor loss is read only when the line is printed: a host sync on GPU."""
+        """`samples`: this step's, over all ranks (its effective batch). A tensor loss is read
+        only when the line is printed: a host sync on GPU."""
         self._window.update(samples=samples, data_seconds=data_seconds, steps=1)
         if self._session is None:  # from the end of the first step: its start-up is not a rate
             self._session = (time.perf_counter(), step)
@@ -102,7 +103,7 @@ class RunLog:
         elapsed = now - self._window_start
         rate = self._window["samples"] / elapsed
         record = dict(kind="train", step=step, epoch=epoch, loss=loss, lr=lr,
-                      samples_per_second=rate, effective_batch=effective_batch,
+                      samples_per_second=rate, effective_batch=samples,
                       data_fraction=self._window["data_seconds"] / elapsed,
                       peak_memory_gib=peak_memory_gib(self.device), **(extra or {}))
         if self.skipped:  # bad training samples so far, by reason
@@ -112,7 +113,7 @@ class RunLog:
         nonfinite = record.get("nonfinite_steps", 0)
         log.info(
             f"epoch {epoch} step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | "
-            f"loss {loss:.4f} | lr {lr:.2e} | {rate:.0f} samples/s | batch {effective_batch} | "
+            f"loss {loss:.4f} | lr {lr:.2e} | {rate:.0f} samples/s | batch {samples} | "
             f"data {100 * record['data_fraction']:.0f}% | mem {record['peak_memory_gib']:.2f} GiB | "
             f"ETA {format_duration(eta)}" + (f" | skipped {skipped}" if skipped else "")
             + (f" | non-finite steps {nonfinite}" if nonfinite else ""))

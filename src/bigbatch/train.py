@@ -154,8 +154,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             runlog.train_step(  # the loss is read (a host sync) only when the line is printed
                 step=state.step, epoch=epoch + 1, loss=loss, lr=lr,
                 data_seconds=micro_batches.data_seconds,
-                samples=micro_batches.samples * world.world_size,
-                effective_batch=micro_batches.samples * world.world_size,  # a last step may be short
+                samples=micro_batches.samples * world.world_size,  # its effective batch: a last step may be short
                 print_now=print_now,
                 extra=logged_scalars(model, grad_norm, skipped_steps.total, loss_fn) if print_now else None)
             skipped_steps.stop_if_stuck(state.step)

@@ -81,11 +81,11 @@ def checkpoint_model(pretrained: str) -> str:
         raise ConfigError(f"--pretrained {pretrained}: no such file; pass --model too when it is an "
                           "open_clip pretrained tag")
     state = _peek(path) if path.stat().st_size else None
-    recorded = state.model if isinstance(state, Checkpoint) else None
     if state is None:
         raise ConfigError(f"--pretrained {pretrained}: torch cannot read it (empty, damaged, or not a torch "
                           f"checkpoint): pick another file, or pass --model too for a safetensors or "
                           f"TorchScript file")
+    recorded = state.model if isinstance(state, Checkpoint) else None
     if not isinstance(recorded, str):
         raise ConfigError(f"--pretrained {pretrained} records no model (bigbatch checkpoints do): pass --model")
     given = (state.config or {}).get("model")

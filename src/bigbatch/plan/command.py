@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.reserve < 1:
         raise ConfigError("--reserve is a fraction of the GPU's memory in [0, 1), e.g. 0.1")
-    batch_size = args.batch_size if args.batch_size == "auto" else _positive_int("batch-size", args.batch_size)
-    check_batch_sizes(global_batch_size=args.global_batch_size, batch_size=batch_size,
+    if args.batch_size != "auto":
+        args.batch_size = _integer("batch-size", args.batch_size)
+    check_batch_sizes(global_batch_size=args.global_batch_size, batch_size=args.batch_size,
                       accum_freq=args.accum_freq, world_size=args.world_size)
     check_step_options(args)
     W = args.world_size
@@ -94,7 +95,7 @@ def batch_layout(args: argparse.Namespace, options) -> tuple[int, int]:
         else:
             b = plan.find_max_batch_size(options, global_batch_size=G, accum_freq=args.accum_freq)
     else:
-        b = int(args.batch_size)
+        b = args.batch_size
     if G is None:
         return b, args.accum_freq or 1
     K = plan.derive_accum_freq(G, b, W)
@@ -104,7 +105,7 @@ def batch_layout(args: argparse.Namespace, options) -> tuple[int, int]:
     return b, K
 
 
-def _positive_int(name: str, text: str) -> int:
+def _integer(name: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
