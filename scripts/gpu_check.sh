@@ -11,7 +11,8 @@ fi
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 python="${PYTHON:-python3}"
-if ! "$python" -c "import open_clip, webdataset, braceexpand" 2>/dev/null; then
+needs="import open_clip, webdataset, braceexpand"  # what the check imports beyond torch
+if ! "$python" -c "$needs" 2>/dev/null; then
     if ! ls "$root"/.whl/*.whl >/dev/null 2>&1; then
         echo "gpu_check: open_clip, webdataset or braceexpand is missing: pip install -e $root, or without" \
              "internet bring the wheels of 'bash scripts/gpu_wheels.sh' (.whl/)" >&2
@@ -20,7 +21,7 @@ if ! "$python" -c "import open_clip, webdataset, braceexpand" 2>/dev/null; then
     site="${TMPDIR:-/tmp}/bigbatch-site"
     "$python" -m pip install -q --no-index --no-deps --target "$site" "$root"/.whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    if ! err="$("$python" -c "import open_clip, webdataset, braceexpand" 2>&1)"; then
+    if ! err="$("$python" -c "$needs" 2>&1)"; then
         echo "gpu_check: still missing after installing .whl/: ${err##*$'\n'}: add its wheel to .whl/" >&2
         exit 2
     fi
