@@ -131,10 +131,12 @@ def test_demo_round_trip(demo):
     batch = batches[0]
     assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.float32
     assert batch.texts.shape == (8, 16) and batch.texts.dtype == torch.long
-    assert batch.labels.dtype == torch.long and 0 <= batch.labels.min() <= batch.labels.max() < 6
+    assert batch.labels is None  # training reads no .cls: it uses none
     assert batch.skipped == {}
     _, val = load(demo["train"]["pattern"], is_train=False, workers=0)
     assert sorted(ids(batches)) == sorted(ids(val)) and len(set(ids(val))) == 48
+    labels = val[0].labels  # validation's zero-shot does
+    assert labels.dtype == torch.long and 0 <= labels.min() <= labels.max() < 6
 
 
 def test_val_reads_once_in_order_with_known_length(demo):

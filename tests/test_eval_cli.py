@@ -229,12 +229,14 @@ def test_pretrained_tags_offline(setup, tmp_path, monkeypatch):
         torch.testing.assert_close(value, model.state_dict()[key])
 
 
-def _shard(path, root, *, captions: bool):
+def _shard(path, root, *, captions: bool, labels=None):
     import tarfile
 
     with tarfile.open(path, "w") as tar:
-        for i, label in enumerate(LABELS):
-            files = {"png": (root / f"img{i}.png").read_bytes(), "cls": str(label).encode()}
+        for i, label in enumerate(labels or LABELS):
+            files = {"png": (root / f"img{i}.png").read_bytes()}
+            if label is not None:
+                files["cls"] = str(label).encode()
             if captions:
                 files["txt"] = CAPTIONS[i].encode()
             for ext, data in files.items():
@@ -263,6 +265,35 @@ def test_webdataset_shards_with_cls_labels(setup, tmp_path):
         assert from_bare["zeroshot"][key] == pytest.approx(from_csv[key]), key
     with pytest.raises(ConfigError, match=r"no usable sample .* of --retrieval-data .*missing caption"):
         eval_cli.main(_args(root, ckpt, "--retrieval-data", bare))
+
+
+def test_samples_with_bad_labels_are_skipped_and_counted(setup, tmp_path):
+    """A missing, negative ("unlabelled") or non-integer class id costs its sample, not the
+    evaluation; the accuracy is that of the well-labelled samples alone."""
+    root, ckpt, _, _ = setup
+    flags = ["--classnames", str(root / "classes.txt"), "--templates", str(root / "templates.txt")]
+    bad = {1: None, 4: -1, 7: "seven"}
+    labels = [bad.get(i, label) for i, label in enumerate(LABELS)]
+    shard = _shard(tmp_path / "bad-000000.tar", root, captions=False, labels=labels)
+    rows = (root / "data.csv").read_text().splitlines()
+    good = root / "good_labels.csv"  # beside the images its rows name
+    good.write_text("\n".join(rows[i] for i in range(len(rows)) if i - 1 not in bad) + "\n")
+    expected = eval_cli.run(eval_cli.build_parser().parse_args(
+        _args(root, ckpt, "--zeroshot-data", str(good), *flags)))["zeroshot"]
+    results = eval_cli.run(eval_cli.build_parser().parse_args(
+        _args(root, ckpt, "--zeroshot-data", shard, *flags)))["zeroshot"]
+    assert results["num_samples"] == expected["num_samples"] == 7
+    for key in ("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class"):
+        assert results[key] == pytest.approx(expected[key]), key
+    assert results["skipped"] == {"missing label": 1, "bad label": 2}
+
+    as_csv = root / "bad_labels.csv"  # the same in a CSV: an empty, a negative, a word
+    as_csv.write_text("\n".join([rows[0], *(r.rsplit("\t", 1)[0] + "\t" + ("" if l is None else str(l))
+                                            for r, l in zip(rows[1:], labels))]) + "\n")
+    results = eval_cli.run(eval_cli.build_parser().parse_args(
+        _args(root, ckpt, "--zeroshot-data", str(as_csv), *flags)))["zeroshot"]
+    assert results["num_samples"] == 7 and results["skipped"] == {"bad label": 3}
+    assert results["zeroshot_top1"] == pytest.approx(expected["zeroshot_top1"])
 
 
 def test_model_is_read_from_a_bigbatch_checkpoint_and_one_progress_line_per_pass(setup, tmp_path, capsys):
@@ -321,3 +352,16 @@ def test_imagenet_flags_as_in_training(setup, tmp_path, monkeypatch, capsys):
     assert (results["imagenet_val_samples"], results["imagenet_v2_samples"]) == (10, 10)
     eval_cli.main(_args(root, ckpt, "--imagenet-val", str(val)))
     assert re.search(rf"imagenet-zeroshot-val-top1 +{100 * expected[1]:.1f}%", capsys.readouterr().out)
+
+
+def test_out_of_memory_names_the_batch_size(setup, monkeypatch):
+    import bigbatch.evaluate
+
+    def running_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr(bigbatch.evaluate, "evaluate", running_out)
+    root, ckpt, _, _ = setup
+    with pytest.raises(ConfigError, match=r"^out of memory \(CUDA out of memory. Tried to allocate 9.00 GiB\) "
+                                          r"with --batch-size 4: lower --batch-size$"):
+        eval_cli.main(_args(root, ckpt, "--retrieval-data", str(root / "data.csv")))

@@ -180,6 +180,34 @@ def test_a_start_that_fails_leaves_no_run_folder_to_resume(tmp_path, capsys):
     assert main(train_args(tmp_path, *SYNTH, "--epochs", "1")) == 0
 
 
+@pytest.mark.parametrize("at_step", [1, 3])
+def test_out_of_memory_is_one_line_and_a_first_step_leaves_no_run_folder(tmp_path, monkeypatch, capsys, at_step):
+    """Out of memory in the first step (the usual place) ends the start as a bad flag does:
+    one line naming the fixes, no run folder, the changed command runs. Later, the run's
+    folder and its checkpoints stay for --resume latest."""
+    backward = bigbatch.train.cached_backward
+    calls = []
+
+    def running_out(*a, **kw):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+        return backward(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bigbatch.train, "cached_backward", running_out)
+        assert main(train_args(tmp_path, *SYNTH, "--save-every-n-steps", "1")) == 2
+    err = one_error_line(capsys)
+    assert "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) with --batch-size 4 x --accum-freq 2" in err
+    assert "--grad-checkpointing" in err and "--batch-size auto" in err
+    if at_step == 1:
+        assert not (tmp_path / "logs" / "run").exists()
+        assert main(train_args(tmp_path, *SYNTH, "--epochs", "1")) == 0
+    else:
+        assert checkpoint(tmp_path)["step"] == at_step - 1
+        assert "out of memory" in (tmp_path / "logs" / "run" / "out.log").read_text()
+
+
 def test_resume_command_replaces_the_users_resume_and_name():
     argv = ["--name", "old", "--lr", "1e-3", "--resume=x.pt", "--logs", "my logs"]
     assert resume_command(argv, "old") == ("bigbatch train --lr 1e-3 --logs 'my logs' "

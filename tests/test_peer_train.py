@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from torch.testing import assert_close
 
 from bigbatch.cli import main
 from bigbatch.parse import parse_config
+from bigbatch.rundir import copy_codebase
 from bigbatch.model import create_model, open_clip_options
 from bigbatch.step import learning_rate
 
@@ -77,6 +79,12 @@ def test_debug_log_local_and_copy_codebase(tmp_path):
     run_dir = run(tmp_path, "--epochs", "1", "--debug", "--log-local", "--copy-codebase")
     assert (run_dir / "code" / "bigbatch" / "train.py").is_file()
     assert not list((run_dir / "code").rglob("__pycache__"))
+
+    # a copy cut short (a kill mid-copy) is not taken for the code: the next start redoes it
+    partial = run_dir / "code" / ".bigbatch.partial"
+    shutil.move(run_dir / "code" / "bigbatch", partial)
+    (partial / "train.py").unlink()
+    assert (copy_codebase(run_dir) / "train.py").is_file() and not partial.exists()
 
 
 def test_preprocessing_flags_reach_open_clip_transforms():

@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    results = run(args)
+    from bigbatch.faults import out_of_memory_named
+    with out_of_memory_named(f"--batch-size {args.batch_size}", "lower --batch-size"):
+        results = run(args)
     print(format_table(results))
     if args.output:
         write_json(results, args.output)

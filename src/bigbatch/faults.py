@@ -1,4 +1,5 @@
-"""Non-finite steps: not applied, counted, and a run stuck on them stops with one line.
+"""Non-finite steps: not applied, counted, and a run stuck on them stops with one line;
+a device out of memory ends the run with one line naming the ways to fit.
 
 A step whose loss or gradient norm is NaN or inf would spoil the weights for good, so its
 gradient is dropped and the optimizer does not step (the step still counts: the schedule
@@ -8,6 +9,9 @@ only a non-finite loss counts. A checkpoint is never written with non-finite wei
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -64,3 +68,28 @@ def nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
         return []
     bad = torch.stack([f.cpu() for f in flags]).tolist()
     return [name for name, b in zip(names, bad) if b]
+
+
+TRAIN_MEMORY_FIXES = ("lower --batch-size and raise --accum-freq alike (the same effective batch, the "
+                      "activations of a smaller micro-batch), add --grad-checkpointing, or pass --batch-size "
+                      "auto (bigbatch plan shows the peak of each choice); a run that saved a checkpoint "
+                      "continues with --resume latest")
+
+
+@contextlib.contextmanager
+def out_of_memory_named(setting: str, fixes: str = TRAIN_MEMORY_FIXES) -> Iterator[None]:
+    """The device (or the host) out of memory: one line with what was asked, the `setting`
+    that asked it and the `fixes`, instead of a traceback. A training start whose first step
+    did not train leaves no run folder (rundir.claim_run_dir): the changed command runs again."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        asked = ". ".join(str(error).split(". ")[:2]).strip()[:160]  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+        raise ConfigError(f"out of memory ({asked}) with {setting}: {fixes}") from None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or "not enough memory" in str(error)

@@ -88,9 +88,12 @@ def copy_codebase(run_dir: Path) -> Path:
 
     import bigbatch
     target = run_dir / "code" / "bigbatch"
-    if not target.exists():
-        shutil.copytree(Path(bigbatch.__file__).parent, target,
+    if not target.exists():  # copied whole or not at all: a copy cut short is redone next time
+        partial = target.with_name(".bigbatch.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(Path(bigbatch.__file__).parent, partial,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        partial.rename(target)
     return target
 
 
@@ -134,9 +137,10 @@ def name_taken(cfg: TrainConfig, name: str) -> str | None:
 def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> Callable[[], None]:
     """Rank 0 creates the run folder and locks it until the run ends (the name is checked
     again: another process may have taken it while this one built its model). Returns
-    `started`, to call when the first step begins: a folder this start created is removed
-    if the start fails before then (nothing trained, nothing saved), so that the same
-    command can run again instead of being told to resume nothing."""
+    `started`, to call when a step has trained: a folder this start created is removed if
+    the start fails before then (a bad flag, an out-of-memory first step: nothing trained,
+    nothing saved), so that the same command can run again instead of being told to resume
+    nothing."""
     problem, created = None, False
     if world.is_main:
         problem = name_taken(cfg, run.name)
@@ -156,11 +160,16 @@ def claim_run_dir(run: Run, cfg: TrainConfig, world: World, on_exit: contextlib.
 
 @contextlib.contextmanager
 def _removed_unless_started(run_dir: Path) -> Iterator[Callable[[], None]]:
-    started = []
+    trained = False
+
+    def started() -> None:
+        nonlocal trained
+        trained = True
+
     try:
-        yield lambda: started.append(True)
+        yield started
     except BaseException:
-        if not started:
+        if not trained:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 

@@ -76,6 +76,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     device = world.device
     precision = resolve_precision(cfg.precision, device)
     layout = batch_layout(cfg, world, precision)
+    on_exit.enter_context(faults.out_of_memory_named(f"--batch-size {layout.batch_size} x --accum-freq {layout.accum_freq}"))
     if evaluation_only(cfg):
         return evaluate_once(cfg, world, layout, precision)
     run = name_run(cfg, world, layout)
@@ -124,7 +125,6 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     curves = None
     start_epoch = state.epoch
     signals.deferred()  # a signal from here on ends the step it arrives in, with a checkpoint
-    started()  # a start that failed before here left no run folder
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0  # a resumed epoch's already trained
         train_data.set_epoch(epoch, batches_done)
@@ -148,6 +148,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
             if state.ema and not skip:
                 state.ema.update(unwrap(model))
             state.step += 1
+            started()  # a start that failed before its first step trained left no run folder
             skipped_steps.record(skip, state.step)
             runlog.count_skipped(micro_batches.skipped)
             print_now = state.step % cfg.log_every_n_steps == 0 or state.step == total_steps or skip

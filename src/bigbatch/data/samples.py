@@ -20,6 +20,7 @@ UNREADABLE_IMAGE = "unreadable image"
 MISSING_IMAGE = "missing image"
 MISSING_CAPTION = "missing caption"
 BAD_LABEL = "bad label"
+MISSING_LABEL = "missing label"
 UNDECODABLE_TEXT = "undecodable text"  # not UTF-8
 OVERSIZED_FIELD = "oversized field"
 
@@ -71,15 +72,21 @@ def read_caption(value: bytes | str | None) -> str:
     return caption
 
 
-def read_label(value: bytes | str | None) -> int | None:
-    """An integer class id, or None when the sample has none."""
+def read_label(value: bytes | str | None, required: bool = False) -> int | None:
+    """A class id (an integer >= 0; -1 often marks "unlabelled"), or None when the sample has
+    none and needs none."""
     if value is None:
+        if required:
+            raise BadSample(MISSING_LABEL, "zero-shot needs a class id per sample (a .cls file)")
         return None
     value = _text(value)
     try:
-        return int(value.strip())
+        label = int(value.strip())
     except ValueError:
         raise BadSample(BAD_LABEL, f"{value[:20]!r} is not an integer") from None
+    if label < 0:
+        raise BadSample(BAD_LABEL, f"{label} is negative")
+    return label
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -85,13 +85,16 @@ def open_shard(url: str) -> IO[bytes]:
     return fsspec.open(url, "rb").open() if _by_fsspec(url) else gopen(url, "rb")
 
 
-def parse_sample(raw: dict, captions: bool = True) -> tuple[bytes, str, int | None]:
+def parse_sample(raw: dict, spec: DataSpec) -> tuple[bytes, str, int | None]:
     """(encoded image, caption, label or None) of a raw sample; raises ``BadSample``.
-    ``captions=False``: the caption is not read (an empty one is returned)."""
+    Without ``spec.captions`` the caption is not read (an empty one is returned) and the label
+    is required. Training reads no label: it uses none, and a bad .cls must not cost the pair."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         raise BadSample(MISSING_IMAGE, f"no {'/'.join(IMAGE_EXTENSIONS)} file for key {raw['__key__']!r}")
-    return raw[ext], read_caption(raw.get("txt")) if captions else "", read_label(raw.get("cls"))
+    caption = read_caption(raw.get("txt")) if spec.captions else ""
+    label = None if spec.is_train else read_label(raw.get("cls"), required=not spec.captions)
+    return raw[ext], caption, label
 
 
 def check_shards(shards: list[str], spec: DataSpec) -> None:
@@ -126,7 +129,7 @@ def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> N
         try:
             for raw in read_shard(url):
                 try:
-                    image, _, _ = parse_sample(raw, spec.captions)
+                    image, _, _ = parse_sample(raw, spec)
                     with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
                         load_image(image, preprocess)
                     return

@@ -171,7 +171,7 @@ class ShardStream(IterableDataset):
             for raw in read_shard(url):
                 where = f"{url}:{raw['__key__']}"
                 try:
-                    image, caption, label = parse_sample(raw, self.spec.captions)
+                    image, caption, label = parse_sample(raw, self.spec)
                 except BadSample as bad:
                     self._skip(bad, where)
                     continue
