@@ -11,15 +11,18 @@ fi
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 python="${PYTHON:-python3}"
-needs="import open_clip, webdataset, braceexpand"  # what the check imports beyond torch
+needs="import open_clip, webdataset, braceexpand, regex"  # what the check imports beyond torch
 if ! "$python" -c "$needs" 2>/dev/null; then
     if ! ls "$root"/.whl/*.whl >/dev/null 2>&1; then
-        echo "gpu_check: open_clip, webdataset or braceexpand is missing: pip install -e $root, or without" \
+        echo "gpu_check: open_clip, webdataset, braceexpand or regex is missing: pip install -e $root, or without" \
              "internet bring the wheels of 'bash scripts/gpu_wheels.sh' (.whl/)" >&2
         exit 2
     fi
     site="${TMPDIR:-/tmp}/bigbatch-site"
-    "$python" -m pip install -q --no-index --no-deps --target "$site" "$root"/.whl/*.whl
+    for wheel in "$root"/.whl/*.whl; do  # one by one: a compiled wheel for another Python is left out
+        "$python" -m pip install -q --no-index --no-deps --target "$site" "$wheel" 2>/dev/null \
+            || echo "gpu_check: $(basename "$wheel") does not install here (another Python?)" >&2
+    done
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     if ! err="$("$python" -c "$needs" 2>&1)"; then
         echo "gpu_check: still missing after installing .whl/: ${err##*$'\n'}: add its wheel to .whl/" >&2
