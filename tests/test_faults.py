@@ -208,6 +208,23 @@ def test_out_of_memory_is_one_line_and_a_first_step_leaves_no_run_folder(tmp_pat
         assert "out of memory" in (tmp_path / "logs" / "run" / "out.log").read_text()
 
 
+def test_a_damaged_latest_checkpoint_names_the_newest_readable_one(tmp_path, capsys):
+    """epoch_latest.pt is a second name of the last epoch_N.pt: damaged in place, both are,
+    and --resume latest names the one before, which resumes."""
+    assert main(train_args(tmp_path, *SYNTH)) == 0
+    directory = tmp_path / "logs" / "run" / "checkpoints"
+    latest = directory / "epoch_latest.pt"
+    with open(latest, "r+b") as f:
+        f.truncate(latest.stat().st_size // 2)
+    capsys.readouterr()
+    assert main(train_args(tmp_path, *SYNTH, "--epochs", "3", "--resume", "latest")) == 2
+    older = directory / "epoch_1.pt"
+    assert f"it is damaged or not a torch checkpoint; pick another file (this run's newest other one: " \
+           f"--resume {older})" in one_error_line(capsys)
+    assert main(train_args(tmp_path, *SYNTH, "--epochs", "3", "--resume", str(older))) == 0
+    assert checkpoint(tmp_path)["epoch"] == 3
+
+
 def test_resume_command_replaces_the_users_resume_and_name():
     argv = ["--name", "old", "--lr", "1e-3", "--resume=x.pt", "--logs", "my logs"]
     assert resume_command(argv, "old") == ("bigbatch train --lr 1e-3 --logs 'my logs' "

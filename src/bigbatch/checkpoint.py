@@ -295,7 +295,11 @@ def resume_run(state: RunState, run: Run, cfg: TrainConfig, world: World) -> int
         if cfg.pretrained is None:  # instead of open_clip's warning, which also comes on resume
             log.info("starting from random weights (no --pretrained)")
         return 0
-    saved = load_checkpoint(path)
+    try:
+        saved = load_checkpoint(path)
+    except ConfigError as error:
+        other = readable_epoch_checkpoint(path) if cfg.resume == "latest" else None
+        raise ConfigError(f"{error}" + (f" (this run's newest other one: --resume {other})" if other else "")) from None
     restore(state, saved, path, cfg)
     if saved.rng and len(saved.rng) == world.world_size:  # the same ranks: continue each one's stream
         restore_rng_state(saved.rng[world.rank], world)
@@ -334,6 +338,21 @@ def restore(state: RunState, saved: Checkpoint, path: Path, cfg: TrainConfig) ->
     if state.ema is not None:  # an EMA new to this run starts from the resumed weights
         state.ema.load_state_dict(saved.ema_state_dict or unwrap(state.model).state_dict())
     state.step, state.epoch = saved.step or 0, saved.epoch or 0
+
+
+def readable_epoch_checkpoint(damaged: Path) -> Path | None:
+    """The newest epoch_N.pt beside `damaged` that opens (its index, memory-mapped: cheap),
+    other than a second name of `damaged` itself."""
+    numbered = [(int(p.stem[6:]), p) for p in damaged.parent.glob("epoch_*.pt") if p.stem[6:].isdigit()]
+    for _, path in sorted(numbered, reverse=True):
+        if path.exists() and damaged.exists() and path.samefile(damaged):
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return path
+        except Exception:  # damaged too
+            continue
+    return None
 
 
 def delete_older_epochs(directory: Path, epoch: int) -> None:
