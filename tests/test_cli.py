@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bigbatch import cli
 from bigbatch.cli import main
 from bigbatch.parse import build_parser
 
@@ -139,3 +140,15 @@ def test_a_package_hidden_during_the_import_is_importable_again_after_it(tmp_pat
         gc.unfreeze()
         for name in ("uses_optional", "optional_pkg"):
             sys.modules.pop(name, None)
+
+
+def test_torchvision_of_another_torch_is_one_line(capsys, monkeypatch):
+    """A CPU torch beside a CUDA torchvision fails deep in open_clip's import, on an operator."""
+    def importing(argv):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(cli, "_train", importing)
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bigbatch: error: torchvision ")
+    assert "(operator torchvision::nms does not exist): reinstall both from one index" in err

@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bigbatch: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        if not isinstance(error, user_errors()):
+        message = str(error) if isinstance(error, user_errors()) else mismatched_torchvision(error)
+        if message is None:
             raise
-        print(f"bigbatch: error: {error}", file=sys.stderr)
+        print(f"bigbatch: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -68,6 +69,18 @@ def entry() -> None:
     status = main()
     settle()  # the shutdown's own collection then skips what is long-lived (see import_settled)
     sys.exit(status)
+
+
+def mismatched_torchvision(error: Exception) -> str | None:
+    """torchvision built for another torch (pip mixed a CPU and a CUDA index, or two
+    releases) fails at import, deep in open_clip, on an operator: say what to reinstall."""
+    if not (isinstance(error, RuntimeError) and "torchvision::" in str(error)):
+        return None
+    from importlib.metadata import version
+    torch, vision = version("torch"), version("torchvision")
+    return (f"torchvision {vision} does not fit torch {torch} ({str(error).splitlines()[0][:80]}): "
+            f"reinstall both from one index, e.g. pip install --force-reinstall torch=={torch.split('+')[0]} "
+            f"torchvision=={vision.split('+')[0]} (add the same --index-url to both for CPU wheels)")
 
 
 def user_errors() -> tuple[type[Exception], ...]:
