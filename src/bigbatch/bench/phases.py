@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 from pathlib import Path
@@ -109,6 +110,8 @@ def profile_steps(setups: list[Setup], out_path: Path, round_index: int) -> dict
     The profiler's own overhead lengthens every step's wall time (more for many small ops)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
+    if not cuda:  # the profiler's "ERROR ... gpuGetDeviceCount failed" of a CUDA build on a CPU
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sections, summary = [], {}
     for setup in setups:
