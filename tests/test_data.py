@@ -381,14 +381,26 @@ def test_csv_bad_rows_are_skipped_and_counted_once(csv_data):
     (images / "3.png").write_bytes(b"garbage")
     (images / "7.png").unlink()
     for workers in (0, 2):
-        info = make_data(csv_spec(csv_data, workers=workers), PRE, TOKENIZER)
+        info = make_data(csv_spec(csv_data, workers=workers), PRE, key_tokenizer)
         for epoch in (0, 1):
             info.set_epoch(epoch)
             batches = list(info.loader)
             assert sum(len(b.images) for b in batches) == 8  # one batch or two are one smaller
             assert skipped(batches) == {"unreadable image": 1, "missing image": 1}
-            labels = torch.cat([b.labels for b in batches]).tolist()
-            assert sorted(labels) == [0, 1, 2, 4, 5, 6, 8, 9]  # every good row once, no stand-ins
+            rows = torch.cat([b.texts[:, 0] for b in batches]).tolist()
+            assert sorted(rows) == [0, 1, 2, 4, 5, 6, 8, 9]  # every good row once, no stand-ins
+
+
+def test_labels_are_read_for_evaluation_only(csv_data):
+    """A class id that is missing, negative ("unlabelled") or not a number costs an
+    evaluation sample (skipped, counted); training reads none: its pair trains."""
+    text = csv_data.read_text().replace("images/3.png,picture 3,3", "images/3.png,picture 3,-1")
+    csv_data.write_text(text.replace(",picture 5,5", ",picture 5,five").replace(",picture 7,7", ",picture 7,"))
+    batches = list(make_data(csv_spec(csv_data, workers=0), PRE, key_tokenizer).loader)
+    assert sum(len(b.images) for b in batches) == 10 and all(b.labels is None for b in batches)
+    batches = list(make_data(csv_spec(csv_data, is_train=False, workers=0), PRE, TOKENIZER).loader)
+    assert torch.cat([b.labels for b in batches]).tolist() == [0, 1, 2, 4, 6, 8, 9]
+    assert skipped(batches) == {"bad label": 2, "missing label": 1}
 
 
 def test_csv_bad_rows_are_dropped_in_validation(csv_data):

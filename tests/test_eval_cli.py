@@ -292,8 +292,15 @@ def test_samples_with_bad_labels_are_skipped_and_counted(setup, tmp_path):
                                             for r, l in zip(rows[1:], labels))]) + "\n")
     results = eval_cli.run(eval_cli.build_parser().parse_args(
         _args(root, ckpt, "--zeroshot-data", str(as_csv), *flags)))["zeroshot"]
-    assert results["num_samples"] == 7 and results["skipped"] == {"bad label": 3}
+    assert results["num_samples"] == 7 and results["skipped"] == {"bad label": 2, "missing label": 1}
     assert results["zeroshot_top1"] == pytest.approx(expected["zeroshot_top1"])
+
+    # a set without class ids at all is one line, after a few samples, not a read of it all
+    for i in range(2):
+        _shard(tmp_path / f"none-{i:06d}.tar", root, captions=False, labels=[None] * 10)
+    with pytest.raises(ConfigError, match=r"--zeroshot-data .*: its first samples have no class id: zero-shot "
+                                          r"shards need one per sample, an integer in KEY.cls$"):
+        eval_cli.main(_args(root, ckpt, "--zeroshot-data", str(tmp_path / "none-{000000..000001}.tar"), *flags))
 
 
 def test_model_is_read_from_a_bigbatch_checkpoint_and_one_progress_line_per_pass(setup, tmp_path, capsys):

@@ -225,6 +225,25 @@ def test_a_damaged_latest_checkpoint_names_the_newest_readable_one(tmp_path, cap
     assert checkpoint(tmp_path)["epoch"] == 3
 
 
+def test_out_of_memory_in_a_loader_worker_is_its_own_line_and_auto_is_not_advised_twice():
+    from bigbatch.config import BatchLayout
+    from bigbatch.parse import parse_config
+
+    worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                          "call last):\n  File ...\nRuntimeError: DefaultCPUAllocator: not enough memory: you "
+                          "tried to allocate 123 bytes.")
+    cfg = parse_config(["--batch-size", "auto", "--dataset-type", "synthetic"])
+    with pytest.raises(ConfigError) as error, faults.out_of_memory_named(*faults.memory_advice(cfg, BatchLayout(8, 2, 1))):
+        raise worker
+    message = str(error.value)
+    assert "\n" not in message and "Caught" not in message
+    assert message.startswith("out of memory (RuntimeError: DefaultCPUAllocator: not enough memory: you tried to "
+                              "allocate 123 bytes.) with --batch-size 8 x --accum-freq 2: ")
+    assert "--grad-checkpointing" in message and "--batch-size auto" not in message
+    with pytest.raises(ValueError, match="^unrelated$"), faults.out_of_memory_named("x", "y"):
+        raise ValueError("unrelated")
+
+
 def test_resume_command_replaces_the_users_resume_and_name():
     argv = ["--name", "old", "--lr", "1e-3", "--resume=x.pt", "--logs", "my logs"]
     assert resume_command(argv, "old") == ("bigbatch train --lr 1e-3 --logs 'my logs' "

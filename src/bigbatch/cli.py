@@ -80,7 +80,8 @@ def mismatched_torchvision(error: Exception) -> str | None:
     torch, vision = version("torch"), version("torchvision")
     return (f"torchvision {vision} does not fit torch {torch} ({str(error).splitlines()[0][:80]}): "
             f"reinstall both from one index, e.g. pip install --force-reinstall torch=={torch.split('+')[0]} "
-            f"torchvision=={vision.split('+')[0]} (add the same --index-url to both for CPU wheels)")
+            f"torchvision (pip picks the torchvision of that torch; for CPU wheels add --index-url "
+            f"https://download.pytorch.org/whl/cpu)")
 
 
 def user_errors() -> tuple[type[Exception], ...]:

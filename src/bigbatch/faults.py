@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from bigbatch.config import BatchLayout, TrainConfig, evaluation_only
 from bigbatch.errors import ConfigError
 from bigbatch.runlog import log
 
@@ -70,14 +71,19 @@ def nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, b in zip(names, bad) if b]
 
 
-TRAIN_MEMORY_FIXES = ("lower --batch-size and raise --accum-freq alike (the same effective batch, the "
-                      "activations of a smaller micro-batch), add --grad-checkpointing, or pass --batch-size "
-                      "auto (bigbatch plan shows the peak of each choice); a run that saved a checkpoint "
-                      "continues with --resume latest")
+def memory_advice(cfg: TrainConfig, layout: BatchLayout) -> tuple[str, str]:
+    """(the setting that asked, what fits in less memory) for `out_of_memory_named`."""
+    if evaluation_only(cfg):
+        return f"--batch-size {layout.batch_size}", "lower --batch-size"
+    auto = "" if cfg.batch_size == "auto" else ", or pass --batch-size auto"  # else chosen already
+    return (f"--batch-size {layout.batch_size} x --accum-freq {layout.accum_freq}",
+            f"lower --batch-size and raise --accum-freq alike (the same effective batch, the activations "
+            f"of a smaller micro-batch), add --grad-checkpointing{auto} (bigbatch plan shows the peak of "
+            f"each choice); a run that saved a checkpoint continues with --resume latest")
 
 
 @contextlib.contextmanager
-def out_of_memory_named(setting: str, fixes: str = TRAIN_MEMORY_FIXES) -> Iterator[None]:
+def out_of_memory_named(setting: str, fixes: str) -> Iterator[None]:
     """The device (or the host) out of memory: one line with what was asked, the `setting`
     that asked it and the `fixes`, instead of a traceback. A training start whose first step
     did not train leaves no run folder (rundir.claim_run_dir): the changed command runs again."""
@@ -86,7 +92,9 @@ def out_of_memory_named(setting: str, fixes: str = TRAIN_MEMORY_FIXES) -> Iterat
     except RuntimeError as error:
         if not out_of_memory(error):
             raise
-        asked = ". ".join(str(error).split(". ")[:2]).strip()[:160]  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+        lines = str(error).strip().splitlines() or [""]
+        own = lines[-1] if lines[0].startswith("Caught ") else lines[0]  # a loader worker's: its own last line
+        asked = ". ".join(own.split(". ")[:2]).strip()[:160]  # "CUDA out of memory. Tried to allocate 2.00 GiB"
         raise ConfigError(f"out of memory ({asked}) with {setting}: {fixes}") from None
 
 

@@ -76,7 +76,7 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     device = world.device
     precision = resolve_precision(cfg.precision, device)
     layout = batch_layout(cfg, world, precision)
-    on_exit.enter_context(faults.out_of_memory_named(f"--batch-size {layout.batch_size} x --accum-freq {layout.accum_freq}"))
+    on_exit.enter_context(faults.out_of_memory_named(*faults.memory_advice(cfg, layout)))
     if evaluation_only(cfg):
         return evaluate_once(cfg, world, layout, precision)
     run = name_run(cfg, world, layout)

@@ -23,7 +23,7 @@ FIELD_LIMIT = 131072  # characters: csv's default limit; a longer field is a bad
 class Row(NamedTuple):
     image: str  # absolute path, or "" when the cell is empty
     caption: str | None  # None: not read (DataSpec.captions is False)
-    label: str | None
+    label: str | None  # None: no label column read (training, or no --csv-label-key)
     where: str  # "file row N", for messages
     problem: str = ""  # a row that cannot be read (oversized field), counted when its turn comes
 
@@ -60,7 +60,7 @@ def check_columns(path: str, spec: DataSpec) -> None:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f, _no_field_limit():
         columns = next(csv.reader(f, delimiter=_separator(spec)), [])
     for key, flag in ((spec.csv_img_key, "--csv-img-key"), (spec.captions and spec.csv_caption_key, "--csv-caption-key"),
-                      (spec.csv_label_key, "--csv-label-key")):
+                      (not spec.is_train and spec.csv_label_key, "--csv-label-key")):
         if key:
             _column(columns, key, flag, path)
 
@@ -75,11 +75,12 @@ def read_rows(path: str, spec: DataSpec) -> list[Row]:
         columns = list(reader.fieldnames or [])
         image = _column(columns, spec.csv_img_key, "--csv-img-key", path)
         caption = spec.captions and _column(columns, spec.csv_caption_key, "--csv-caption-key", path)
-        label = spec.csv_label_key and _column(columns, spec.csv_label_key, "--csv-label-key", path)
+        # training reads no label: it uses none, and a bad one must not cost the pair
+        label = not spec.is_train and spec.csv_label_key and _column(columns, spec.csv_label_key, "--csv-label-key", path)
         base = os.path.dirname(os.path.abspath(path))
         # short rows leave None in missing cells: load() counts them as bad samples
         return [Row(os.path.join(base, os.path.expanduser(r[image])) if r[image] else "",
-                    (r[caption] or "") if caption else None, r[label] if label else None, f"{path} row {reader.line_num}",
+                    (r[caption] or "") if caption else None, (r[label] or "") if label else None, f"{path} row {reader.line_num}",
                     _oversized(r)) for r in reader]
 
 
@@ -105,7 +106,7 @@ class CsvSource:
             if not row.image:
                 raise BadSample(MISSING_IMAGE, "empty image path")
             caption = "" if row.caption is None else read_caption(row.caption)  # cheap checks first
-            label = read_label(row.label)
+            label = read_label(row.label, required=row.label is not None)  # a label column: each row needs one
             return Sample(load_image(row.image, self.preprocess), caption, label)
         except BadSample as bad:
             raise BadSample(bad.reason, f"{row.where}: {bad.detail}" if bad.detail else row.where) from None

@@ -74,16 +74,16 @@ def read_caption(value: bytes | str | None) -> str:
 
 def read_label(value: bytes | str | None, required: bool = False) -> int | None:
     """A class id (an integer >= 0; -1 often marks "unlabelled"), or None when the sample has
-    none and needs none."""
-    if value is None:
+    none (absent or empty) and needs none."""
+    text = None if value is None else _text(value).strip()
+    if not text:
         if required:
-            raise BadSample(MISSING_LABEL, "zero-shot needs a class id per sample (a .cls file)")
+            raise BadSample(MISSING_LABEL, "no class id")
         return None
-    value = _text(value)
     try:
-        label = int(value.strip())
+        label = int(text)
     except ValueError:
-        raise BadSample(BAD_LABEL, f"{value[:20]!r} is not an integer") from None
+        raise BadSample(BAD_LABEL, f"{text[:20]!r} is not an integer") from None
     if label < 0:
         raise BadSample(BAD_LABEL, f"{label} is negative")
     return label

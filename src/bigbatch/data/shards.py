@@ -22,7 +22,7 @@ import torch
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
-from .samples import BadSample, DataError, MISSING_IMAGE, Preprocess, load_image, read_caption, read_label
+from .samples import BadSample, DataError, MISSING_IMAGE, MISSING_LABEL, Preprocess, load_image, read_caption, read_label
 from .spec import DataSpec, local_path, location
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -121,24 +121,41 @@ def _check_protocol(url: str, spec: DataSpec) -> None:
                          f"package, or stream the shards with 'pipe:COMMAND URL'") from None
 
 
+UNLABELLED_PROBE = 16  # samples without a class id, before any usable one: the set has none
+
+
 def probe_shards(shards: list[str], spec: DataSpec, preprocess: Preprocess) -> None:
     """Fail before the first step, naming the flag, when no shard gives a readable sample
-    (garbage, a CSV given as shards); shards are tried in order up to the first good one."""
-    problem = ""
+    (garbage, a CSV given as shards, zero-shot shards without .cls files); shards are tried
+    in order up to the first good one."""
+    problems, unlabelled = [], 0
+    for url, raw in _raw_samples(shards, problems):
+        try:
+            image, _, _ = parse_sample(raw, spec)
+            with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
+                load_image(image, preprocess)
+            return
+        except BadSample as bad:
+            problems.append(f"{url}:{raw['__key__']}: {bad}")
+            unlabelled += bad.reason == MISSING_LABEL
+            if unlabelled == UNLABELLED_PROBE:  # not a sample, the set: no need to read it all
+                break
+    if unlabelled:
+        raise DataError(f"{spec.flag} {spec.paths!r}: its first samples have no class id: zero-shot "
+                        f"shards need one per sample, an integer in KEY.cls")
+    raise DataError(f"no usable sample in any of the {len(shards)} shards of {spec.flag} {spec.paths!r} "
+                    f"(last: {problems[-1] if problems else 'no samples'}): check the path, or --dataset-type "
+                    f"csv for CSV files")
+
+
+def _raw_samples(shards: list[str], problems: list[str]) -> Iterator[tuple[str, dict]]:
+    """(url, raw sample) of the shards in order; a corrupt shard's error joins `problems`."""
     for url in shards:
         try:
             for raw in read_shard(url):
-                try:
-                    image, _, _ = parse_sample(raw, spec)
-                    with torch.random.fork_rng(devices=[]):  # the trainer's stream stays untouched
-                        load_image(image, preprocess)
-                    return
-                except BadSample as bad:
-                    problem = f"{url}:{raw['__key__']}: {bad}"
+                yield url, raw
         except CorruptShard as error:
-            problem = f"{url}: {error}"
-    raise DataError(f"no usable sample in any of the {len(shards)} shards of {spec.flag} {spec.paths!r} "
-                    f"(last: {problem or 'no samples'}): check the path, or --dataset-type csv for CSV files")
+            problems.append(f"{url}: {error}")
 
 
 def count_samples(url: str) -> int:
