@@ -1,4 +1,5 @@
-"""Smoke test of scripts/bench_e2e.py: one tiny round of whole CLI runs, every number produced.
+"""Smoke test of scripts/bench_e2e.py: one tiny round of whole CLI runs, every number produced,
+the profile included (slow: tests/test_gpu_check.py runs the script without it by default).
 
 Times are never asserted (DESIGN.md section 6).
 """
@@ -20,6 +21,7 @@ def bench():
     return load_script("bench_e2e", "bench_e2e_script")
 
 
+@pytest.mark.slow  # the default run has its smoke: gpu_check.sh --smoke's e2e part runs this script
 def test_tiny_round_of_whole_runs_writes_json_markdown_plot_and_profile(bench, tmp_path):
     args = bench.parse_args(["--configs", "4x2x1", "--samples", "16", "--image-size", "16", "--epochs", "1",
                              "--pairs", "1", "--model-config", str(TINY), "--profile",

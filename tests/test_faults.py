@@ -211,18 +211,34 @@ def test_out_of_memory_is_one_line_and_a_first_step_leaves_no_run_folder(tmp_pat
 def test_a_damaged_latest_checkpoint_names_the_newest_readable_one(tmp_path, capsys):
     """epoch_latest.pt is a second name of the last epoch_N.pt: damaged in place, both are,
     and --resume latest names the one before, which resumes."""
-    assert main(train_args(tmp_path, *SYNTH)) == 0
+    short = [*SYNTH, "--train-num-samples", "16"]  # 2 steps an epoch
+    assert main(train_args(tmp_path, *short)) == 0
     directory = tmp_path / "logs" / "run" / "checkpoints"
     latest = directory / "epoch_latest.pt"
     with open(latest, "r+b") as f:
         f.truncate(latest.stat().st_size // 2)
     capsys.readouterr()
-    assert main(train_args(tmp_path, *SYNTH, "--epochs", "3", "--resume", "latest")) == 2
+    assert main(train_args(tmp_path, *short, "--epochs", "3", "--resume", "latest")) == 2
     older = directory / "epoch_1.pt"
     assert f"it is damaged or not a torch checkpoint; pick another file (this run's newest other one: " \
            f"--resume {older})" in one_error_line(capsys)
-    assert main(train_args(tmp_path, *SYNTH, "--epochs", "3", "--resume", str(older))) == 0
+    assert main(train_args(tmp_path, *short, "--epochs", "3", "--resume", str(older))) == 0
     assert checkpoint(tmp_path)["epoch"] == 3
+
+
+def test_an_evaluation_that_fails_loses_no_training(tmp_path, monkeypatch, capsys):
+    """The epoch's checkpoint is written before its evaluation (ImageNet zero-shot can take
+    minutes and run out of memory): the run resumes after the epoch, not before it."""
+    def running_out(self, state, runlog):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bigbatch.train.Evaluation, "after_epoch", running_out)
+        assert main(train_args(tmp_path, *SYNTH, "--train-num-samples", "16")) == 2
+    assert "out of memory" in one_error_line(capsys)
+    assert (checkpoint(tmp_path)["epoch"], checkpoint(tmp_path)["step"]) == (1, 2)
+    assert main(train_args(tmp_path, *SYNTH, "--train-num-samples", "16", "--resume", "latest")) == 0
+    assert (checkpoint(tmp_path)["epoch"], checkpoint(tmp_path)["step"]) == (2, 4)
 
 
 def test_out_of_memory_in_a_loader_worker_is_its_own_line_and_auto_is_not_advised_twice():

@@ -122,7 +122,6 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
     skipped_steps = faults.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     metrics: dict = {}
-    curves = None
     start_epoch = state.epoch
     signals.deferred()  # a signal from here on ends the step it arrives in, with a checkpoint
     for epoch in range(start_epoch, cfg.epochs):
@@ -171,13 +170,11 @@ def _train(cfg: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> dic
 
         state.epoch = epoch + 1
         with runlog.paused():  # the next progress line's samples/s is the steps' alone
-            metrics = evaluation.after_epoch(state, runlog) or metrics
-            if state.epoch == cfg.epochs:  # the log is complete: draw it while the checkpoint is written
-                curves = draw_curves(run.dir, world)
             if due(state.epoch, cfg.save_frequency, cfg.epochs) or cfg.save_every_n_steps:
-                ckpt.save_run(state, run, cfg, world)
+                ckpt.save_run(state, run, cfg, world)  # first: an evaluation that fails loses no training
+            metrics = evaluation.after_epoch(state, runlog) or metrics
 
-    curves = curves or draw_curves(run.dir, world)  # a run resumed after its last epoch
+    curves = draw_curves(run.dir, world)
     if curves:
         log.info(f"curves saved to {curves.result()}")
     return metrics
@@ -191,8 +188,8 @@ def due(completed_epochs: int, frequency: int, total_epochs: int) -> bool:
 # --- after an epoch
 
 def draw_curves(run_dir: Path, world: World) -> Future | None:
-    """curves.png from metrics.jsonl, drawn in a thread (rank 0): it overlaps the last
-    checkpoint's write instead of following it, and matplotlib is imported only there."""
+    """curves.png from metrics.jsonl, drawn in a thread (rank 0) whose result the caller
+    waits for; matplotlib is imported only there (and beside the last epoch, see _train)."""
     if not world.is_main or not (run_dir / "metrics.jsonl").is_file():
         return None
 
