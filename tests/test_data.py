@@ -613,3 +613,21 @@ def test_pipe_and_fsspec_shards_without_counts_name_the_fix(uneven_shards, tmp_p
     # the data type comes from the file the pipe names, whatever follows it
     from bigbatch.data.factory import resolve_type
     assert resolve_type(DataSpec("pipe:aws s3 cp s3://bucket/0.tar -", "auto", 8)) == "webdataset"
+
+
+def test_an_empty_class_id_is_a_missing_one_and_no_cls_is_no_label(tmp_path):
+    """Validation shards: an empty .cls is a bad sample (the batch keeps its labels for the
+    zero-shot), a set without .cls files has no labels (retrieval only)."""
+    samples = [good(str(k), k) for k in range(6)]
+    for i, sample in enumerate(samples):
+        sample["cls"] = b" " if i == 2 else str(i % 3).encode()
+    write_shard(tmp_path / "0.tar", samples)
+    batches = list(make_data(DataSpec(str(tmp_path / "0.tar"), "auto", 8, is_train=False, workers=0),
+                             PRE, key_tokenizer).loader)
+    assert batches[0].labels.tolist() == [0, 1, 0, 1, 2] and skipped(batches) == {"missing label": 1}
+    for sample in samples:
+        del sample["cls"]
+    write_shard(tmp_path / "1.tar", samples)
+    batches = list(make_data(DataSpec(str(tmp_path / "1.tar"), "auto", 8, is_train=False, workers=0),
+                             PRE, key_tokenizer).loader)
+    assert batches[0].labels is None and len(batches[0].images) == 6 and skipped(batches) == {}

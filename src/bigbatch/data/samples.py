@@ -74,12 +74,14 @@ def read_caption(value: bytes | str | None) -> str:
 
 def read_label(value: bytes | str | None, required: bool = False) -> int | None:
     """A class id (an integer >= 0; -1 often marks "unlabelled"), or None when the sample has
-    none (absent or empty) and needs none."""
-    text = None if value is None else _text(value).strip()
-    if not text:
+    none (no .cls) and needs none. An empty one is a missing one: the sample is bad."""
+    if value is None:
         if required:
             raise BadSample(MISSING_LABEL, "no class id")
         return None
+    text = _text(value).strip()
+    if not text:
+        raise BadSample(MISSING_LABEL, "an empty class id")
     try:
         label = int(text)
     except ValueError:
