@@ -152,3 +152,17 @@ def test_torchvision_of_another_torch_is_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bigbatch: error: torchvision ")
     assert "(operator torchvision::nms does not exist): reinstall both from one index" in err
+
+
+def test_a_rank_that_lost_another_is_one_line(capsys, monkeypatch):
+    """gloo's error on the ranks that did not fail points to the one that did."""
+    def peer_gone(argv):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:13706. "
+                           "This is typically caused by a remote worker crashing.")
+
+    monkeypatch.setattr(cli, "_train", peer_gone)
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("bigbatch: error: rank 0 lost its connection to another rank, which most likely ended first: "
+                   "its error, above or in its out-RANK.log (--log-local), says why\n")

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bigbatch: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        message = str(error) if isinstance(error, user_errors()) else mismatched_torchvision(error)
+        message = (str(error) if isinstance(error, user_errors())
+                   else mismatched_torchvision(error) or lost_another_rank(error))
         if message is None:
             raise
         print(f"bigbatch: error: {message}", file=sys.stderr)
@@ -82,6 +83,15 @@ def mismatched_torchvision(error: Exception) -> str | None:
             f"reinstall both from one index, e.g. pip install --force-reinstall torch=={torch.split('+')[0]} "
             f"torchvision (pip picks the torchvision of that torch; for CPU wheels add --index-url "
             f"https://download.pytorch.org/whl/cpu)")
+
+
+def lost_another_rank(error: Exception) -> str | None:
+    """gloo's "Connection closed by peer": the consequence on this rank of another rank's
+    end, whose own error (above, or in its log) is the cause; no traceback of this one."""
+    if not any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer")):
+        return None
+    return (f"rank {os.environ.get('RANK', '?')} lost its connection to another rank, which most likely "
+            f"ended first: its error, above or in its out-RANK.log (--log-local), says why")
 
 
 def user_errors() -> tuple[type[Exception], ...]:
