@@ -616,8 +616,8 @@ def test_pipe_and_fsspec_shards_without_counts_name_the_fix(uneven_shards, tmp_p
 
 
 def test_an_empty_class_id_is_a_missing_one_and_no_cls_is_no_label(tmp_path):
-    """Validation shards: an empty .cls is a bad sample (the batch keeps its labels for the
-    zero-shot), a set without .cls files has no labels (retrieval only)."""
+    """Validation shards: an empty .cls is a bad sample; a sample without a .cls has class
+    id -1 (zero-shot leaves it out); a set without .cls files has no labels (retrieval only)."""
     samples = [good(str(k), k) for k in range(6)]
     for i, sample in enumerate(samples):
         sample["cls"] = b" " if i == 2 else str(i % 3).encode()
@@ -625,7 +625,13 @@ def test_an_empty_class_id_is_a_missing_one_and_no_cls_is_no_label(tmp_path):
     batches = list(make_data(DataSpec(str(tmp_path / "0.tar"), "auto", 8, is_train=False, workers=0),
                              PRE, key_tokenizer).loader)
     assert batches[0].labels.tolist() == [0, 1, 0, 1, 2] and skipped(batches) == {"missing label": 1}
-    for sample in samples:
+    for sample in samples[:3]:
+        del sample["cls"]
+    write_shard(tmp_path / "2.tar", samples)
+    batches = list(make_data(DataSpec(str(tmp_path / "2.tar"), "auto", 8, is_train=False, workers=0),
+                             PRE, key_tokenizer).loader)
+    assert batches[0].labels.tolist() == [-1, -1, -1, 0, 1, 2] and skipped(batches) == {}
+    for sample in samples[3:]:
         del sample["cls"]
     write_shard(tmp_path / "1.tar", samples)
     batches = list(make_data(DataSpec(str(tmp_path / "1.tar"), "auto", 8, is_train=False, workers=0),

@@ -201,6 +201,25 @@ def test_evaluate_tiny_model():
     assert len(metrics["zeroshot_per_class"]) == 3
 
 
+def test_zeroshot_over_the_samples_with_a_class_id(caplog):
+    """Validation data where some samples have no class id (-1 in a batch, or a batch with
+    none): retrieval over all, zero-shot over the labelled ones, said."""
+    model = tiny_clip().eval()
+    batches = make_batches((4, 4, 3))
+    batches[0].labels[1] = -1
+    batches[2] = batches[2]._replace(labels=None)
+    metrics = evaluate(model, batches, tokenizer=tokenize, classnames=CLASSNAMES, templates=TEMPLATES)
+    with torch.no_grad():
+        images = torch.cat([model(b.images, b.texts)["image_features"] for b in batches])
+    classifier = build_zeroshot_classifier(model, tokenize, CLASSNAMES, TEMPLATES)
+    keep = [0, 2, 3, 4, 5, 6, 7]
+    expected = zeroshot_accuracy(images[keep], torch.cat([batches[0].labels, batches[1].labels])[keep], classifier)
+    assert metrics["num_samples"] == 11
+    assert metrics["zeroshot_top1"] == pytest.approx(expected["zeroshot_top1"])
+    assert metrics["zeroshot_mean_per_class"] == pytest.approx(expected["zeroshot_mean_per_class"])
+    assert "zero-shot over the 7 of 11 samples that have a class id" in caplog.text
+
+
 def test_evaluate_plain_tuples_without_labels_keeps_eval_mode():
     model = tiny_clip().eval()
     batches = [(b.images, b.texts) for b in make_batches((5, 2))]

@@ -241,7 +241,7 @@ def evaluate(
     read by index so NamedTuples and plain tuples both work. Returns a flat dict:
     `num_samples`; `val_loss` if `loss_fn` is given (the per-batch loss averaged over
     samples, as open_clip_train reports it); retrieval recall over the whole set; zero-shot
-    metrics if every batch has labels and `classnames` is given; and `skipped`, the
+    metrics over the samples with a class id (labels -1: none) if `classnames` is given; and `skipped`, the
     batches' skip counters summed.
 
     across_ranks: `batches` are this rank's share of the set (torch.distributed is
@@ -269,14 +269,24 @@ def evaluate(
         metrics.update(recall_at_k(image_features, text_features))
 
         if classnames is not None:
-            if any(labels is None for labels in label_chunks):
-                log.warning("zero-shot skipped: the evaluation batches carry no labels")
+            labels = _class_ids(label_chunks, image_chunks)
+            labelled = labels >= 0
+            if not labelled.any():
+                log.warning("zero-shot skipped: the evaluation samples carry no class ids")
             else:
+                if not labelled.all():
+                    log.warning(f"zero-shot over the {int(labelled.sum())} of {num_samples} samples "
+                                f"that have a class id")
                 classifier = build_zeroshot_classifier(model, tokenizer, classnames, templates, device, autocast)
-                labels = torch.cat([torch.as_tensor(labels) for labels in label_chunks])
-                metrics.update(zeroshot_accuracy(image_features, labels, classifier))
+                metrics.update(zeroshot_accuracy(image_features[labelled.to(device)], labels[labelled], classifier))
     metrics["skipped"] = dict(skipped)
     return metrics
+
+
+def _class_ids(label_chunks: list, image_chunks: list) -> Tensor:
+    """Every sample's class id, -1 where it has none (a batch without labels: all -1)."""
+    return torch.cat([torch.full((len(images),), -1, dtype=torch.long) if labels is None
+                      else torch.as_tensor(labels).long() for labels, images in zip(label_chunks, image_chunks)])
 
 
 def _embed_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[..., Tensor] | None,
