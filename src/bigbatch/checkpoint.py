@@ -343,8 +343,7 @@ def restore(state: RunState, saved: Checkpoint, path: Path, cfg: TrainConfig) ->
 def readable_epoch_checkpoint(damaged: Path) -> Path | None:
     """The newest epoch_N.pt beside `damaged` that opens (its index, memory-mapped: cheap),
     other than a second name of `damaged` itself."""
-    numbered = [(int(p.stem[6:]), p) for p in damaged.parent.glob("epoch_*.pt") if p.stem[6:].isdigit()]
-    for _, path in sorted(numbered, reverse=True):
+    for _, path in sorted(epoch_checkpoints(damaged.parent), reverse=True):
         if path.exists() and damaged.exists() and path.samefile(damaged):
             continue
         try:
@@ -357,10 +356,15 @@ def readable_epoch_checkpoint(damaged: Path) -> Path | None:
 
 def delete_older_epochs(directory: Path, epoch: int) -> None:
     """--delete-previous-checkpoint: epoch_K.pt for every K < epoch (epoch_latest.pt stays)."""
-    for path in directory.glob("epoch_*.pt"):
-        number = path.stem.removeprefix("epoch_")
-        if number.isdigit() and int(number) < epoch:
+    for number, path in epoch_checkpoints(directory):
+        if number < epoch:
             path.unlink(missing_ok=True)
+
+
+def epoch_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(N, path) of each epoch_N.pt in `directory` (not epoch_latest.pt)."""
+    numbered = [(path.stem.removeprefix("epoch_"), path) for path in directory.glob("epoch_*.pt")]
+    return [(int(number), path) for number, path in numbered if number.isdigit()]
 
 
 def refuse_nonfinite_weights(state: RunState, directory: Path, world: World) -> None:

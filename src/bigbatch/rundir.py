@@ -179,7 +179,7 @@ def finished(cfg: TrainConfig, run: Run) -> bool:
     say so, and how to train anew, instead of building a model with nothing to train."""
     if cfg.resume is None:
         return False
-    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints") if cfg.resume == "latest" else cfg.resume
+    path = ckpt.resolve_resume(cfg.resume, run.dir / "checkpoints")
     epochs = ckpt.completed_epochs(path, config_name(cfg.model)) if path else None
     if epochs is None or epochs < cfg.epochs:
         return False
